@@ -1,0 +1,11 @@
+"""Aether: a Trio server that streams LLM chat over WebSocket and SSE, with deterministic stop.
+
+@.architecture
+role: package root
+jobs: [package_metadata]
+"""
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1
+
+__all__ = ["PROTOCOL_VERSION", "__version__"]

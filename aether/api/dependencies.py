@@ -1,0 +1,38 @@
+"""How handlers reach the engine, the hub, the settings and the caller's identity.
+
+The application state is kept in ``app.extensions`` under one key, so handlers depend on a typed
+object instead of module globals, and each ``create_app`` call is independent (tests run many).
+
+@.architecture
+role: dependency access
+jobs: [dependency_injection]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quart import current_app, request
+
+from aether.config import Settings
+from aether.core.identity import identity_from_scope
+from aether.core.runtime.engine import RuntimeEngine
+from aether.ws.hub import ClientHub
+
+EXTENSION_KEY = "aether"
+
+
+@dataclass(frozen=True)
+class AppState:
+    settings: Settings
+    engine: RuntimeEngine
+    hub: ClientHub
+
+
+def app_state() -> AppState:
+    state: AppState = current_app.extensions[EXTENSION_KEY]
+    return state
+
+
+def caller_identity() -> str:
+    return identity_from_scope(request.scope)

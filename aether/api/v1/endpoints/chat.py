@@ -1,0 +1,183 @@
+"""Chat over REST: the whole answer as JSON, or the stream as server-sent events, and stop.
+
+- ``POST /v1/chat`` runs the chat in the handler's task and answers with the full text. A client
+  that disconnects cancels the handler and so the chat (reason ``disconnect``).
+- ``POST /v1/chat/stream`` runs the chat in the engine's nursery and streams the same JSON
+  messages as the WebSocket, one ``data:`` line each with ``id: <seq>``. The body generator
+  holds no nursery or cancel scope across its ``yield``; when the client goes away, Quart closes
+  the generator and its ``finally`` stops the chat. The stream has no response timeout.
+- ``POST /v1/chat/<id>/stop`` stops one of the caller's running chats.
+
+@.architecture
+role: chat REST endpoints
+jobs: [message_handling, streaming_coordination, cancellation_handling]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import trio
+from pydantic import ValidationError
+from quart import Blueprint, Response, request
+
+from aether.api.dependencies import app_state, caller_identity
+from aether.api.responses import json_error, json_response
+from aether.core.errors import DuplicateRequest, UnknownRequest
+from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.request import RequestRecord
+from aether.ws.handlers import new_request_id
+from aether.ws.protocols import ChatBody
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("chat", __name__)
+
+# HTTP status for a chat that ended with an error, by the error's code.
+ERROR_STATUS = {
+    "upstream_timeout": 504,
+    "upstream_unavailable": 502,
+    "upstream_http_error": 502,
+    "upstream_disconnected": 502,
+    "upstream_protocol_error": 502,
+    "path_unavailable": 400,
+}
+
+
+async def _chat_request() -> ChatRequest | Response:
+    body = await request.get_data(as_text=False)
+    try:
+        fields = ChatBody.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return json_error(400, "invalid_request", f"{where}: {first['msg']}")
+    return ChatRequest(
+        id=fields.id or new_request_id(),
+        owner=caller_identity(),
+        message=fields.message,
+        path=fields.path,
+        conversation_id=fields.conversation_id,
+    )
+
+
+class AnswerCollector:
+    """Folds a request's messages into the JSON answer of ``POST /v1/chat``."""
+
+    def __init__(self, request_id: str) -> None:
+        self.body: dict[str, Any] = {"id": request_id, "status": "running"}
+        self._parts: list[str] = []
+
+    def add(self, message: Chunk) -> None:
+        kind = message.get("type")
+        if kind == "accepted":
+            self.body["path"] = message["path"]
+            if "conversation_id" in message:
+                self.body["conversation_id"] = message["conversation_id"]
+        elif kind == "message" and message.get("role") == "assistant":
+            content = message.get("content")
+            if isinstance(content, str):
+                self._parts.append(content)
+        elif kind == "completion":
+            self.body["status"] = "completed"
+        elif kind == "stopped":
+            self.body["status"] = "stopped"
+            self.body["reason"] = message["reason"]
+        elif kind == "error":
+            self.body["status"] = "error"
+            self.body["error"] = {"code": message["code"], "message": message["message"]}
+
+    def response(self) -> Response:
+        self.body["content"] = "".join(self._parts)
+        status = 200
+        if self.body["status"] == "error":
+            status = ERROR_STATUS.get(self.body["error"]["code"], 500)
+        return json_response(self.body, status)
+
+
+@blueprint.post("/v1/chat")
+async def chat() -> Response:
+    chat_request = await _chat_request()
+    if isinstance(chat_request, Response):
+        return chat_request
+    state = app_state()
+    outbox = Outbox(state.settings.outbox_max_bytes)
+    collector = AnswerCollector(chat_request.id)
+
+    async def run(*, task_status: trio.TaskStatus[RequestRecord]) -> None:
+        try:
+            await state.engine.run_chat(chat_request, outbox, task_status=task_status)
+        finally:
+            outbox.finish()
+
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(run)
+        except DuplicateRequest as exc:
+            return json_error(409, exc.code, exc.message)
+        while True:
+            try:
+                batch = await outbox.get_batch()
+            except trio.EndOfChannel:
+                break
+            for message in batch:
+                collector.add(message)
+    return collector.response()
+
+
+def _sse_event(message: Chunk) -> bytes:
+    return b"id: %d\ndata: %s\n\n" % (message["seq"], orjson.dumps(message))
+
+
+async def _sse_body(
+    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox
+) -> AsyncIterator[bytes]:
+    drained = False
+    try:
+        while True:
+            try:
+                batch = await outbox.get_batch()
+            except trio.EndOfChannel:
+                drained = True
+                return
+            yield b"".join(_sse_event(message) for message in batch)
+    finally:
+        if not drained and record.state == "running":
+            log.info("request %s: SSE client went away", record.id)
+            engine.stop_generation(record.id, record.owner, "disconnect")
+        outbox.close()
+
+
+@blueprint.post("/v1/chat/stream")
+async def chat_stream() -> Response:
+    chat_request = await _chat_request()
+    if isinstance(chat_request, Response):
+        return chat_request
+    state = app_state()
+    outbox = Outbox(state.settings.outbox_max_bytes)
+    try:
+        record = await state.engine.start_detached_chat(chat_request, outbox)
+    except DuplicateRequest as exc:
+        return json_error(409, exc.code, exc.message)
+    response = Response(
+        _sse_body(state.engine, record, outbox),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    # Quart's RESPONSE_TIMEOUT (60 s by default) would cut long answers.
+    response.timeout = None
+    return response
+
+
+@blueprint.post("/v1/chat/<request_id>/stop")
+async def stop_chat(request_id: str) -> Response:
+    try:
+        app_state().engine.stop_generation(request_id, caller_identity())
+    except UnknownRequest as exc:
+        return json_error(404, exc.code, exc.message)
+    return json_response({"id": request_id, "status": "stopping"}, 202)

@@ -1,0 +1,17 @@
+"""Aggregates the v1 blueprints into the application.
+
+@.architecture
+role: router aggregation
+jobs: [router_aggregation]
+"""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from aether.api.v1.endpoints import chat, health
+
+
+def register_v1(app: Quart) -> None:
+    app.register_blueprint(health.blueprint)
+    app.register_blueprint(chat.blueprint)

@@ -1,0 +1,195 @@
+"""Aether's settings: one typed, validated object built from defaults, a TOML file, the environment
+and command-line flags, in that order of precedence (later wins).
+
+Every setting ``name`` is read from the TOML key ``name`` and from the environment variable
+``AETHER_NAME``. Unknown TOML keys and invalid values are rejected with one line that names the
+setting, so a typo fails at startup instead of being silently ignored.
+
+@.architecture
+role: configuration
+jobs: [config_loading, validation]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "AETHER_"
+
+ProviderName = Literal["auto", "echo", "http"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ConfigError(Exception):
+    """A setting is missing, malformed or unknown. The message is one line naming the setting."""
+
+
+class Settings(BaseModel):
+    """All of Aether's settings: field names are TOML keys, ``AETHER_<NAME>`` the env vars."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(
+        8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
+    )
+    log_level: LogLevel = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
+
+    provider: ProviderName = Field(
+        "auto", description="Model path: echo (built in), http (OpenAI-compatible) or auto."
+    )
+    llm_base_url: str | None = Field(
+        None, description="Base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1."
+    )
+    llm_model: str | None = Field(None, description="Model name sent upstream.")
+    llm_api_key: SecretStr | None = Field(None, description="Bearer key for the upstream API.")
+    llm_connect_timeout_s: float = Field(10.0, gt=0, description="Upstream connect timeout.")
+    llm_first_token_timeout_s: float = Field(
+        60.0, gt=0, description="Longest wait for the upstream's first token."
+    )
+    llm_read_timeout_s: float = Field(
+        60.0, gt=0, description="Longest silence between upstream chunks once streaming."
+    )
+    llm_max_connections: int = Field(
+        1000, ge=1, description="Most concurrent upstream connections."
+    )
+    echo_token_delay_s: float = Field(
+        0.02, ge=0, description="Pause between tokens of the built-in echo model."
+    )
+
+    max_message_bytes: int = Field(
+        64 * 1024, ge=64, description="Largest WebSocket message handled; larger gets an error."
+    )
+    max_frame_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Hard WebSocket message limit; larger closes with 1009."
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest REST request body.")
+    outbox_max_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Unsent bytes buffered per client before backpressure."
+    )
+    max_requests_per_connection: int = Field(
+        16, ge=1, description="Most chats running at once on one WebSocket."
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
+    )
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a host name or IP address")
+        return value
+
+    @model_validator(mode="after")
+    def _check_provider(self) -> Settings:
+        if self.provider == "http" and not self.model_configured:
+            missing = "llm_base_url" if self.llm_base_url is None else "llm_model"
+            raise ValueError(f"provider 'http' needs {missing} (AETHER_{missing.upper()})")
+        if self.llm_model is not None and not self.llm_model.strip():
+            raise ValueError("llm_model must not be empty")
+        return self
+
+    @property
+    def model_configured(self) -> bool:
+        """True when an upstream model is configured (base URL and model name)."""
+        return self.llm_base_url is not None and self.llm_model is not None
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        """True when ``host`` can only be reached from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _coerce_env(raw: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in raw:
+            values[name] = raw[env_name]
+    return values
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - set(Settings.model_fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]!r}")
+    return data
+
+
+def _describe(error: ValidationError, sources: Mapping[str, str]) -> str:
+    first = error.errors()[0]
+    field = str(first["loc"][0]) if first["loc"] else "settings"
+    where = sources.get(field, field)
+    message = first["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return f"{where}: {message} (got {first.get('input')!r})"
+
+
+def load_settings(
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the Settings from a TOML file, the environment and explicit overrides (CLI flags).
+
+    Raises ConfigError with one line naming the offending setting.
+    """
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_file is not None:
+        for key, value in _read_toml(config_file).items():
+            merged[key] = value
+            sources[key] = f"{config_file}: {key}"
+    for key, value in _coerce_env(os.environ if environ is None else environ).items():
+        merged[key] = value
+        sources[key] = ENV_PREFIX + key.upper()
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            merged[key] = value
+            sources[key] = "--" + key.replace("_", "-")
+    try:
+        # Strings from the environment need lax coercion ("8000" -> 8000); TOML values keep theirs.
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, sources)) from None

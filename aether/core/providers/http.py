@@ -1,0 +1,113 @@
+"""The HTTP path: an OpenAI-compatible ``POST {base_url}/chat/completions`` with ``stream: true``.
+
+Works with OpenAI, vLLM, Ollama, llama.cpp's server and LM Studio. Every upstream failure becomes a
+``ProviderError`` with a stable code; a cancelled request closes the upstream stream at once
+(leaving ``client.stream(...)`` closes the response, and an unfinished response never returns
+its connection to the pool, so the upstream sees the connection close).
+
+@.architecture
+role: OpenAI-compatible HTTP provider
+jobs: [http_communication, stream_generation, error_handling]
+"""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import trio
+
+from aether.core.errors import (
+    UpstreamDisconnected,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
+from aether.core.runtime.chat import ChatRequest, Chunk, block_delta, block_end, block_start
+
+
+class HTTPProvider:
+    name = "http"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: str,
+        model: str,
+        api_key: str | None,
+        first_token_timeout_s: float,
+    ) -> None:
+        self._client = client
+        self._url = f"{base_url}/chat/completions"
+        self._model = model
+        self._headers = {"Accept": "text/event-stream"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._first_token_timeout_s = first_token_timeout_s
+
+    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+        body = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": request.message}],
+            "stream": True,
+        }
+        # Until the first event arrives the whole exchange (connect, headers, first chunk) is
+        # bounded by one deadline; after it, httpx's read timeout bounds each silence.
+        first_token = trio.CancelScope(deadline=trio.current_time() + self._first_token_timeout_s)
+        try:
+            with first_token:
+                async with self._client.stream(
+                    "POST", self._url, json=body, headers=self._headers
+                ) as response:
+                    if response.status_code >= 400:
+                        raise UpstreamHTTPError(
+                            f"the upstream answered HTTP {response.status_code}",
+                            response.status_code,
+                        )
+                    await self._relay_events(response, send, first_token)
+        except httpx.ConnectTimeout:
+            raise UpstreamUnavailable("timed out connecting to the upstream model") from None
+        except httpx.ConnectError:
+            raise UpstreamUnavailable("could not connect to the upstream model") from None
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("the upstream model stopped sending") from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            raise UpstreamDisconnected(
+                "the upstream closed the stream before it finished"
+            ) from None
+        if first_token.cancelled_caught:
+            raise UpstreamTimeout(
+                f"no first token from the upstream within {self._first_token_timeout_s:g} s"
+            )
+
+    async def _relay_events(
+        self,
+        response: httpx.Response,
+        send: trio.MemorySendChannel[Chunk],
+        first_token: trio.CancelScope,
+    ) -> None:
+        decoder = SSEDecoder()
+        started = finished = False
+        async for line in response.aiter_lines():
+            data = decoder.feed_line(line)
+            if data is None:
+                continue
+            first_token.deadline = math.inf
+            if data == DONE:
+                break
+            content, last = parse_chunk(data)
+            finished = finished or last
+            if not content:
+                continue
+            if not started:
+                started = True
+                await send.send(block_start())
+            await send.send(block_delta(content))
+        else:
+            # Some servers omit [DONE]; a finish_reason is then the sign the answer is whole.
+            if decoder.flush() != DONE and not finished:
+                raise UpstreamDisconnected("the upstream ended the stream without [DONE]")
+        if started:
+            await send.send(block_end())

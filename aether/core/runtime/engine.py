@@ -1,0 +1,178 @@
+"""RuntimeEngine: the one entry point the transports use to run, stop and track chats.
+
+Resource handling: ``run`` (or ``start(nursery)``) owns the upstream HTTP client and a nursery
+for requests that outlive their handler (SSE bodies); ``stop`` cancels every live request with
+reason ``shutdown`` and then that nursery. A request started with ``run_chat`` lives in the
+caller's task: a WebSocket connection's nursery, so a disconnect cancels all of its requests.
+
+Error handling: provider failures arrive as an error chunk and become the request's ``error``
+terminal; a failure of the relay itself is logged with its traceback and reported to the client
+as ``internal_error``; ``trio.Cancelled`` always propagates.
+
+@.architecture
+role: runtime engine
+jobs: [cancellation, cleanup, initialization, lifecycle_management, streaming_orchestration]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import httpx
+import trio
+
+from aether.config import Settings
+from aether.core.errors import AetherError, PathUnavailable
+from aether.core.providers.base import Provider
+from aether.core.runtime.chat import ChatRequest, Chunk, StopReason
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.relay import StreamRelay
+from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
+from aether.core.runtime.streaming import ChatStreamer
+
+log = logging.getLogger(__name__)
+
+# Chunks buffered between a producer and its relay. Small: a stop discards at most this many.
+CHUNK_BUFFER = 8
+
+
+class RuntimeEngine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.tracker = RequestTracker()
+        self._streamer: ChatStreamer | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stopped = trio.Event()
+
+    @property
+    def started(self) -> bool:
+        return self._streamer is not None and not self._stopped.is_set()
+
+    @property
+    def streamer(self) -> ChatStreamer:
+        if self._streamer is None:
+            raise RuntimeError("the engine is not started")
+        return self._streamer
+
+    def _http_client(self) -> httpx.AsyncClient:
+        s = self.settings
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=s.llm_connect_timeout_s,
+                read=s.llm_read_timeout_s,
+                write=s.llm_read_timeout_s,
+                pool=s.llm_connect_timeout_s,
+            ),
+            limits=httpx.Limits(
+                max_connections=s.llm_max_connections,
+                max_keepalive_connections=min(100, s.llm_max_connections),
+            ),
+            trust_env=False,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the engine until ``stop``: upstream client, streamer, detached request nursery."""
+        async with self._http_client() as client, trio.open_nursery() as nursery:
+            self._streamer = ChatStreamer(self.settings, client)
+            self._nursery = nursery
+            log.info("engine started; default path: %s", self._streamer.default_path)
+            task_status.started()
+            await self._stopped.wait()
+            nursery.cancel_scope.cancel()
+        self._nursery = None
+        log.info("engine stopped")
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.run)
+
+    def stop(self) -> None:
+        """Cancel every live request (reason ``shutdown``) and end ``run``."""
+        self.tracker.cancel_all("shutdown")
+        self._stopped.set()
+
+    def stop_generation(self, request_id: str, owner: str, reason: StopReason = "stop") -> None:
+        """Stop a live request: cancels its scope. Raises UnknownRequest if not live for owner."""
+        self.tracker.cancel_request(request_id, owner, reason)
+
+    async def run_chat(
+        self,
+        request: ChatRequest,
+        outbox: Outbox,
+        *,
+        task_status: trio.TaskStatus[RequestRecord] = trio.TASK_STATUS_IGNORED,
+    ) -> RequestRecord:
+        """Run one chat request to its terminal message, inside its own nursery and scope.
+
+        Raises DuplicateRequest (before ``task_status.started``) if the id is already live.
+        """
+        provider: Provider | PathUnavailable
+        try:
+            provider = self.streamer.select_provider(request.path)
+        except PathUnavailable as exc:
+            provider = exc
+        path = provider.name if not isinstance(provider, PathUnavailable) else request.path
+        record = self.tracker.start_request(request.id, request.owner, path)
+        relay = StreamRelay(request.id, outbox)
+        task_status.started(record)
+        state: RequestState = "stopped"
+        failure: Chunk | None = None
+        try:
+            with record.cancel_scope:
+                accepted: Chunk = {"path": path}
+                if request.conversation_id is not None:
+                    accepted["conversation_id"] = request.conversation_id
+                await relay.announce(accepted)
+                async with trio.open_nursery() as nursery:
+                    send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
+                    nursery.start_soon(self.streamer.stream_chat, request, provider, send)
+                    async with receive:
+                        await relay.relay_stream(receive)
+                state = "error" if relay.error is not None else "completed"
+        except* trio.BrokenResourceError:
+            # The client's writer is gone: the client left while this request streamed.
+            record.stop_reason = record.stop_reason or "disconnect"
+        except* Exception as group:
+            log.error("request %s: relay failed", request.id, exc_info=group)
+            state = "error"
+            failure = {
+                "role": "server",
+                "type": "error",
+                "code": AetherError.code,
+                "message": "the server failed while streaming this request",
+            }
+        finally:
+            if state == "completed":
+                relay.finish({"role": "server", "type": "completion"})
+            elif state == "error":
+                relay.finish(failure or relay.error or {})
+            else:
+                reason = record.stop_reason or "disconnect"
+                relay.finish({"role": "server", "type": "stopped", "reason": reason})
+            record.note(f"relayed {relay.chunks_relayed} chunks")
+            self.tracker.end_request(record, state)
+        return record
+
+    async def start_detached_chat(self, request: ChatRequest, outbox: Outbox) -> RequestRecord:
+        """Run a chat in the engine's nursery, for a transport whose handler must return first
+        (an SSE body is iterated after the handler returns). The caller must stop the request
+        if it stops reading."""
+        if self._nursery is None:
+            raise RuntimeError("the engine is not started")
+        record: RequestRecord = await self._nursery.start(self._run_detached, request, outbox)
+        return record
+
+    async def _run_detached(
+        self, request: ChatRequest, outbox: Outbox, *, task_status: trio.TaskStatus[RequestRecord]
+    ) -> None:
+        try:
+            await self.run_chat(request, outbox, task_status=task_status)
+        finally:
+            outbox.finish()
+
+    async def wait_idle(self, timeout_s: float = math.inf) -> bool:
+        """Wait until no request is live (graceful shutdown). False if the timeout passed."""
+        with trio.move_on_after(timeout_s):
+            await self.tracker.wait_until_idle()
+            return True
+        return False

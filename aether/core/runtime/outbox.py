@@ -1,0 +1,166 @@
+"""A client's outbound queue: bounded, coalescing, and never blocking a terminal message.
+
+One ``Outbox`` sits between the relays of a client's requests (many producers) and the one task
+that writes to that client (WebSocket writer or SSE body). It differs from a memory channel in
+three ways the streaming contract needs:
+
+- **Coalescing.** While the writer lags, a content delta is appended to the same request's
+  previous delta if that one is still unsent, so a slow client gets fewer, larger frames
+  instead of an ever longer queue. Order within a request is kept; ``seq`` stays contiguous
+  because a merged delta takes no new number.
+- **Bounded memory.** Unsent content is limited to ``max_bytes``; past it, relays wait (which
+  backpressures their producers and, through TCP, the upstream). Waiting is cancellable, so a
+  stop never depends on the client's socket.
+- **Terminals never wait.** ``put_final`` appends at once, even over the limit and even while
+  the caller is being cancelled: every request ends with its terminal message queued. Their
+  number is bounded by the requests a client may run at once.
+
+Resource handling: the writer owns the read side and calls ``close()`` when it stops; after
+that, ``put``/``extend`` raise ``trio.BrokenResourceError`` and terminals are dropped.
+
+@.architecture
+role: client outbound queue
+jobs: [backpressure, message_coalescing]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+from aether.core.runtime.chat import Chunk
+
+# What a queued message costs besides its content, so that many empty messages also count.
+MESSAGE_OVERHEAD_BYTES = 64
+
+
+class OutboxEntry:
+    """One queued message. ``parts`` collects coalesced content until the writer takes it."""
+
+    __slots__ = ("control", "message", "parts", "size", "taken")
+
+    def __init__(self, message: Chunk, size: int, *, control: bool = False) -> None:
+        self.message = message
+        self.parts: list[str] | None = None
+        self.size = size
+        self.taken = False
+        self.control = control
+
+
+class Outbox:
+    def __init__(self, max_bytes: int, *, max_control_messages: int = 256) -> None:
+        self._max_bytes = max_bytes
+        self._max_control = max_control_messages
+        self._entries: deque[OutboxEntry] = deque()
+        self._bytes = 0
+        self._control = 0
+        self._closed = False
+        self._readable = trio.lowlevel.ParkingLot()
+        self._room = trio.lowlevel.ParkingLot()
+        self.messages_coalesced = 0
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def pending_messages(self) -> int:
+        return len(self._entries)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def _wait_for_room(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self._bytes >= self._max_bytes and not self._closed:
+            await self._room.park()
+        if self._closed:
+            raise trio.BrokenResourceError("the client's writer has stopped")
+
+    def _append(self, entry: OutboxEntry) -> None:
+        self._entries.append(entry)
+        self._bytes += entry.size
+        self._readable.unpark_all()
+
+    async def put(self, message: Chunk, content_size: int = 0) -> OutboxEntry:
+        """Queue a stream message, waiting while the client is over its byte budget."""
+        await self._wait_for_room()
+        entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES)
+        self._append(entry)
+        return entry
+
+    async def extend(self, entry: OutboxEntry, content: str) -> bool:
+        """Append ``content`` to an unsent delta; False if the writer took it meanwhile."""
+        await self._wait_for_room()
+        if entry.taken:
+            return False
+        if entry.parts is None:
+            entry.parts = [content]
+        else:
+            entry.parts.append(content)
+        entry.size += len(content)
+        self._bytes += len(content)
+        self.messages_coalesced += 1
+        return True
+
+    def put_final(self, messages: list[Chunk]) -> None:
+        """Queue a request's closing messages now, whatever the budget (never blocks)."""
+        if self._closed:
+            return
+        for message in messages:
+            self._append(OutboxEntry(message, MESSAGE_OVERHEAD_BYTES))
+
+    def put_control(self, message: Chunk) -> bool:
+        """Queue a message that belongs to no stream (pong, protocol errors, hello).
+
+        Returns False, queueing nothing, when the client already has too many of them unread:
+        a client that keeps sending without reading must not grow the server's memory.
+        """
+        if self._closed:
+            return True
+        if self._control >= self._max_control:
+            return False
+        self._control += 1
+        self._append(OutboxEntry(message, MESSAGE_OVERHEAD_BYTES, control=True))
+        return True
+
+    async def get_batch(self) -> list[Chunk]:
+        """Take every queued message, waiting for one if there is none.
+
+        Raises trio.EndOfChannel once the outbox is closed and drained.
+        """
+        await trio.lowlevel.checkpoint()
+        while not self._entries:
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._readable.park()
+        batch: list[Chunk] = []
+        entries = self._entries
+        while entries:
+            entry = entries.popleft()
+            entry.taken = True
+            message = entry.message
+            if entry.parts is not None:
+                message["content"] = "".join([message["content"], *entry.parts])
+            if entry.control:
+                self._control -= 1
+            batch.append(message)
+        self._bytes = 0
+        self._room.unpark_all()
+        return batch
+
+    def close(self) -> None:
+        """No more messages will be read: wake everyone waiting, drop what comes later."""
+        self._closed = True
+        self._entries.clear()
+        self._bytes = 0
+        self._readable.unpark_all()
+        self._room.unpark_all()
+
+    def finish(self) -> None:
+        """No more messages will be written: the reader drains what is queued, then ends."""
+        self._closed = True
+        self._readable.unpark_all()
+        self._room.unpark_all()

@@ -1,0 +1,104 @@
+"""StreamRelay: one request's chunks, from its memory channel into a client's outbox.
+
+The relay is where the stream invariants are kept, for every transport alike:
+
+- every message carries the request ``id`` and a ``seq`` that rises by one per message;
+- a block that was started is ended before the terminal message, whatever stopped the stream;
+- exactly one terminal message (``completion``, ``stopped`` or ``error``) ends the request;
+- while the client lags, content deltas of one block are merged into the unsent one (see Outbox).
+
+@.architecture
+role: stream relay
+jobs: [stream_relay, message_coalescing, sequence_numbering]
+"""
+
+from __future__ import annotations
+
+import trio
+
+from aether.core.runtime.chat import Chunk
+from aether.core.runtime.outbox import Outbox, OutboxEntry
+
+BlockKey = tuple[str, str, str | None]
+
+
+class StreamRelay:
+    __slots__ = (
+        "_last_delta",
+        "_last_key",
+        "_open_block",
+        "chunks_relayed",
+        "error",
+        "outbox",
+        "request_id",
+        "seq",
+    )
+
+    def __init__(self, request_id: str, outbox: Outbox) -> None:
+        self.request_id = request_id
+        self.outbox = outbox
+        self.seq = 0
+        self.chunks_relayed = 0
+        self.error: Chunk | None = None
+        self._open_block: BlockKey | None = None
+        self._last_delta: OutboxEntry | None = None
+        self._last_key: BlockKey | None = None
+
+    def _frame(self, message: Chunk) -> Chunk:
+        message["id"] = self.request_id
+        message["seq"] = self.seq
+        self.seq += 1
+        return message
+
+    async def announce(self, fields: Chunk) -> None:
+        """Send the request's first message: ``accepted``, with the fields the client needs."""
+        await self.outbox.put(self._frame({"role": "server", "type": "accepted", **fields}))
+
+    async def relay_stream(self, chunks: trio.MemoryReceiveChannel[Chunk]) -> None:
+        """Relay until the producer closes its channel. An error chunk is kept for ``finish``."""
+        async for chunk in chunks:
+            await self.relay_chunk(chunk)
+
+    async def relay_chunk(self, chunk: Chunk) -> None:
+        role = chunk.get("role", "assistant")
+        kind = chunk.get("type", "message")
+        if role == "server" and kind == "error":
+            self.error = chunk
+            return
+        self.chunks_relayed += 1
+        key: BlockKey = (role, kind, chunk.get("format"))
+        content = chunk.get("content")
+        delta = (
+            content
+            if type(content) is str and "start" not in chunk and "end" not in chunk
+            else None
+        )
+        last = self._last_delta
+        if (
+            delta is not None
+            and last is not None
+            and not last.taken
+            and key == self._last_key
+            and await self.outbox.extend(last, delta)
+        ):
+            return
+        if chunk.get("start"):
+            self._open_block = key
+        elif chunk.get("end"):
+            self._open_block = None
+        entry = await self.outbox.put(self._frame(chunk), 0 if delta is None else len(delta))
+        self._last_delta = None if delta is None else entry
+        self._last_key = key
+
+    def finish(self, terminal: Chunk) -> None:
+        """Queue the end of any open block and then the terminal message (never blocks)."""
+        closing: list[Chunk] = []
+        if self._open_block is not None:
+            role, kind, fmt = self._open_block
+            end: Chunk = {"role": role, "type": kind, "end": True}
+            if fmt is not None:
+                end["format"] = fmt
+            closing.append(self._frame(end))
+            self._open_block = None
+        closing.append(self._frame(terminal))
+        self.outbox.put_final(closing)

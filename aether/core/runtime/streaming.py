@@ -1,0 +1,81 @@
+"""ChatStreamer: picks the model path for a request and runs it as the request's producer.
+
+The producer owns the send side of the request's channel: it closes it when the turn ends, and
+turns every failure into one error chunk, so the relay always sees a clean end of stream.
+
+@.architecture
+role: chat streamer
+jobs: [error_handling, path_selection, stream_generation]
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from aether.config import Settings
+from aether.core.errors import PathUnavailable, ProviderError
+from aether.core.providers.base import Provider
+from aether.core.providers.echo import EchoProvider
+from aether.core.providers.http import HTTPProvider
+from aether.core.runtime.chat import ChatRequest, Chunk, PathName, error_chunk
+
+log = logging.getLogger(__name__)
+
+
+class ChatStreamer:
+    def __init__(self, settings: Settings, http_client: httpx.AsyncClient) -> None:
+        self._echo = EchoProvider(settings.echo_token_delay_s)
+        self._http: HTTPProvider | None = None
+        if settings.llm_base_url is not None and settings.llm_model is not None:
+            key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
+            self._http = HTTPProvider(
+                http_client,
+                base_url=settings.llm_base_url,
+                model=settings.llm_model,
+                api_key=key,
+                first_token_timeout_s=settings.llm_first_token_timeout_s,
+            )
+        self._default: Provider = self._echo
+        if settings.provider == "http" or (settings.provider == "auto" and self._http):
+            if self._http is None:
+                raise PathUnavailable("provider 'http' needs llm_base_url and llm_model")
+            self._default = self._http
+
+    @property
+    def default_path(self) -> str:
+        return self._default.name
+
+    def select_provider(self, path: PathName) -> Provider:
+        """The provider for a requested path. Raises PathUnavailable when it is not configured."""
+        if path == "auto":
+            return self._default
+        if path == "http":
+            if self._http is None:
+                raise PathUnavailable("the http path needs a model: set AETHER_LLM_BASE_URL")
+            return self._http
+        if path == "echo":
+            return self._echo
+        raise PathUnavailable(f"the {path} path is not available on this server")
+
+    async def stream_chat(
+        self,
+        request: ChatRequest,
+        provider: Provider | PathUnavailable,
+        send: trio.MemorySendChannel[Chunk],
+    ) -> None:
+        """Produce the request's chunks into ``send``, ending with an error chunk on failure."""
+        async with send:
+            if isinstance(provider, PathUnavailable):
+                await send.send(error_chunk(provider.code, provider.message))
+                return
+            try:
+                await provider.stream(request, send)
+            except ProviderError as exc:
+                log.warning("request %s: %s: %s", request.id, exc.code, exc.message)
+                await send.send(error_chunk(exc.code, exc.message))
+            except Exception:
+                log.exception("request %s: provider %s failed", request.id, provider.name)
+                await send.send(error_chunk("internal_error", "the model path failed"))

@@ -1,0 +1,154 @@
+"""``python -m aether``: read the settings, then serve with Hypercorn's trio worker until a signal.
+
+``serve`` runs ``hypercorn.trio.serve`` itself, with a shutdown trigger of its own: Hypercorn's CLI
+supervisor gives the application no hook between "stop accepting" and "cancel everything".
+
+@.architecture
+role: server startup
+jobs: [config_loading, server_startup, signal_handling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from aether import __version__
+from aether.api.dependencies import EXTENSION_KEY, AppState
+from aether.app import WEBSOCKET_PATH, create_app
+from aether.config import ConfigError, Settings, load_settings
+from aether.ws.hub import CLOSE_GOING_AWAY
+
+log = logging.getLogger("aether")
+
+# After the grace period, how long cancelled streams get to send their last messages.
+SHUTDOWN_BACKSTOP_S = 5.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m aether",
+        description="Stream LLM chat to clients over WebSocket (/ws) and REST/SSE (/v1/chat).",
+        epilog="Every setting can also be set as AETHER_<NAME> in the environment or as <name> "
+        "in the TOML file given with --config; flags win over the environment, which wins over "
+        "the file. See the README's configuration table.",
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
+    parser.add_argument(
+        "--provider", choices=["auto", "echo", "http"], help="model path (default auto)"
+    )
+    parser.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. .../v1")
+    parser.add_argument("--llm-model", help="model name sent upstream")
+    parser.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
+    )
+    parser.add_argument("--version", action="version", version=f"aether {__version__}")
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.websocket_max_message_size = settings.max_frame_bytes
+    config.include_server_header = False
+    config.graceful_timeout = SHUTDOWN_BACKSTOP_S
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            return
+
+
+def describe_model(settings: Settings, default_path: str) -> None:
+    if default_path == "echo":
+        log.warning(
+            "using the built-in echo model: answers repeat the message. To use a real model, set "
+            "AETHER_LLM_BASE_URL (an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1) and "
+            "AETHER_LLM_MODEL, and optionally AETHER_LLM_API_KEY"
+        )
+    else:
+        log.info("model: %s at %s", settings.llm_model, settings.llm_base_url)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown_trigger`` returns, then shut down gracefully.
+
+    ``task_status.started`` receives the bound URLs (``http://127.0.0.1:PORT``), so a caller that
+    asked for port 0 learns the port.
+    """
+    app = create_app(settings)
+    state: AppState = app.extensions[EXTENSION_KEY]
+
+    async def shutdown() -> None:
+        await shutdown_trigger()
+        live = state.engine.tracker.live_count
+        if live:
+            log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
+            if not await state.engine.wait_idle(settings.shutdown_grace_s):
+                state.engine.tracker.cancel_all("shutdown")
+        state.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+
+    class Started:
+        def started(self, binds: list[str]) -> None:
+            for bind in binds:
+                ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
+                log.info("serving on %s (WebSocket %s)", bind, ws)
+            describe_model(settings, state.engine.streamer.default_path)
+            task_status.started(binds)
+
+    await hypercorn_serve(
+        app,
+        hypercorn_config(settings),
+        shutdown_trigger=shutdown,
+        task_status=Started(),  # type: ignore[arg-type]
+    )
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "provider": args.provider,
+        "llm_base_url": args.llm_base_url,
+        "llm_model": args.llm_model,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(config_file=args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"aether: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    trio.run(serve, settings)
+    return 0

@@ -1,0 +1,103 @@
+"""The ``/ws`` endpoint as a plain ASGI application: one nursery and cancel scope per client.
+
+It runs under Hypercorn's trio worker next to the Quart app (see ``aether.app``). Plain ASGI,
+rather than Quart's websocket wrapper, keeps one task reading frames, one task writing them and
+nothing in between: no extra buffered channel hop per frame, the exact close codes, and empty
+binary frames arrive as bytes.
+
+    client connection (nursery + scope)
+      ├─ reader (this task): receive -> MessageHandler
+      ├─ writer: Outbox -> websocket.send   (the only task that sends)
+      └─ one task per chat: RuntimeEngine.run_chat (own nursery + scope)
+
+Resource handling: when the client leaves, its chats are stopped with reason ``disconnect`` and
+the connection scope is cancelled; the hub forgets it in ``finally``.
+
+@.architecture
+role: WebSocket endpoint
+jobs: [connection_management, handshake, message_routing]
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+import trio
+
+from aether import __version__
+from aether.config import Settings
+from aether.core.identity import identity_from_scope
+from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.outbox import Outbox
+from aether.ws.handlers import MessageHandler
+from aether.ws.hub import ClientConnection, ClientHub, write_outbox
+from aether.ws.protocols import SUBPROTOCOL, hello_message
+
+log = logging.getLogger(__name__)
+
+ASGIMessage = dict[str, Any]
+Receive = Any
+Send = Any
+
+
+class WebSocketEndpoint:
+    def __init__(self, engine: RuntimeEngine, hub: ClientHub, settings: Settings) -> None:
+        self._engine = engine
+        self._hub = hub
+        self._settings = settings
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        event: ASGIMessage = await receive()
+        if event["type"] != "websocket.connect":
+            return
+        accept: ASGIMessage = {"type": "websocket.accept"}
+        if SUBPROTOCOL in scope.get("subprotocols", ()):
+            accept["subprotocol"] = SUBPROTOCOL
+        await send(accept)
+        host, port = scope.get("client") or ("?", 0)
+        client = ClientConnection(
+            id="c-" + secrets.token_hex(6),
+            owner=identity_from_scope(scope),
+            outbox=Outbox(self._settings.outbox_max_bytes),
+            remote=f"{host}:{port}",
+        )
+        self._hub.register(client)
+        try:
+            async with trio.open_nursery() as nursery:
+                client.cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._write, client, send)
+                client.outbox.put_control(hello_message(client.id, __version__))
+                handler = MessageHandler(client, self._engine, nursery, self._settings)
+                await self._read(receive, handler)
+                handler.stop_all()
+                nursery.cancel_scope.cancel()
+        finally:
+            client.outbox.close()
+            self._hub.unregister(client)
+
+    async def _read(self, receive: Receive, handler: MessageHandler) -> None:
+        """Handle frames until the client disconnects."""
+        while True:
+            event: ASGIMessage = await receive()
+            kind = event["type"]
+            if kind == "websocket.receive":
+                text = event.get("text")
+                if text is not None:
+                    await handler.handle_text(text)
+                else:
+                    handler.handle_binary(event.get("bytes") or b"")
+            elif kind == "websocket.disconnect":
+                return
+
+    async def _write(self, client: ClientConnection, send: Send) -> None:
+        async def send_text(text: str) -> None:
+            await send({"type": "websocket.send", "text": text})
+
+        await write_outbox(client, send_text)
+        # The outbox was finished by a server-side close: say goodbye, then end the connection.
+        await send(
+            {"type": "websocket.close", "code": client.close_code, "reason": client.close_reason}
+        )
+        client.cancel_scope.cancel()

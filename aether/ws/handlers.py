@@ -1,0 +1,164 @@
+"""MessageHandler: turns a client's frames into engine calls and protocol answers.
+
+Chats start as tasks in the connection's nursery (each with its own scope, inside
+``RuntimeEngine.run_chat``); ``stop`` cancels one of them through the engine. The handler never
+waits on the client's socket: everything it answers is queued in the client's outbox.
+
+@.architecture
+role: WebSocket message handler
+jobs: [cancellation_handling, message_parsing, message_routing]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+
+import trio
+
+from aether.config import Settings
+from aether.core.errors import DuplicateRequest, UnknownRequest
+from aether.core.runtime.chat import ChatRequest
+from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.request import RequestRecord
+from aether.ws.hub import CLOSE_POLICY_VIOLATION, ClientConnection
+from aether.ws.protocols import (
+    ApproveMessage,
+    ChatMessage,
+    HistoryMessage,
+    PingMessage,
+    ProtocolError,
+    StopMessage,
+    error_message,
+    parse_client_message,
+    pong_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    return "r-" + secrets.token_hex(8)
+
+
+class MessageHandler:
+    def __init__(
+        self,
+        client: ClientConnection,
+        engine: RuntimeEngine,
+        nursery: trio.Nursery,
+        settings: Settings,
+    ) -> None:
+        self._client = client
+        self._engine = engine
+        self._nursery = nursery
+        self._settings = settings
+
+    def _reply(self, message: dict[str, object]) -> None:
+        if not self._client.outbox.put_control(message):
+            self._client.close(CLOSE_POLICY_VIOLATION, "too many unread replies")
+
+    def _reply_error(self, code: str, message: str, ref: dict[str, object] | None = None) -> None:
+        log.info("client %s: %s: %s", self._client.id, code, message)
+        self._reply(error_message(code, message, ref))
+
+    async def handle_text(self, frame: str) -> None:
+        # Cheap first: UTF-8 is at most 4 bytes a character and at least one.
+        limit = self._settings.max_message_bytes
+        if len(frame) > limit or (len(frame) * 4 > limit and len(frame.encode()) > limit):
+            self._reply_error("message_too_large", f"messages are limited to {limit} bytes")
+            return
+        try:
+            message = parse_client_message(frame)
+        except ProtocolError as exc:
+            self._reply_error(exc.code, exc.message, exc.ref)
+            return
+        if isinstance(message, ChatMessage):
+            await self._start_chat(message)
+        elif isinstance(message, StopMessage):
+            self._stop(message)
+        elif isinstance(message, PingMessage):
+            self._reply(pong_message())
+        elif isinstance(message, ApproveMessage):
+            self._reply_error(
+                "no_pending_confirmation",
+                "no code is waiting for approval in that request",
+                {"type": "approve", "id": message.id},
+            )
+        elif isinstance(message, HistoryMessage):
+            self._reply_error(
+                "history_unavailable",
+                "this server keeps no conversation history",
+                {"type": "history"},
+            )
+
+    def handle_binary(self, data: bytes) -> None:
+        self._reply_error("binary_not_supported", "send JSON text frames", {"type": "binary"})
+
+    async def _start_chat(self, message: ChatMessage) -> None:
+        client = self._client
+        if len(client.requests) >= self._settings.max_requests_per_connection:
+            self._reply_error(
+                "too_many_requests",
+                f"at most {self._settings.max_requests_per_connection} chats may run at once "
+                "on one connection",
+                {"type": "chat", **({"id": message.id} if message.id else {})},
+            )
+            return
+        request = ChatRequest(
+            id=message.id or new_request_id(),
+            owner=client.owner,
+            message=message.message,
+            path=message.path,
+            conversation_id=message.conversation_id,
+        )
+        try:
+            await self._nursery.start(self._run_chat, request)
+        except DuplicateRequest as exc:
+            self._reply_error(exc.code, exc.message, {"type": "chat", "id": request.id})
+
+    async def _run_chat(
+        self, request: ChatRequest, *, task_status: trio.TaskStatus[RequestRecord]
+    ) -> None:
+        registration = _Registration(self._client.requests, request.id, task_status)
+        try:
+            await self._engine.run_chat(request, self._client.outbox, task_status=registration)
+        finally:
+            registration.release()
+
+    def _stop(self, message: StopMessage) -> None:
+        try:
+            self._engine.stop_generation(message.id, self._client.owner)
+        except UnknownRequest as exc:
+            self._reply_error(exc.code, exc.message, {"type": "stop", "id": message.id})
+
+    def stop_all(self) -> None:
+        """The client left: stop its requests with reason ``disconnect``."""
+        for request_id in list(self._client.requests):
+            with contextlib.suppress(UnknownRequest):
+                self._engine.stop_generation(request_id, self._client.owner, "disconnect")
+
+
+class _Registration:
+    """Records a request id as the client's once the engine accepted it (so a duplicate id,
+    refused by the engine, never removes the live request of that id from the client)."""
+
+    def __init__(
+        self, requests: set[str], request_id: str, task_status: trio.TaskStatus[RequestRecord]
+    ) -> None:
+        self._requests = requests
+        self._request_id = request_id
+        self._task_status = task_status
+        self._registered = False
+
+    def started(self, value: RequestRecord | None = None) -> None:
+        if value is None:
+            raise TypeError("run_chat reports its RequestRecord")
+        self._requests.add(self._request_id)
+        self._registered = True
+        self._task_status.started(value)
+
+    def release(self) -> None:
+        if self._registered:
+            self._requests.discard(self._request_id)

@@ -1,0 +1,104 @@
+"""The hub of connected WebSocket clients, and the one writer task each of them has.
+
+Every message to a client goes through that client's ``Outbox``; the writer (``write_outbox``)
+is the only task that sends on its socket. A client that has to be closed by the server is
+closed by its writer too, after what was queued before the close.
+
+@.architecture
+role: WebSocket hub
+jobs: [cleanup, connection_management, message_routing]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+import trio
+
+from aether.core.runtime.chat import Chunk
+from aether.core.runtime.outbox import Outbox
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(eq=False)
+class ClientConnection:
+    """One connected client. ``requests`` are the ids of its chats still running."""
+
+    id: str
+    owner: str
+    outbox: Outbox
+    remote: str
+    requests: set[str] = field(default_factory=set)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    close_code: int = CLOSE_NORMAL
+    close_reason: str = ""
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the writer to send what is queued, then close with ``code``."""
+        if not self.outbox.closed:
+            log.info("client %s: closing (%d %s)", self.id, code, reason)
+            self.close_code = code
+            self.close_reason = reason
+            self.outbox.finish()
+
+
+class ClientHub:
+    def __init__(self) -> None:
+        self._clients: dict[str, ClientConnection] = {}
+
+    def register(self, client: ClientConnection) -> None:
+        self._clients[client.id] = client
+        log.info("client %s connected from %s (%d connected)", client.id, client.remote, len(self))
+
+    def unregister(self, client: ClientConnection) -> None:
+        if self._clients.pop(client.id, None) is not None:
+            log.info("client %s disconnected (%d connected)", client.id, len(self))
+
+    def get(self, client_id: str) -> ClientConnection | None:
+        return self._clients.get(client_id)
+
+    def send_to_client(self, client_id: str, message: Chunk) -> bool:
+        """Queue a control message for one client; False if it is gone or not reading."""
+        client = self._clients.get(client_id)
+        return client is not None and client.outbox.put_control(message)
+
+    def broadcast(self, message: Chunk) -> int:
+        """Queue a control message for every client; returns how many accepted it."""
+        return sum(client.outbox.put_control(dict(message)) for client in self)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in self:
+            client.close(code, reason)
+
+    def __iter__(self) -> Iterator[ClientConnection]:
+        return iter(list(self._clients.values()))
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+
+def encode(message: Chunk) -> str:
+    return orjson.dumps(message).decode()
+
+
+async def write_outbox(
+    client: ClientConnection, send_text: Callable[[str], Awaitable[None]]
+) -> None:
+    """The client's writer: send every queued message, in order, until the outbox ends."""
+    outbox = client.outbox
+    while True:
+        try:
+            batch = await outbox.get_batch()
+        except trio.EndOfChannel:
+            return
+        for message in batch:
+            await send_text(encode(message))

@@ -1,0 +1,146 @@
+"""The wire protocol (version 1) as Pydantic models: parse and validate, no I/O.
+
+Client frames are JSON objects with a ``type``. ``parse_client_message`` returns a model or
+raises ``ProtocolError`` with a stable ``code`` and a message safe to show the client; nothing
+here imports Trio or Quart, so the rules are tested as pure functions.
+
+@.architecture
+role: wire protocol
+jobs: [message_parsing, schema_validation]
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+SUBPROTOCOL = "aether.v1"
+
+RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+ConversationId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+ChatPath = Literal["auto", "echo", "http", "oi"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ChatFields(_Message):
+    """The fields of a chat, shared by the WebSocket ``chat`` message and ``POST /v1/chat``."""
+
+    id: RequestId | None = None
+    message: str = Field(min_length=1)
+    conversation_id: ConversationId | None = None
+    path: ChatPath = "auto"
+
+
+class ChatMessage(ChatFields):
+    type: Literal["chat"]
+
+
+class ChatBody(ChatFields):
+    """The JSON body of ``POST /v1/chat`` and ``/v1/chat/stream``: a chat, ``type`` optional."""
+
+    type: Literal["chat"] = "chat"
+
+
+class StopMessage(_Message):
+    type: Literal["stop"]
+    id: RequestId
+
+
+class ApproveMessage(_Message):
+    type: Literal["approve"]
+    id: RequestId
+    approved: bool
+
+
+class PingMessage(_Message):
+    type: Literal["ping"]
+
+
+class HistoryMessage(_Message):
+    type: Literal["history"]
+    conversation_id: ConversationId
+
+
+ClientMessage = Annotated[
+    ChatMessage | StopMessage | ApproveMessage | PingMessage | HistoryMessage,
+    Field(discriminator="type"),
+]
+_client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be handled. ``ref`` names the frame (its type and id, when known)."""
+
+    def __init__(self, code: str, message: str, ref: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref or {}
+
+
+def _ref(data: Any) -> dict[str, Any]:
+    ref: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key in ("type", "id"):
+            if isinstance(data.get(key), str):
+                ref[key] = data[key][:64]
+    return ref
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"][1:] or first["loc"])
+    return f"{loc}: {first['msg']}" if loc else first["msg"]
+
+
+def parse_client_message(frame: str) -> ClientMessage:
+    """Parse one client text frame. Raises ProtocolError on bad JSON, type or fields."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("invalid_json", "the frame is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_message", "a message must be a JSON object")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("invalid_message", "a message needs a string 'type'", _ref(data))
+    try:
+        return _client_message.validate_python(data)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] == "union_tag_invalid":
+            raise ProtocolError(
+                "unknown_type", f"unknown message type {kind[:64]!r}", _ref(data)
+            ) from None
+        raise ProtocolError("invalid_message", _describe(exc), _ref(data)) from None
+
+
+def error_message(code: str, message: str, ref: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error about a frame that is not a live request: ``id`` is null, ``ref`` names it."""
+    return {
+        "role": "server",
+        "type": "error",
+        "id": None,
+        "code": code,
+        "message": message,
+        "ref": ref or {},
+    }
+
+
+def hello_message(client_id: str, server_version: str) -> dict[str, Any]:
+    return {
+        "role": "server",
+        "type": "hello",
+        "client_id": client_id,
+        "protocol_version": PROTOCOL_VERSION,
+        "server_version": server_version,
+    }
+
+
+def pong_message() -> dict[str, Any]:
+    return {"role": "server", "type": "pong"}
