@@ -72,7 +72,9 @@ class Outbox:
     def closed(self) -> bool:
         return self._closed
 
-    async def _wait_for_room(self) -> None:
+    async def wait_for_room(self) -> None:
+        """Wait while the client is over its byte budget (cancellable: a stop never waits on a
+        slow client). Raises trio.BrokenResourceError once the writer has stopped."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._bytes >= self._max_bytes and not self._closed:
             await self._room.park()
@@ -84,16 +86,15 @@ class Outbox:
         self._bytes += entry.size
         self._readable.unpark_all()
 
-    async def put(self, message: Chunk, content_size: int = 0) -> OutboxEntry:
-        """Queue a stream message, waiting while the client is over its byte budget."""
-        await self._wait_for_room()
+    def put_nowait(self, message: Chunk, content_size: int = 0) -> OutboxEntry:
+        """Queue a stream message. Call ``wait_for_room`` first: this does not check the budget,
+        so that a message is numbered and queued in one step, never lost to a cancellation."""
         entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES)
         self._append(entry)
         return entry
 
-    async def extend(self, entry: OutboxEntry, content: str) -> bool:
-        """Append ``content`` to an unsent delta; False if the writer took it meanwhile."""
-        await self._wait_for_room()
+    def extend_nowait(self, entry: OutboxEntry, content: str) -> bool:
+        """Append ``content`` to an unsent delta; False if the writer has already taken it."""
         if entry.taken:
             return False
         if entry.parts is None:

@@ -52,7 +52,8 @@ class StreamRelay:
 
     async def announce(self, fields: Chunk) -> None:
         """Send the request's first message: ``accepted``, with the fields the client needs."""
-        await self.outbox.put(self._frame({"role": "server", "type": "accepted", **fields}))
+        await self.outbox.wait_for_room()
+        self.outbox.put_nowait(self._frame({"role": "server", "type": "accepted", **fields}))
 
     async def relay_stream(self, chunks: trio.MemoryReceiveChannel[Chunk]) -> None:
         """Relay until the producer closes its channel. An error chunk is kept for ``finish``."""
@@ -74,19 +75,20 @@ class StreamRelay:
             else None
         )
         last = self._last_delta
+        await self.outbox.wait_for_room()
+        # From here to the end nothing yields: a cancellation cannot split numbering from queueing.
         if (
             delta is not None
             and last is not None
-            and not last.taken
             and key == self._last_key
-            and await self.outbox.extend(last, delta)
+            and self.outbox.extend_nowait(last, delta)
         ):
             return
         if chunk.get("start"):
             self._open_block = key
         elif chunk.get("end"):
             self._open_block = None
-        entry = await self.outbox.put(self._frame(chunk), 0 if delta is None else len(delta))
+        entry = self.outbox.put_nowait(self._frame(chunk), 0 if delta is None else len(delta))
         self._last_delta = None if delta is None else entry
         self._last_key = key
 

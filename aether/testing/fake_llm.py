@@ -1,0 +1,361 @@
+"""A fake OpenAI-compatible model server: real HTTP on loopback, scriptable, instrumented.
+
+Tests and benchmarks point Aether's HTTP path at it. It speaks ``POST /v1/chat/completions``
+(streaming SSE with ``data: [DONE]``, and non-streaming JSON) and ``GET /v1/models``, on raw
+Trio sockets with h11, so that it can also misbehave the way real upstreams do: answer 4xx/5xx,
+stay silent before the first token, reset the TCP connection mid-stream, send malformed SSE, or
+end without ``[DONE]``.
+
+Every streamed completion leaves a ``StreamRecord``: when it started, how many tokens it sent,
+and **when the client closed it**, so a test can assert that a stop reached the upstream.
+
+    fake = FakeLLM(Behaviour(tokens=50, delay_s=0.01))
+    port = await nursery.start(fake.serve)
+    fake.script(Behaviour(status=503))          # the next request fails, later ones don't
+    record = await fake.wait_for_stream(0)
+    await record.closed.wait()
+
+Run standalone: ``python -m aether.testing.fake_llm --port 9000 --tokens 200 --delay-ms 20``.
+``GET /_fake/streams`` returns the records as JSON for out-of-process callers.
+
+@.architecture
+role: fake upstream model server
+jobs: [test_support, stream_generation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import socket
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import h11
+import orjson
+import trio
+
+log = logging.getLogger(__name__)
+
+Failure = Literal["reset", "malformed", "no_done", "error_event"]
+MAX_REQUEST_BYTES = 1024 * 1024
+READ_CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How the fake answers one completion request."""
+
+    tokens: int = 20
+    delay_s: float = 0.0
+    first_token_delay_s: float = 0.0
+    status: int = 200
+    failure: Failure | None = None
+    fail_after: int = 0
+
+    def token(self, index: int) -> str:
+        return f"tok{index} "
+
+
+@dataclass(eq=False)
+class StreamRecord:
+    """One streamed completion as the fake saw it (times are ``trio.current_time()``)."""
+
+    index: int
+    request: dict[str, Any]
+    started_at: float
+    tokens_sent: int = 0
+    finished_at: float | None = None
+    client_closed_at: float | None = None
+    outcome: str = "streaming"
+    closed: trio.Event = field(default_factory=trio.Event)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "started_at": self.started_at,
+            "tokens_sent": self.tokens_sent,
+            "finished_at": self.finished_at,
+            "client_closed_at": self.client_closed_at,
+            "outcome": self.outcome,
+        }
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class FakeLLM:
+    def __init__(self, default: Behaviour | None = None, *, model: str = "fake-model") -> None:
+        self.default = default or Behaviour()
+        self.model = model
+        self.port: int | None = None
+        self.streams: list[StreamRecord] = []
+        self.requests_seen = 0
+        self._scripted: deque[Behaviour] = deque()
+        self._stream_started = trio.lowlevel.ParkingLot()
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("the fake LLM is not serving yet")
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *behaviours: Behaviour) -> None:
+        """Queue behaviours for the next requests, in order; then the default applies again."""
+        self._scripted.extend(behaviours)
+
+    async def wait_for_stream(self, index: int) -> StreamRecord:
+        """Wait until the ``index``-th streamed completion (from 0) has started."""
+        while len(self.streams) <= index:
+            await self._stream_started.park()
+        return self.streams[index]
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info("fake LLM listening on %s", self.base_url)
+        await trio.serve_listeners(self._handle_connection, listeners, task_status=task_status)
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        connection = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                request, body = await self._read_request(connection, stream)
+                if request is None:
+                    return
+                keep_open = await self._respond(connection, stream, request, body)
+                if not keep_open or connection.our_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+        except (_ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except h11.RemoteProtocolError:
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _read_request(
+        self, connection: h11.Connection, stream: trio.SocketStream
+    ) -> tuple[h11.Request | None, bytes]:
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(READ_CHUNK)
+                connection.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_REQUEST_BYTES:
+                    raise _ClientGone
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _send(
+        self, connection: h11.Connection, stream: trio.SocketStream, event: Any
+    ) -> None:
+        data = connection.send(event)
+        if data:
+            await stream.send_all(data)
+
+    async def _send_json(
+        self, connection: h11.Connection, stream: trio.SocketStream, status: int, body: Any
+    ) -> None:
+        payload = orjson.dumps(body)
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        await self._send(connection, stream, h11.Response(status_code=status, headers=headers))
+        await self._send(connection, stream, h11.Data(data=payload))
+        await self._send(connection, stream, h11.EndOfMessage())
+
+    async def _respond(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        request: h11.Request,
+        body: bytes,
+    ) -> bool:
+        method = request.method.decode()
+        target = request.target.decode().split("?", 1)[0]
+        if method == "GET" and target == "/v1/models":
+            models = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+            await self._send_json(connection, stream, 200, models)
+            return True
+        if method == "GET" and target == "/_fake/streams":
+            await self._send_json(connection, stream, 200, [s.as_json() for s in self.streams])
+            return True
+        if method != "POST" or target != "/v1/chat/completions":
+            error = {"error": {"message": f"no route {method} {target}", "type": "not_found"}}
+            await self._send_json(connection, stream, 404, error)
+            return True
+        self.requests_seen += 1
+        behaviour = self._scripted.popleft() if self._scripted else self.default
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+            error = {"error": {"message": "messages is required", "type": "invalid_request"}}
+            await self._send_json(connection, stream, 400, error)
+            return True
+        if behaviour.status >= 400:
+            await trio.sleep(behaviour.first_token_delay_s)
+            error = {"error": {"message": "scripted failure", "type": "server_error"}}
+            await self._send_json(connection, stream, behaviour.status, error)
+            return True
+        if not payload.get("stream"):
+            content = "".join(behaviour.token(i) for i in range(behaviour.tokens))
+            await trio.sleep(behaviour.first_token_delay_s + behaviour.delay_s * behaviour.tokens)
+            await self._send_json(connection, stream, 200, self._completion(content))
+            return True
+        return await self._stream(connection, stream, payload, behaviour)
+
+    def _completion(self, content: str) -> dict[str, Any]:
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    async def _stream(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        payload: dict[str, Any],
+        behaviour: Behaviour,
+    ) -> bool:
+        record = StreamRecord(len(self.streams), payload, trio.current_time())
+        self.streams.append(record)
+        self._stream_started.unpark_all()
+        completed = False
+        try:
+            async with trio.open_nursery() as nursery:
+                # A client that closes its connection is noticed at once, even between tokens.
+                nursery.start_soon(self._watch_for_close, stream, record, nursery.cancel_scope)
+                completed = await self._send_stream(connection, stream, record, behaviour)
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._note_client_closed(record)
+        finally:
+            record.finished_at = trio.current_time()
+            if record.outcome == "streaming":
+                record.outcome = "completed" if completed else "failed"
+            record.closed.set()
+        return completed
+
+    def _note_client_closed(self, record: StreamRecord) -> None:
+        if record.client_closed_at is None:
+            record.client_closed_at = trio.current_time()
+            record.outcome = "client_closed"
+
+    async def _watch_for_close(
+        self, stream: trio.SocketStream, record: StreamRecord, scope: trio.CancelScope
+    ) -> None:
+        try:
+            data = await stream.receive_some(READ_CHUNK)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self._note_client_closed(record)
+            scope.cancel()
+
+    async def _send_stream(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        record: StreamRecord,
+        behaviour: Behaviour,
+    ) -> bool:
+        headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
+        await self._send(connection, stream, h11.Response(status_code=200, headers=headers))
+        await trio.sleep(behaviour.first_token_delay_s)
+        await self._send(connection, stream, h11.Data(data=self._chunk({"role": "assistant"})))
+        for index in range(behaviour.tokens):
+            if behaviour.failure is not None and index == behaviour.fail_after:
+                await self._fail(connection, stream, record, behaviour.failure)
+                return behaviour.failure == "no_done"
+            if index:
+                await trio.sleep(behaviour.delay_s)
+            chunk = self._chunk({"content": behaviour.token(index)})
+            await self._send(connection, stream, h11.Data(data=chunk))
+            record.tokens_sent += 1
+        await self._send(connection, stream, h11.Data(data=self._chunk({}, "stop")))
+        await self._send(connection, stream, h11.Data(data=b"data: [DONE]\n\n"))
+        await self._send(connection, stream, h11.EndOfMessage())
+        return True
+
+    async def _fail(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        record: StreamRecord,
+        failure: Failure,
+    ) -> None:
+        record.outcome = f"failed: {failure}"
+        if failure == "reset":
+            # SO_LINGER 0 makes close() send RST: the peer sees "connection reset".
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            stream.socket.close()
+            return
+        if failure == "malformed":
+            await self._send(connection, stream, h11.Data(data=b"data: {not json\n\n"))
+        elif failure == "error_event":
+            error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
+            await self._send(connection, stream, h11.Data(data=error))
+        await self._send(connection, stream, h11.EndOfMessage())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m aether.testing.fake_llm",
+        description="A fake OpenAI-compatible streaming model server on loopback.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--tokens", type=int, default=20, help="tokens per answer")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between tokens")
+    parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    fake = FakeLLM(
+        Behaviour(
+            tokens=args.tokens,
+            delay_s=args.delay_ms / 1000,
+            first_token_delay_s=args.first_token_delay_ms / 1000,
+        )
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(fake.serve, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

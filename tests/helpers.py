@@ -1,0 +1,158 @@
+"""Test helpers: protocol invariants, in-memory and real-socket WebSocket clients, servers."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from aether.config import Settings, load_settings
+from aether.main import serve
+
+TERMINALS = {"completion", "stopped", "error"}
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "DEBUG"}
+    base.update(overrides)
+    return load_settings(environ={}, overrides=base)
+
+
+def assert_stream_invariants(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One request's messages: ids match, seq rises by one from 0, blocks are closed before the
+    single terminal, and nothing follows it. Returns the terminal."""
+    assert messages, "no messages"
+    request_id = messages[0]["id"]
+    open_block: tuple[str, str] | None = None
+    for seq, message in enumerate(messages):
+        assert message["id"] == request_id, message
+        assert message["seq"] == seq, (seq, message)
+        if message.get("start"):
+            assert open_block is None, f"block started inside another: {message}"
+            open_block = (message["role"], message["type"])
+        elif message.get("end"):
+            assert open_block == (message["role"], message["type"]), message
+            open_block = None
+        elif "content" in message and message["type"] == "message":
+            assert open_block == (message["role"], message["type"]), "delta outside a block"
+        if message["type"] in TERMINALS and message["role"] == "server":
+            assert seq == len(messages) - 1, f"messages after the terminal: {messages[seq:]}"
+            assert open_block is None, "terminal sent with a block still open"
+    terminal = messages[-1]
+    assert terminal["role"] == "server", terminal
+    assert terminal["type"] in TERMINALS, terminal
+    return terminal
+
+
+def content_of(messages: list[dict[str, Any]]) -> str:
+    return "".join(
+        m["content"]
+        for m in messages
+        if m["type"] == "message" and m["role"] == "assistant" and "content" in m
+    )
+
+
+class StreamCollector:
+    """Sorts a client's incoming messages by request id; keeps control messages apart."""
+
+    def __init__(self) -> None:
+        self.by_request: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.control: list[dict[str, Any]] = []
+
+    def add(self, message: dict[str, Any]) -> None:
+        if message.get("id") is None:
+            self.control.append(message)
+        else:
+            self.by_request[message["id"]].append(message)
+
+    def finished(self, request_id: str) -> bool:
+        messages = self.by_request.get(request_id)
+        return (
+            bool(messages)
+            and messages[-1]["type"] in TERMINALS
+            and messages[-1]["role"] == ("server")
+        )
+
+
+class WSClient:
+    """A trio-websocket client speaking Aether's protocol."""
+
+    def __init__(self, ws: WebSocketConnection, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.messages = StreamCollector()
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
+
+    async def receive(self) -> dict[str, Any]:
+        message: dict[str, Any] = json.loads(await self.ws.get_message())
+        self.messages.add(message)
+        return message
+
+    async def receive_control(self) -> dict[str, Any]:
+        """The next message that belongs to no request (errors about frames, pong)."""
+        before = len(self.messages.control)
+        while len(self.messages.control) == before:
+            await self.receive()
+        return self.messages.control[before]
+
+    async def wait_for(self, request_id: str, predicate: Any) -> dict[str, Any]:
+        for message in self.messages.by_request.get(request_id, []):
+            if predicate(message):
+                return message
+        while True:
+            message = await self.receive()
+            if message.get("id") == request_id and predicate(message):
+                return message
+
+    async def finish(self, request_id: str) -> list[dict[str, Any]]:
+        """Read until the request's terminal; return all of its messages."""
+        while not self.messages.finished(request_id):
+            await self.receive()
+        return self.messages.by_request[request_id]
+
+    async def chat(self, message: str, **fields: Any) -> list[dict[str, Any]]:
+        request_id = fields.setdefault("id", f"t{id(fields)}")
+        await self.send({"type": "chat", "message": message, **fields})
+        return await self.finish(request_id)
+
+
+@asynccontextmanager
+async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WSClient]:
+    # Each client in its own nursery (trio-websocket#184 can lose a Cancelled into it).
+    async with trio.open_nursery() as nursery, open_websocket_url(url, **kwargs) as ws:
+        hello = json.loads(await ws.get_message())
+        assert hello["type"] == "hello", hello
+        yield WSClient(ws, hello)
+        nursery.cancel_scope.cancel()
+
+
+class RunningServer:
+    def __init__(self, base_url: str, stop: trio.Event) -> None:
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
+        self._stop = stop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@asynccontextmanager
+async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
+    """Aether under Hypercorn on 127.0.0.1, port 0; stopped (gracefully) on exit."""
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(
+            lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
+        )
+        server = RunningServer(binds[0], stop)
+        try:
+            yield server
+        finally:
+            stop.set()
