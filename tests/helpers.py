@@ -156,3 +156,35 @@ async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
             yield server
         finally:
             stop.set()
+
+
+async def raw_websocket_close_code(ws_url: str, frame: str) -> int:
+    """Send one text frame on a bare wsproto connection and return the server's close code.
+
+    A bare client, because trio-websocket's leaks its socket when the server closes first
+    with 1009; here the test owns and closes the socket itself.
+    """
+    from urllib.parse import urlsplit
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Message, Request
+
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=parts.netloc, target=parts.path)))
+        sent = False
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise AssertionError("the server closed the TCP stream without a close frame")
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection) and not sent:
+                    await stream.send_all(ws.send(Message(data=frame)))
+                    sent = True
+                elif isinstance(event, CloseConnection):
+                    return event.code

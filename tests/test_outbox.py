@@ -1,0 +1,119 @@
+"""The outbox and relay: coalescing while the writer lags, bounded memory, terminals that never
+wait, and seqs that stay contiguous through all of it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from aether.core.runtime.chat import block_delta, block_end, block_start
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.relay import StreamRelay
+from tests.helpers import assert_stream_invariants, content_of
+
+
+async def drain(outbox: Outbox) -> list[dict[str, Any]]:
+    return await outbox.get_batch()
+
+
+async def test_deltas_coalesce_while_the_writer_lags() -> None:
+    outbox = Outbox(max_bytes=1 << 20)
+    relay = StreamRelay("r1", outbox)
+    await relay.announce({"path": "echo"})
+    await relay.relay_chunk(block_start())
+    for token in ["a", "b", "c"]:
+        await relay.relay_chunk(block_delta(token))
+    await relay.relay_chunk(block_end())
+    relay.finish({"role": "server", "type": "completion"})
+    messages = await drain(outbox)
+    assert [m["type"] for m in messages] == [
+        "accepted",
+        "message",
+        "message",
+        "message",
+        "completion",
+    ]
+    assert messages[2]["content"] == "abc"
+    assert outbox.messages_coalesced == 2
+    assert assert_stream_invariants(messages)["type"] == "completion"
+
+
+async def test_a_delta_already_taken_is_not_extended() -> None:
+    outbox = Outbox(max_bytes=1 << 20)
+    relay = StreamRelay("r1", outbox)
+    await relay.relay_chunk(block_start())
+    await relay.relay_chunk(block_delta("a"))
+    first = await drain(outbox)
+    await relay.relay_chunk(block_delta("b"))
+    relay.finish({"role": "server", "type": "completion"})
+    second = await drain(outbox)
+    assert [m.get("content") for m in first + second] == [None, "a", "b", None, None]
+    assert [m["seq"] for m in first + second] == [0, 1, 2, 3, 4]
+
+
+async def test_interleaved_requests_coalesce_separately() -> None:
+    outbox = Outbox(max_bytes=1 << 20)
+    a, b = StreamRelay("a", outbox), StreamRelay("b", outbox)
+    for relay in (a, b):
+        await relay.relay_chunk(block_start())
+    for token in ["1", "2"]:
+        await a.relay_chunk(block_delta(token))
+        await b.relay_chunk(block_delta(token.upper() + "!"))
+    messages = await drain(outbox)
+    by_id = {rid: [m for m in messages if m["id"] == rid] for rid in ("a", "b")}
+    assert content_of(by_id["a"]) == "12"
+    assert content_of(by_id["b"]) == "1!2!"
+
+
+async def test_relay_waits_when_over_budget_and_a_stop_still_ends_it(
+    autojump_clock: Any,
+) -> None:
+    outbox = Outbox(max_bytes=1024)
+    relay = StreamRelay("r1", outbox)
+    await relay.relay_chunk(block_start())
+    await relay.relay_chunk(block_delta("x" * 2000))
+    with trio.CancelScope() as scope:
+        scope.deadline = trio.current_time() + 5
+        await relay.relay_chunk(block_delta("more"))  # blocks: nobody reads
+    assert scope.cancelled_caught
+    assert trio.current_time() == 5
+    relay.finish({"role": "server", "type": "stopped", "reason": "stop"})  # never blocks
+    messages = await drain(outbox)
+    assert assert_stream_invariants(messages)["type"] == "stopped"
+    assert content_of(messages) == "x" * 2000
+
+
+async def test_reading_makes_room_for_a_waiting_relay() -> None:
+    outbox = Outbox(max_bytes=1024)
+    relay = StreamRelay("r1", outbox)
+    await relay.relay_chunk(block_start())
+    await relay.relay_chunk(block_delta("x" * 2000))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.relay_chunk, block_end())
+        await trio.testing.wait_all_tasks_blocked()
+        assert outbox.pending_messages == 2
+        first = await drain(outbox)
+    relay.finish({"role": "server", "type": "completion"})
+    rest = await drain(outbox)
+    assert assert_stream_invariants(first + rest)["type"] == "completion"
+
+
+async def test_control_messages_are_bounded() -> None:
+    outbox = Outbox(max_bytes=1024, max_control_messages=3)
+    assert all(outbox.put_control({"type": "pong"}) for _ in range(3))
+    assert not outbox.put_control({"type": "pong"})
+    assert len(await drain(outbox)) == 3
+    assert outbox.put_control({"type": "pong"})
+
+
+async def test_closed_outbox_refuses_stream_messages() -> None:
+    outbox = Outbox(max_bytes=1024)
+    outbox.close()
+    relay = StreamRelay("r1", outbox)
+    with pytest.raises(trio.BrokenResourceError):
+        await relay.relay_chunk(block_start())
+    relay.finish({"role": "server", "type": "completion"})  # dropped, no error
+    assert outbox.pending_messages == 0

@@ -1,0 +1,144 @@
+"""REST and SSE over real sockets: Hypercorn on 127.0.0.1, httpx client, fake upstream."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import trio
+
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from tests.helpers import assert_stream_invariants, content_of, make_settings, running_server
+
+DEADLINE_S = 10
+
+
+def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
+    return make_settings(
+        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
+
+
+def parse_sse(text: str) -> list[tuple[int, dict[str, Any]]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((int(fields["id"]), json.loads(fields["data"])))
+    return events
+
+
+async def test_post_chat_returns_the_whole_answer(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=3))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            response = await client.post("/v1/chat", json={"message": "hi", "id": "r1"})
+    assert response.status_code == 200
+    assert response.json() == {
+        "id": "r1",
+        "status": "completed",
+        "path": "http",
+        "content": "tok0 tok1 tok2 ",
+    }
+
+
+async def test_post_chat_stream_sends_the_protocol_as_sse(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=4))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            response = await client.post("/v1/chat/stream", json={"message": "hi", "id": "s1"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    messages = [message for _, message in events]
+    assert [event_id for event_id, _ in events] == [m["seq"] for m in messages]
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    assert content_of(messages) == "tok0 tok1 tok2 tok3 "
+
+
+async def test_sse_client_that_disconnects_cancels_the_generation(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(http_settings(fake_llm)) as server:
+            async with (
+                httpx.AsyncClient(base_url=server.base_url) as client,
+                client.stream(
+                    "POST", "/v1/chat/stream", json={"message": "go", "id": "s1"}
+                ) as response,
+            ):
+                async for line in response.aiter_lines():
+                    if '"content"' in line:
+                        break
+            left_at = trio.current_time()
+            record = fake_llm.streams[0]
+            await record.closed.wait()
+    assert record.outcome == "client_closed"
+    assert record.client_closed_at is not None
+    assert record.client_closed_at - left_at < 1.0
+
+
+async def test_rest_stop_stops_a_running_stream(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            async with client.stream(
+                "POST", "/v1/chat/stream", json={"message": "go", "id": "s1"}
+            ) as response:
+                lines: list[str] = []
+                stop_status = None
+                async for line in response.aiter_lines():
+                    lines.append(line)
+                    if stop_status is None and '"content"' in line:
+                        stop_status = (await client.post("/v1/chat/s1/stop")).status_code
+            unknown = await client.post("/v1/chat/s1/stop")
+            await fake_llm.streams[0].closed.wait()
+    messages = [message for _, message in parse_sse("\n".join(lines))]
+    terminal = assert_stream_invariants(messages)
+    assert (terminal["type"], terminal["reason"]) == ("stopped", "stop")
+    assert stop_status == 202
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "unknown_request"
+    assert fake_llm.streams[0].outcome == "client_closed"
+
+
+async def test_invalid_chat_body_gets_a_json_400(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            not_json = await client.post("/v1/chat", content=b"{nope")
+            wrong_type = await client.post("/v1/chat", json={"message": 3})
+            missing = await client.post("/v1/chat/stream", json={})
+            unknown_route = await client.get("/v1/nothing")
+    for response in (not_json, wrong_type, missing):
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+    assert "message" in wrong_type.json()["error"]["message"]
+    assert unknown_route.status_code == 404
+    assert unknown_route.json()["error"]["code"] == "not_found"
+
+
+async def test_health_and_ready(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            health = await client.get("/health")
+            ready = await client.get("/ready")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert ready.status_code == 200
+    assert ready.json()["status"] == "ready"
+    assert ready.json()["default_path"] == "http"
+    assert "server" not in health.headers
