@@ -114,6 +114,8 @@ class Settings(BaseModel):
             raise ValueError(f"provider 'http' needs {missing} (AETHER_{missing.upper()})")
         if self.llm_model is not None and not self.llm_model.strip():
             raise ValueError("llm_model must not be empty")
+        if self.max_message_bytes > self.max_frame_bytes:
+            raise ValueError("max_message_bytes must not exceed max_frame_bytes")
         return self
 
     @property

@@ -110,11 +110,15 @@ async def serve(
 
     async def shutdown() -> None:
         await shutdown_trigger()
-        live = state.engine.tracker.live_count
+        engine = state.engine
+        live = engine.tracker.live_count
         if live:
             log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
-            if not await state.engine.wait_idle(settings.shutdown_grace_s):
-                state.engine.tracker.cancel_all("shutdown")
+            if not await engine.wait_idle(settings.shutdown_grace_s):
+                stopped = engine.tracker.cancel_all("shutdown")
+                log.info("stopping %d chats still running", stopped)
+                # Let each send its block end and `stopped` before the sockets close.
+                await engine.wait_idle(SHUTDOWN_BACKSTOP_S)
         state.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
 
     class Started:

@@ -127,10 +127,18 @@ class WSClient:
 async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WSClient]:
     # Each client in its own nursery (trio-websocket#184 can lose a Cancelled into it).
     async with trio.open_nursery() as nursery, open_websocket_url(url, **kwargs) as ws:
-        hello = json.loads(await ws.get_message())
-        assert hello["type"] == "hello", hello
-        yield WSClient(ws, hello)
-        nursery.cancel_scope.cancel()
+        try:
+            hello = json.loads(await ws.get_message())
+            assert hello["type"] == "hello", hello
+            yield WSClient(ws, hello)
+            nursery.cancel_scope.cancel()
+        finally:
+            # trio-websocket 0.12.2's client never closes its TCP stream when the server closed
+            # the WebSocket first (its reader stops at EOF without closing, and aclose() returns
+            # early on a closed connection): close it here so the socket is not leaked.
+            if ws.closed is not None:
+                with trio.CancelScope(shield=True):
+                    await ws._stream.aclose()
 
 
 class RunningServer:

@@ -3,7 +3,9 @@ the fake upstream model as a real HTTP server. Real clock, every wait under a de
 
 from __future__ import annotations
 
+import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
@@ -144,3 +146,21 @@ async def test_ping_gets_pong(fake_llm: FakeLLM) -> None:
         ):
             await client.send({"type": "ping"})
             assert (await client.receive_control())["type"] == "pong"
+
+
+async def test_shutdown_stops_running_chats_and_closes_with_1001(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=10_000, delay_s=0.01)
+    settings = http_settings(fake_llm, shutdown_grace_s=0.2)
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server, ws_client(server.ws_url) as client:
+            await client.send({"type": "chat", "id": "r1", "message": "go"})
+            await client.wait_for("r1", lambda m: m.get("content"))
+            server.stop()
+            messages = await client.finish("r1")
+            with pytest.raises(ConnectionClosed) as closed:
+                await client.receive()
+            await fake_llm.streams[0].closed.wait()
+    terminal = assert_stream_invariants(messages)
+    assert (terminal["type"], terminal["reason"]) == ("stopped", "shutdown")
+    assert closed.value.reason.code == 1001
+    assert fake_llm.streams[0].outcome == "client_closed"
