@@ -30,6 +30,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -72,6 +73,8 @@ class StreamRecord:
     client_closed_at: float | None = None
     outcome: str = "streaming"
     closed: trio.Event = field(default_factory=trio.Event)
+    # time.monotonic() at the client's close: comparable across processes (benchmarks).
+    client_closed_monotonic: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -81,7 +84,16 @@ class StreamRecord:
             "finished_at": self.finished_at,
             "client_closed_at": self.client_closed_at,
             "outcome": self.outcome,
+            "client_closed_monotonic": self.client_closed_monotonic,
+            "last_user_message": self.last_user_message,
         }
+
+    @property
+    def last_user_message(self) -> str | None:
+        """The text of the request's last message (benchmarks tag streams with it)."""
+        messages = self.request.get("messages") or [{}]
+        content = messages[-1].get("content") if isinstance(messages[-1], dict) else None
+        return content[:128] if isinstance(content, str) else None
 
 
 class _ClientGone(Exception):
@@ -275,6 +287,7 @@ class FakeLLM:
     def _note_client_closed(self, record: StreamRecord) -> None:
         if record.client_closed_at is None:
             record.client_closed_at = trio.current_time()
+            record.client_closed_monotonic = time.monotonic()
             record.outcome = "client_closed"
 
     async def _watch_for_close(

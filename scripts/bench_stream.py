@@ -1,0 +1,510 @@
+#!/usr/bin/env python3
+"""Streaming benchmark: Aether against the alternatives, on loopback, in one run.
+
+Starts the fake upstream model (``python -m aether.testing.fake_llm``) and each server under test
+as its own process, drives them over WebSocket from this process, and prints one table with
+absolute figures and ratios against the baselines measured in the same run:
+
+- ``aether``: ``python -m aether`` (one worker, http path, production settings);
+- ``trio-websocket``: a minimal relay on bare trio-websocket (``scripts/bench/trio_ws_relay.py``);
+- ``fastapi-uvicorn``: the same relay on FastAPI + uvicorn (``scripts/bench/fastapi_relay.py``);
+- ``direct``: this process reading the upstream itself (the limit of relaying).
+
+Workloads: ``capacity`` (upstream delay 0: deltas/s, server CPU per delta, peak RSS, time to
+first token), ``paced`` (every stream at a steady pace: time to first token and the delay the
+server adds between tokens) and ``stop`` (a stop mid-stream on every stream at once: stop ->
+``stopped`` latency, chunks after ``stopped``, stop -> upstream connection closed).
+
+    python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
+    python scripts/bench_stream.py --workloads stop --stop-streams 200 --json out.json
+
+Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
+shares the machine with the servers, so compare ratios, not absolute figures across machines.
+
+@.architecture
+role: streaming benchmark
+jobs: [benchmarking]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psutil
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+TERMINALS = {"completion", "stopped", "error"}
+SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def psutil(self) -> psutil.Process:
+        return psutil.Process(self.popen.pid)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+async def wait_for_port(process: Process, timeout_s: float = 30) -> None:
+    deadline = now() + timeout_s
+    while now() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}")
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", process.port)
+        except OSError:
+            await trio.sleep(0.05)
+            continue
+        await stream.aclose()
+        return
+    raise RuntimeError(f"{process.name} did not listen on {process.port}")
+
+
+async def start_process(name: str, argv: list[str], port: int, env: dict[str, str]) -> Process:
+    process = Process(
+        name,
+        subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL),
+        port,
+    )
+    await wait_for_port(process)
+    return process
+
+
+async def start_upstream(tokens: int, delay_ms: float) -> Process:
+    port = free_port()
+    argv = [PY, "-m", "aether.testing.fake_llm", "--port", str(port), "--tokens", str(tokens)]
+    argv += ["--delay-ms", str(delay_ms)]
+    return await start_process("upstream", argv, port, {})
+
+
+async def start_server(name: str, upstream_url: str) -> Process:
+    port = free_port()
+    if name == "aether":
+        argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
+        argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
+        argv += ["--log-level", "WARNING"]
+        env = {"AETHER_MAX_REQUESTS_PER_CONNECTION": "16"}
+    elif name == "trio-websocket":
+        argv = [PY, "scripts/bench/trio_ws_relay.py", "--port", str(port)]
+        argv += ["--upstream", upstream_url]
+        env = {}
+    elif name == "fastapi-uvicorn":
+        argv = [PY, "-m", "uvicorn", "fastapi_relay:app", "--app-dir", "scripts/bench"]
+        argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+        env = {"AETHER_BENCH_UPSTREAM": upstream_url}
+    else:
+        raise ValueError(name)
+    return await start_process(name, argv, port, env)
+
+
+@dataclass
+class StreamResult:
+    sent_at: float = 0.0
+    first_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    terminal: str | None = None
+    stop_sent_at: float | None = None
+    stopped_at: float | None = None
+    chunks_after_terminal: int = 0
+    error: str | None = None
+
+
+class Workload:
+    """One client stream: connect, wait for the start signal, chat, maybe stop, read to end."""
+
+    def __init__(self, stop_after_tokens: int | None, linger_s: float) -> None:
+        self.stop_after_tokens = stop_after_tokens
+        self.linger_s = linger_s
+
+    async def ws_stream(
+        self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
+    ) -> StreamResult:
+        result = StreamResult()
+        try:
+            async with open_websocket_url(url, max_message_size=1 << 22) as ws:
+                await ws.get_message()  # hello
+                connected()
+                await go.wait()
+                result.sent_at = now()
+                await ws.send_message(json.dumps({"type": "chat", "id": tag, "message": tag}))
+                await self._read(ws, tag, result)
+        except ConnectionClosed as exc:
+            result.error = f"closed: {exc.reason}"
+        return result
+
+    async def _read(self, ws: Any, tag: str, result: StreamResult) -> None:
+        while True:
+            message = orjson.loads(await ws.get_message())
+            at = now()
+            content = message.get("content")
+            if isinstance(content, str) and content:
+                if result.terminal is not None:
+                    result.chunks_after_terminal += 1
+                    continue
+                count = content.count(" ")
+                result.tokens += count
+                result.token_times.extend([at] * count)
+                if result.first_token_at is None:
+                    result.first_token_at = at
+                if (
+                    self.stop_after_tokens is not None
+                    and result.stop_sent_at is None
+                    and result.tokens >= self.stop_after_tokens
+                ):
+                    result.stop_sent_at = now()
+                    await ws.send_message(json.dumps({"type": "stop", "id": tag}))
+            elif message.get("role") == "server" and message.get("type") in TERMINALS:
+                if result.terminal is not None:
+                    result.chunks_after_terminal += 1
+                    continue
+                result.terminal = message["type"]
+                if message["type"] == "stopped":
+                    result.stopped_at = at
+                if self.linger_s <= 0:
+                    return
+                # Listen a little longer: nothing of this request may follow its terminal.
+                with trio.move_on_after(self.linger_s):
+                    await self._read_after_terminal(ws, result)
+                return
+
+    async def _read_after_terminal(self, ws: Any, result: StreamResult) -> None:
+        while True:
+            message = orjson.loads(await ws.get_message())
+            if message.get("id") is not None:
+                result.chunks_after_terminal += 1
+
+    async def direct_stream(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        tag: str,
+        connected: Callable[[], None],
+        go: trio.Event,
+    ) -> StreamResult:
+        result = StreamResult()
+        connected()
+        await go.wait()
+        result.sent_at = now()
+        body = {"model": "m", "messages": [{"role": "user", "content": tag}], "stream": True}
+        async with client.stream("POST", url + "/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                delta = orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+                if delta:
+                    at = now()
+                    result.tokens += delta.count(" ")
+                    result.token_times.append(at)
+                    if result.first_token_at is None:
+                        result.first_token_at = at
+        result.terminal = "completion"
+        return result
+
+
+async def run_streams(
+    server: str, url: str, streams: int, workload: Workload
+) -> tuple[list[StreamResult], float]:
+    """Connect every stream, start them together, wait for all; returns results and wall time."""
+    results: list[StreamResult] = []
+    ready = 0
+    all_connected = trio.Event()
+    go = trio.Event()
+
+    def connected() -> None:
+        nonlocal ready
+        ready += 1
+        if ready == streams:
+            all_connected.set()
+
+    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def one(index: int) -> None:
+            tag = f"s{index}"
+            # Each connection in its own nursery: trio-websocket#184.
+            async with trio.open_nursery():
+                if server == "direct":
+                    result = await workload.direct_stream(client, url, tag, connected, go)
+                else:
+                    result = await workload.ws_stream(url, tag, connected, go)
+            results.append(result)
+
+        async with trio.open_nursery() as nursery:
+            for index in range(streams):
+                nursery.start_soon(one, index)
+            with trio.fail_after(120):
+                await all_connected.wait()
+            started = now()
+            go.set()
+        return results, now() - started
+
+
+async def sample_rss(process: Process | None, peak: list[int]) -> None:
+    if process is None:
+        return
+    handle = process.psutil
+    while True:
+        peak[0] = max(peak[0], handle.memory_info().rss)
+        await trio.sleep(0.05)
+
+
+async def measure(
+    server: str, upstream: Process, streams: int, workload: Workload
+) -> dict[str, Any]:
+    upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
+    process = None if server == "direct" else await start_server(server, upstream_url)
+    try:
+        url = upstream_url if process is None else f"ws://127.0.0.1:{process.port}/ws"
+        idle_rss = process.psutil.memory_info().rss if process else 0
+        cpu_before = process.psutil.cpu_times() if process else None
+        upstream_cpu_before = upstream.psutil.cpu_times()
+        peak = [idle_rss]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sample_rss, process, peak)
+            results, wall = await run_streams(server, url, streams, workload)
+            nursery.cancel_scope.cancel()
+        cpu_s = 0.0
+        if process is not None and cpu_before is not None:
+            after = process.psutil.cpu_times()
+            cpu_s = (after.user - cpu_before.user) + (after.system - cpu_before.system)
+        up_after = upstream.psutil.cpu_times()
+        upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
+            up_after.system - upstream_cpu_before.system
+        )
+        async with httpx.AsyncClient() as client:
+            records = (await client.get(f"http://127.0.0.1:{upstream.port}/_fake/streams")).json()
+    finally:
+        if process is not None:
+            process.stop()
+    return summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
+
+
+def summarize(
+    results: list[StreamResult],
+    wall: float,
+    cpu_s: float,
+    upstream_cpu_s: float,
+    peak_rss: int,
+    idle_rss: int,
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    tokens = sum(r.tokens for r in results)
+    ttft = [(r.first_token_at - r.sent_at) * 1000 for r in results if r.first_token_at]
+    gaps: list[float] = []
+    for r in results:
+        gaps.extend((b - a) * 1000 for a, b in zip(r.token_times, r.token_times[1:], strict=False))
+    stop_ms = [
+        (r.stopped_at - r.stop_sent_at) * 1000
+        for r in results
+        if r.stopped_at is not None and r.stop_sent_at is not None
+    ]
+    closed_by_tag = {
+        rec["last_user_message"]: rec["client_closed_monotonic"]
+        for rec in records[-len(results) :]
+        if rec.get("client_closed_monotonic") is not None
+    }
+    upstream_close_ms: list[float] = []
+    for index, r in enumerate(results):
+        closed = closed_by_tag.get(f"s{index}")
+        if r.stop_sent_at is not None and closed is not None:
+            upstream_close_ms.append((closed - r.stop_sent_at) * 1000)
+    terminals: dict[str, int] = {}
+    for r in results:
+        key = r.terminal or (r.error or "none")
+        terminals[key] = terminals.get(key, 0) + 1
+    return {
+        "streams": len(results),
+        "tokens": tokens,
+        "wall_s": wall,
+        "deltas_per_s": tokens / wall if wall else math.nan,
+        "server_cpu_s": cpu_s,
+        "server_cpu_us_per_delta": cpu_s / tokens * 1e6 if tokens and cpu_s else math.nan,
+        "upstream_cpu_s": upstream_cpu_s,
+        "peak_rss_mib": peak_rss / 2**20,
+        "rss_per_stream_kib": (peak_rss - idle_rss) / 1024 / max(1, len(results)),
+        "ttft_p50_ms": pct(ttft, 0.5),
+        "ttft_p99_ms": pct(ttft, 0.99),
+        "gap_p50_ms": pct(gaps, 0.5),
+        "gap_p99_ms": pct(gaps, 0.99),
+        "gap_max_ms": max(gaps) if gaps else math.nan,
+        "stop_p50_ms": pct(stop_ms, 0.5),
+        "stop_p99_ms": pct(stop_ms, 0.99),
+        "stop_max_ms": max(stop_ms) if stop_ms else math.nan,
+        "upstream_closed_p99_ms": pct(upstream_close_ms, 0.99),
+        "upstream_closed_count": len(upstream_close_ms),
+        "chunks_after_terminal": sum(r.chunks_after_terminal for r in results),
+        "terminals": terminals,
+    }
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    streams: int
+    tokens: int
+    delay_ms: float
+    stop_after_tokens: int | None = None
+    linger_s: float = 0.0
+
+
+def cases(args: argparse.Namespace) -> list[Case]:
+    chosen: list[Case] = []
+    if "capacity" in args.workloads:
+        for streams in args.capacity_streams:
+            tokens = args.capacity_tokens if streams <= 50 else args.capacity_tokens_many
+            chosen.append(Case("capacity", streams, tokens, 0.0))
+    if "paced" in args.workloads:
+        delay = 1000 / args.paced_rate
+        chosen.append(Case("paced", args.paced_streams, args.paced_tokens, delay))
+    if "stop" in args.workloads:
+        chosen.append(Case("stop", args.stop_streams, 2000, 10.0, 10, 0.2))
+    return chosen
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+    return str(value)
+
+
+COLUMNS: dict[str, list[tuple[str, str, int]]] = {
+    "capacity": [
+        ("deltas/s", "deltas_per_s", 0),
+        ("cpu us/delta", "server_cpu_us_per_delta", 1),
+        ("peak RSS MiB", "peak_rss_mib", 1),
+        ("ttft p50 ms", "ttft_p50_ms", 1),
+        ("ttft p99 ms", "ttft_p99_ms", 1),
+    ],
+    "paced": [
+        ("ttft p50 ms", "ttft_p50_ms", 1),
+        ("ttft p99 ms", "ttft_p99_ms", 1),
+        ("gap p50 ms", "gap_p50_ms", 1),
+        ("gap p99 ms", "gap_p99_ms", 1),
+        ("gap max ms", "gap_max_ms", 1),
+        ("RSS/stream KiB", "rss_per_stream_kib", 1),
+    ],
+    "stop": [
+        ("stop p50 ms", "stop_p50_ms", 2),
+        ("stop p99 ms", "stop_p99_ms", 2),
+        ("stop max ms", "stop_max_ms", 2),
+        ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
+        ("chunks after stopped", "chunks_after_terminal", 0),
+    ],
+}
+RATIO_KEY = {"capacity": "deltas_per_s", "paced": "ttft_p99_ms", "stop": "stop_p99_ms"}
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
+    for workload, columns in COLUMNS.items():
+        selected = [row for row in rows if row["workload"] == workload]
+        if not selected:
+            continue
+        key = RATIO_KEY[workload]
+        header = ["server", "streams", *[c[0] for c in columns], f"aether / this ({key})"]
+        lines += [f"\n{workload}", "| " + " | ".join(header) + " |"]
+        lines.append("|" + "---|" * len(header))
+        for row in selected:
+            aether = next(
+                (r for r in selected if r["server"] == "aether" and r["streams"] == row["streams"]),
+                None,
+            )
+            ratio = "-"
+            if aether and row[key] and not math.isnan(row[key]) and not math.isnan(aether[key]):
+                ratio = f"{aether[key] / row[key]:.2f}x"
+            cells = [row["server"], str(row["streams"])]
+            cells += [fmt(row[name], digits) for _, name, digits in columns]
+            lines.append("| " + " | ".join([*cells, ratio]) + " |")
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    rows: list[dict[str, Any]] = []
+    for case in cases(args):
+        upstream = await start_upstream(case.tokens, case.delay_ms)
+        try:
+            for server in args.servers:
+                if case.workload == "stop" and server == "direct":
+                    continue
+                workload = Workload(case.stop_after_tokens, case.linger_s)
+                print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
+                summary = await measure(server, upstream, case.streams, workload)
+                rows.append({"workload": case.workload, "server": server, **summary})
+                print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
+        finally:
+            upstream.stop()
+    table = render(rows)
+    machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"# bench_stream ({machine})\n{table}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    parser.add_argument("--servers", type=lambda t: t.split(","), default=list(SERVERS))
+    parser.add_argument(
+        "--workloads", type=lambda t: t.split(","), default=["capacity", "paced", "stop"]
+    )
+    parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 500])
+    parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
+    parser.add_argument("--capacity-tokens-many", type=int, default=200, help="per stream, > 50")
+    parser.add_argument("--paced-streams", type=int, default=500)
+    parser.add_argument("--paced-rate", type=float, default=20.0, help="tokens/s per stream")
+    parser.add_argument("--paced-tokens", type=int, default=60)
+    parser.add_argument("--stop-streams", type=int, default=50)
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())
