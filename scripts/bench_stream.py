@@ -75,28 +75,29 @@ def pct(values: list[float], q: float) -> float:
 @dataclass
 class Process:
     name: str
-    popen: subprocess.Popen[bytes]
+    process: trio.Process
     port: int
 
     @property
     def psutil(self) -> psutil.Process:
-        return psutil.Process(self.popen.pid)
+        return psutil.Process(self.process.pid)
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+    async def stop(self) -> None:
+        with trio.CancelScope(shield=True):
+            if self.process.returncode is None:
+                self.process.terminate()
+                with trio.move_on_after(10):
+                    await self.process.wait()
+                if self.process.returncode is None:
+                    self.process.kill()
+                    await self.process.wait()
 
 
 async def wait_for_port(process: Process, timeout_s: float = 30) -> None:
     deadline = now() + timeout_s
     while now() < deadline:
-        if process.popen.poll() is not None:
-            raise RuntimeError(f"{process.name} exited with {process.popen.returncode}")
+        if process.process.returncode is not None:
+            raise RuntimeError(f"{process.name} exited with {process.process.returncode}")
         try:
             stream = await trio.open_tcp_stream("127.0.0.1", process.port)
         except OSError:
@@ -108,11 +109,10 @@ async def wait_for_port(process: Process, timeout_s: float = 30) -> None:
 
 
 async def start_process(name: str, argv: list[str], port: int, env: dict[str, str]) -> Process:
-    process = Process(
-        name,
-        subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL),
-        port,
+    child = await trio.lowlevel.open_process(
+        argv, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL
     )
+    process = Process(name, child, port)
     await wait_for_port(process)
     return process
 
@@ -323,7 +323,7 @@ async def measure(
             records = (await client.get(f"http://127.0.0.1:{upstream.port}/_fake/streams")).json()
     finally:
         if process is not None:
-            process.stop()
+            await process.stop()
     return summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
 
 
@@ -480,12 +480,14 @@ async def main(args: argparse.Namespace) -> None:
                 rows.append({"workload": case.workload, "server": server, **summary})
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
         finally:
-            upstream.stop()
+            await upstream.stop()
     table = render(rows)
     machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"# bench_stream ({machine})\n{table}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        await trio.Path(args.json).write_text(
+            json.dumps({"machine": machine, "rows": rows}, indent=2)
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
