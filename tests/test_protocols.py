@@ -61,11 +61,26 @@ def test_bad_frames_get_a_code_and_a_reference(frame: str, code: str, ref: dict[
 
 def test_sse_decoder_joins_data_lines_and_skips_comments() -> None:
     decoder = SSEDecoder()
-    lines = [": keepalive", "", "event: x", "data: a", "data: b", "", "data:c", ""]
-    events = [event for line in lines if (event := decoder.feed_line(line)) is not None]
-    assert events == ["a\nb", "c"]
-    assert decoder.feed_line("data: [DONE]") is None
-    assert decoder.flush() == DONE
+    stream = b": keepalive\n\nevent: x\ndata: a\ndata: b\n\ndata:c\r\n\r\n"
+    assert decoder.feed(stream) == [b"a\nb", b"c"]
+    assert decoder.feed(b"data: [DONE]") == []
+    assert decoder.flush() == [DONE]
+
+
+def test_sse_decoder_handles_events_split_anywhere() -> None:
+    stream = b'data: {"x": 1}\n\ndata: {"x": 2}\n\n'
+    for cut in range(len(stream) + 1):
+        decoder = SSEDecoder()
+        events = decoder.feed(stream[:cut]) + decoder.feed(stream[cut:]) + decoder.flush()
+        assert events == [b'{"x": 1}', b'{"x": 2}'], cut
+
+
+def test_sse_decoder_refuses_an_endless_line() -> None:
+    decoder = SSEDecoder()
+    for _ in range(10):
+        decoder.feed(b"data: " + b"x" * 100_000)
+    with pytest.raises(UpstreamProtocolError):
+        decoder.feed(b"x" * 100_000)
 
 
 def test_parse_chunk_reads_openai_deltas() -> None:

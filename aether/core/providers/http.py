@@ -92,24 +92,24 @@ class HTTPProvider:
         started = finished = done = False
         # The iterator is read to its end even after [DONE] (servers close right after it), so
         # httpx's nested async generators finish instead of being left for the GC.
-        async for line in response.aiter_lines():
-            data = decoder.feed_line(line)
-            if data is None or done:
-                continue
-            first_token.deadline = math.inf
-            if data == DONE:
-                done = True
-                continue
-            content, last = parse_chunk(data)
-            finished = finished or last
-            if not content:
-                continue
-            if not started:
-                started = True
-                await send.send(block_start())
-            await send.send(block_delta(content))
+        async for raw in response.aiter_bytes():
+            for data in decoder.feed(raw):
+                if done:
+                    continue
+                first_token.deadline = math.inf
+                if data == DONE:
+                    done = True
+                    continue
+                content, last = parse_chunk(data)
+                finished = finished or last
+                if not content:
+                    continue
+                if not started:
+                    started = True
+                    await send.send(block_start())
+                await send.send(block_delta(content))
         # Some servers omit [DONE]; a finish_reason is then the sign the answer is whole.
-        if not done and decoder.flush() != DONE and not finished:
+        if not done and DONE not in decoder.flush() and not finished:
             raise UpstreamDisconnected("the upstream ended the stream without [DONE]")
         if started:
             await send.send(block_end())

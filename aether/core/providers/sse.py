@@ -1,6 +1,7 @@
-"""Server-sent events, sans-IO: turn decoded lines into event payloads and OpenAI deltas.
+"""Server-sent events, sans-IO: turn raw bytes into event payloads and OpenAI deltas.
 
-No I/O and no Trio here, so the parsing rules are tested as pure functions.
+No I/O and no Trio here, so the parsing rules are tested as pure functions. The decoder works on
+bytes as they come off the socket (no text decoding layer: orjson reads the UTF-8 payloads).
 
 @.architecture
 role: SSE parser
@@ -9,48 +10,63 @@ jobs: [message_parsing]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from aether.core.errors import UpstreamProtocolError
 
-DONE = "[DONE]"
+DONE = b"[DONE]"
+# An event larger than this is not a chat delta: refuse it rather than buffer without bound.
+MAX_EVENT_BYTES = 1024 * 1024
 
 
-@dataclass(slots=True)
 class SSEDecoder:
-    """Accumulates ``data:`` lines until a blank line ends the event (the SSE framing rules)."""
+    """Splits a byte stream into lines and lines into events (the SSE framing rules): ``data:``
+    lines accumulate until a blank line ends the event; comments and other fields are skipped.
+    """
 
-    _data: list[str]
+    __slots__ = ("_buffer", "_data")
 
     def __init__(self) -> None:
-        self._data = []
+        self._buffer = b""
+        self._data: list[bytes] = []
 
-    def feed_line(self, line: str) -> str | None:
-        """Feed one line without its newline; return the event's data when the event ends."""
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Feed bytes; return the data of every event they complete, in order."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        *lines, self._buffer = buffer.split(b"\n")
+        if len(self._buffer) > MAX_EVENT_BYTES:
+            raise UpstreamProtocolError("the upstream sent an oversized event")
+        events: list[bytes] = []
+        for line in lines:
+            event = self._line(line[:-1] if line.endswith(b"\r") else line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: bytes) -> bytes | None:
         if not line:
             if not self._data:
                 return None
-            data = "\n".join(self._data)
-            self._data.clear()
+            data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+            self._data = []
             return data
-        if line.startswith(":"):
-            return None  # comment / heartbeat
-        field, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if field == "data":
-            self._data.append(value)
-        return None
+        if line.startswith(b"data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+            if len(self._data) > 1 and sum(map(len, self._data)) > MAX_EVENT_BYTES:
+                raise UpstreamProtocolError("the upstream sent an oversized event")
+        return None  # comments (":...") and other fields (event:, id:, retry:)
 
-    def flush(self) -> str | None:
-        """The pending event at end of stream, if the upstream omitted the final blank line."""
-        return self.feed_line("")
+    def flush(self) -> list[bytes]:
+        """The events still pending at end of stream (a last line without newline)."""
+        events = self.feed(b"\n") if self._buffer else []
+        last = self._line(b"")
+        return [*events, last] if last is not None else events
 
 
-def parse_chunk(payload: str) -> tuple[str | None, bool]:
+def parse_chunk(payload: bytes | str) -> tuple[str | None, bool]:
     """The text delta of one OpenAI ``chat.completion.chunk`` payload and whether it is the last.
 
     The text is None when the chunk carries none (role-only or usage-only chunks); the flag is
