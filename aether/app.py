@@ -18,9 +18,14 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from aether.api.dependencies import EXTENSION_KEY, AppState
-from aether.api.responses import json_error
+from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
+from aether.api.middleware.auth import AuthMiddleware
+from aether.api.middleware.error_handler import ErrorHandlerMiddleware
+from aether.api.middleware.security import SecurityHeadersMiddleware
+from aether.api.responses import json_error, request_id
 from aether.api.v1.router import register_v1
 from aether.config import Settings
+from aether.core.identity import KeyRing
 from aether.core.runtime.engine import RuntimeEngine
 from aether.ws.endpoint import WebSocketEndpoint
 from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
@@ -37,7 +42,7 @@ class WebSocketMount:
         self._app = app
         self._websocket = websocket
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == WEBSOCKET_PATH:
             await self._websocket(scope, receive, send)
         else:
@@ -67,6 +72,22 @@ def create_app(settings: Settings) -> QuartTrio:
         code = (error.name or "error").lower().replace(" ", "_")
         return json_error(error.code or 500, code, error.description or error.name)
 
+    @app.errorhandler(Exception)
+    async def unexpected_error(error: Exception) -> Response:
+        log.error("request %s failed", request_id(), exc_info=error)
+        return json_error(500, "internal_error", "the server failed to answer this request")
+
     register_v1(app)
-    app.asgi_app = WebSocketMount(app.asgi_app, WebSocketEndpoint(engine, hub, settings))  # type: ignore[assignment,method-assign]
+    keys = KeyRing.from_settings(
+        (key.get_secret_value() for key in settings.api_keys), settings.api_keys_file
+    )
+    app.asgi_app = middleware_stack(  # type: ignore[assignment,method-assign]
+        WebSocketMount(app.asgi_app, WebSocketEndpoint(engine, hub, settings)), keys, settings
+    )
     return app
+
+
+def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings) -> ASGIApp:
+    """Outermost first: security headers, request ids and errors, authentication."""
+    authenticated = AuthMiddleware(app, keys, settings.allowed_origins)
+    return SecurityHeadersMiddleware(ErrorHandlerMiddleware(authenticated))

@@ -90,6 +90,33 @@ class Settings(BaseModel):
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
     )
 
+    api_keys: tuple[SecretStr, ...] = Field(
+        (), description="API keys (comma-separated): callers must present one as a Bearer token."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one per line, optionally 'name:key'."
+    )
+    allowed_origins: tuple[str, ...] = Field(
+        (),
+        description="Origins allowed to open the WebSocket (comma-separated); empty: same origin.",
+    )
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
+        return tuple(origin.lower() for origin in value)
+
     @field_validator("llm_base_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -116,7 +143,19 @@ class Settings(BaseModel):
             raise ValueError("llm_model must not be empty")
         if self.max_message_bytes > self.max_frame_bytes:
             raise ValueError("max_message_bytes must not exceed max_frame_bytes")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
+        if not self.auth_enabled and not self.binds_loopback_only:
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: anyone who can reach it "
+                "could use the model. Set AETHER_API_KEYS (or AETHER_API_KEYS_FILE), or listen "
+                "on 127.0.0.1"
+            )
         return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys) or self.api_keys_file is not None
 
     @property
     def model_configured(self) -> bool:
@@ -159,12 +198,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _describe(error: ValidationError, sources: Mapping[str, str]) -> str:
     first = error.errors()[0]
-    field = str(first["loc"][0]) if first["loc"] else "settings"
-    where = sources.get(field, field)
     message = first["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
-    return f"{where}: {message} (got {first.get('input')!r})"
+    if not first["loc"]:  # a rule across settings: its message names them
+        return message
+    field = str(first["loc"][0])
+    where = sources.get(field, field)
+    shown = "***" if field.startswith("api_keys") or field == "llm_api_key" else first.get("input")
+    return f"{where}: {message} (got {shown!r})"
 
 
 def load_settings(

@@ -196,3 +196,42 @@ async def raw_websocket_close_code(ws_url: str, frame: str) -> int:
                     sent = True
                 elif isinstance(event, CloseConnection):
                     return event.code
+
+
+async def websocket_handshake_status(
+    ws_url: str,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    subprotocols: list[str] | None = None,
+) -> int:
+    """The HTTP status a WebSocket handshake gets (101 when accepted), on a bare wsproto client.
+
+    A bare client, because trio-websocket's leaks its socket when a handshake is refused.
+    """
+    from urllib.parse import urlsplit
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, RejectConnection, Request
+
+    parts = urlsplit(ws_url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    async with stream:
+        ws = WSConnection(ConnectionType.CLIENT)
+        request = Request(
+            host=parts.netloc,
+            target=parts.path,
+            extra_headers=headers or [],
+            subprotocols=subprotocols or [],
+        )
+        await stream.send_all(ws.send(request))
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                raise AssertionError("the server closed the TCP stream during the handshake")
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    return 101
+                if isinstance(event, RejectConnection):
+                    return event.status_code

@@ -10,7 +10,17 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from quart import Response
+from quart import Response, has_request_context, request
+
+from aether.api.middleware.asgi import REQUEST_ID_KEY
+
+
+def request_id() -> str | None:
+    """The current request's id (set by the error handling middleware)."""
+    if not has_request_context():
+        return None
+    value = request.scope.get(REQUEST_ID_KEY)
+    return value if isinstance(value, str) else None
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -18,5 +28,6 @@ def json_response(body: Any, status: int = 200) -> Response:
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> Response:
-    """``{"error": {"code", "message", ...}}`` with the given status."""
-    return json_response({"error": {"code": code, "message": message, **extra}}, status)
+    """``{"error": {"code", "message", "request_id", ...}}`` with the given status."""
+    body = {"code": code, "message": message, "request_id": request_id(), **extra}
+    return json_response({"error": body}, status)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import MutableMapping
 from typing import Any
 
 import trio
@@ -48,7 +49,7 @@ class WebSocketEndpoint:
         self._hub = hub
         self._settings = settings
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         event: ASGIMessage = await receive()
         if event["type"] != "websocket.connect":
             return

@@ -1,0 +1,67 @@
+"""Small ASGI helpers the middleware share: header access and JSON error responses.
+
+An error sent by middleware has the same shape as one from a route:
+``{"error": {"code", "message", "request_id"}}``. On a WebSocket handshake it is sent with the
+ASGI "websocket.http.response" extension, so the client gets a real HTTP status before any
+upgrade (no 101).
+
+@.architecture
+role: ASGI helpers
+jobs: [response_formatting]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+import orjson
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+REQUEST_ID_KEY = "aether.request_id"
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case), decoded as latin-1."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def error_body(code: str, message: str, request_id: str | None) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+
+
+async def send_error(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer the request (or refuse the WebSocket handshake) with a JSON error."""
+    body = error_body(code, message, scope.get(REQUEST_ID_KEY))
+    all_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    if scope["type"] == "websocket":
+        event = await receive()  # websocket.connect comes first
+        if event["type"] != "websocket.connect":
+            return
+        await send(
+            {"type": "websocket.http.response.start", "status": status, "headers": all_headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "http.response.start", "status": status, "headers": all_headers})
+    await send({"type": "http.response.body", "body": body})

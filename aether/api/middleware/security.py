@@ -1,0 +1,48 @@
+"""Security headers on every HTTP response, errors and refused handshakes included.
+
+API responses get a strict policy: not cached (``no-store``), not sniffed, not framed, no
+referrer, a Content-Security-Policy that allows nothing, and HSTS when served over TLS. The
+``Server`` header never leaves.
+
+@.architecture
+role: security headers middleware
+jobs: [response_interception, header_injection]
+"""
+
+from __future__ import annotations
+
+from aether.api.middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+
+API_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
+)
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+_REPLACED = {name for name, _ in API_HEADERS} | {b"server"}
+_STARTS = {"http.response.start", "websocket.http.response.start"}
+
+
+class SecurityHeadersMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self._app(scope, receive, send)
+            return
+        added = [*API_HEADERS, HSTS] if scope.get("scheme") in ("https", "wss") else API_HEADERS
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] in _STARTS:
+                kept = [
+                    (name, value)
+                    for name, value in message.get("headers", ())
+                    if name.lower() not in _REPLACED
+                ]
+                message["headers"] = [*kept, *added]
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
