@@ -21,6 +21,7 @@ from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
 from aether.api.middleware.auth import AuthMiddleware
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
+from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
 from aether.api.middleware.security import SecurityHeadersMiddleware
 from aether.api.responses import json_error, request_id
 from aether.api.v1.router import register_v1
@@ -88,6 +89,13 @@ def create_app(settings: Settings) -> QuartTrio:
 
 
 def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings) -> ASGIApp:
-    """Outermost first: security headers, request ids and errors, authentication."""
+    """Outermost first: security headers, request ids and errors, rate limits, authentication."""
     authenticated = AuthMiddleware(app, keys, settings.allowed_origins)
-    return SecurityHeadersMiddleware(ErrorHandlerMiddleware(authenticated))
+    limited = RateLimitMiddleware(
+        authenticated,
+        RateLimiter(settings.rate_limit_max_clients),
+        chat=Tier("chat", settings.rate_limit_chat_per_minute, 60.0),
+        default=Tier("default", settings.rate_limit_default_per_minute, 60.0),
+        exempt_ips=frozenset(settings.rate_limit_exempt_ips),
+    )
+    return SecurityHeadersMiddleware(ErrorHandlerMiddleware(limited))

@@ -101,7 +101,20 @@ class Settings(BaseModel):
         description="Origins allowed to open the WebSocket (comma-separated); empty: same origin.",
     )
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    rate_limit_chat_per_minute: int = Field(
+        60, ge=1, description="Chats started per minute per IP (REST chats and WebSocket opens)."
+    )
+    rate_limit_default_per_minute: int = Field(
+        600, ge=1, description="Other API requests per minute per IP (health is exempt)."
+    )
+    rate_limit_exempt_ips: tuple[str, ...] = Field(
+        (), description="Client IPs never rate limited (comma-separated)."
+    )
+    rate_limit_max_clients: int = Field(
+        10_000, ge=100, description="Most client IPs tracked at once (least recent forgotten)."
+    )
+
+    @field_validator("api_keys", "allowed_origins", "rate_limit_exempt_ips", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):

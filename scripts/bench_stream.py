@@ -130,7 +130,8 @@ async def start_server(name: str, upstream_url: str) -> Process:
         argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
         argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
         argv += ["--log-level", "WARNING"]
-        env = {"AETHER_MAX_REQUESTS_PER_CONNECTION": "16"}
+        # Production settings, except that the load comes from one address.
+        env = {"AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1"}
     elif name == "trio-websocket":
         argv = [PY, "scripts/bench/trio_ws_relay.py", "--port", str(port)]
         argv += ["--upstream", upstream_url]

@@ -1,0 +1,159 @@
+"""Per-IP rate limiting with tiers, as pure ASGI middleware.
+
+Each request falls in a tier by its route: ``exempt`` (health probes), ``chat`` (starting a chat:
+``POST /v1/chat``, ``/v1/chat/stream`` and opening ``/ws``) or ``default`` (the rest). Each
+(IP, tier) has a token bucket holding ``limit`` tokens that refills over ``window_s``: a burst of
+``limit`` is allowed, then one request per ``window_s / limit``. A refused request gets ``429``
+with ``Retry-After`` and a JSON error; limited routes carry the IETF draft's ``RateLimit-Policy``
+and ``RateLimit`` headers (``"chat";q=60;w=60`` and ``"chat";r=59;t=0``).
+
+Memory is bounded: at most ``max_clients`` buckets are kept, least recently used evicted first
+(an evicted client starts again with a full bucket, which errs on the side of serving it).
+Loopback is limited like any address unless listed in ``exempt_ips``.
+
+@.architecture
+role: rate limiting middleware
+jobs: [request_identification, tier_classification, limit_checking, header_injection]
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from aether.api.middleware.asgi import (
+    REQUEST_ID_KEY,
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    send_error,
+)
+
+log = logging.getLogger(__name__)
+
+EXEMPT_PATHS = frozenset({"/health", "/ready"})
+CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/stream", "/ws"})
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    limit: int
+    window_s: float
+
+    @property
+    def policy(self) -> bytes:
+        return f'"{self.name}";q={self.limit};w={math.ceil(self.window_s)}'.encode()
+
+
+class _Bucket:
+    __slots__ = ("tokens", "updated")
+
+    def __init__(self, tokens: float, updated: float) -> None:
+        self.tokens = tokens
+        self.updated = updated
+
+
+class RateLimiter:
+    """Token buckets per (client, tier), bounded in number. Time comes from Trio's clock."""
+
+    def __init__(self, max_clients: int) -> None:
+        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        self._max_clients = max_clients
+        self.refused = 0
+
+    def take(self, client: str, tier: Tier) -> tuple[bool, int, float]:
+        """Try to take a token: (allowed, tokens left, seconds until the next token)."""
+        now = trio.current_time()
+        key = (client, tier.name)
+        refill_per_s = tier.limit / tier.window_s
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = _Bucket(float(tier.limit), now)
+            self._buckets[key] = bucket
+            if len(self._buckets) > self._max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.tokens = min(tier.limit, bucket.tokens + (now - bucket.updated) * refill_per_s)
+            bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return True, int(bucket.tokens), 0.0
+        self.refused += 1
+        return False, 0, (1 - bucket.tokens) / refill_per_s
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class RateLimitMiddleware:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: RateLimiter,
+        *,
+        chat: Tier,
+        default: Tier,
+        exempt_ips: frozenset[str],
+    ) -> None:
+        self._app = app
+        self._limiter = limiter
+        self._chat = chat
+        self._default = default
+        self._exempt_ips = exempt_ips
+
+    def tier_for(self, scope: Scope) -> Tier | None:
+        path = scope.get("path", "")
+        if path in EXEMPT_PATHS:
+            return None
+        if path in CHAT_PATHS and (scope["type"] == "websocket" or scope.get("method") == "POST"):
+            return self._chat
+        return self._default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self._app(scope, receive, send)
+            return
+        tier = self.tier_for(scope)
+        client = (scope.get("client") or ("unknown", 0))[0]
+        if tier is None or client in self._exempt_ips:
+            await self._app(scope, receive, send)
+            return
+        allowed, remaining, retry_after_s = self._limiter.take(client, tier)
+        reset_s = 0 if allowed else math.ceil(retry_after_s)
+        headers = [
+            (b"ratelimit-policy", tier.policy),
+            (b"ratelimit", f'"{tier.name}";r={remaining};t={reset_s}'.encode()),
+        ]
+        if not allowed:
+            log.info(
+                "request %s: %s rate limited (%s tier)",
+                scope.get(REQUEST_ID_KEY),
+                client,
+                tier.name,
+            )
+            await send_error(
+                scope,
+                receive,
+                send,
+                429,
+                "rate_limited",
+                f"too many requests: the {tier.name} limit is {tier.limit} per "
+                f"{tier.window_s:g} s; retry after {reset_s} s",
+                [(b"retry-after", str(reset_s).encode()), *headers],
+            )
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
