@@ -83,6 +83,16 @@ async def wait_for_signal() -> None:
             return
 
 
+def describe_security(settings: Settings) -> None:
+    if not settings.auth_enabled:
+        log.warning(
+            "no API keys configured: the server is unauthenticated and listens on loopback only "
+            "(set AETHER_API_KEYS to serve other machines)"
+        )
+    else:
+        log.info("API keys required on every route but /health and /ready")
+
+
 def describe_model(settings: Settings, default_path: str) -> None:
     if default_path == "echo":
         log.warning(
@@ -127,6 +137,7 @@ async def serve(
                 ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
                 log.info("serving on %s (WebSocket %s)", bind, ws)
             describe_model(settings, state.engine.streamer.default_path)
+            describe_security(settings)
             task_status.started(binds)
 
     await hypercorn_serve(
