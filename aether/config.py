@@ -86,6 +86,20 @@ class Settings(BaseModel):
     max_requests_per_connection: int = Field(
         16, ge=1, description="Most chats running at once on one WebSocket."
     )
+    slow_client_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="A client that keeps its stream waiting this long is disconnected (1013).",
+    )
+    ws_ping_interval_s: float = Field(
+        20.0, gt=0, description="WebSocket ping interval (keeps idle connections alive)."
+    )
+    sse_heartbeat_s: float = Field(
+        15.0, gt=0, description="Idle time after which an SSE stream gets a comment heartbeat."
+    )
+    tcp_keepalive_s: float = Field(
+        30.0, ge=1, description="Idle time before TCP keepalive probes look for vanished peers."
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
     )

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
 
 from aether import __version__
@@ -29,8 +31,10 @@ from aether.ws.hub import CLOSE_GOING_AWAY
 
 log = logging.getLogger("aether")
 
-# After the grace period, how long cancelled streams get to send their last messages.
-SHUTDOWN_BACKSTOP_S = 5.0
+# After the grace period, how long cancelled streams get to send their last messages; also
+# Hypercorn's own deadline for connections once it stops serving (its WebSocket ping task keeps
+# a closed connection alive until the next ping).
+SHUTDOWN_BACKSTOP_S = 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +68,43 @@ def configure_logging(level: str) -> None:
     )
 
 
+class TCPTunedConfig(HypercornConfig):
+    """Hypercorn's config, with TCP options on the listening sockets (accepted connections
+    inherit them). Hypercorn sends under a shielded cancel scope, so a send to a peer that
+    stopped reading, or vanished without a FIN or RST, cannot be cancelled: the kernel ends it.
+
+    - ``TCP_USER_TIMEOUT``: data unacknowledged (or a zero window) for this long aborts the
+      connection, so a stuck send fails instead of waiting for TCP's own ~15 minutes.
+    - TCP keepalive: an idle connection whose peer vanished is found and closed.
+    """
+
+    user_timeout_s: float = 30.0
+    keepalive_s: float = 30.0
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        for sock in [*sockets.insecure_sockets, *sockets.secure_sockets]:
+            tune_tcp_socket(sock, self.user_timeout_s, self.keepalive_s)
+        return sockets
+
+
+def tune_tcp_socket(sock: socket.socket, user_timeout_s: float, keepalive_s: float) -> None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, int(keepalive_s))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(keepalive_s) // 3))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
+
+
 def hypercorn_config(settings: Settings) -> HypercornConfig:
-    config = HypercornConfig()
+    config = TCPTunedConfig()
+    config.user_timeout_s = settings.slow_client_timeout_s
+    config.keepalive_s = settings.tcp_keepalive_s
+    config.websocket_ping_interval = settings.ws_ping_interval_s
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_max_message_size = settings.max_frame_bytes

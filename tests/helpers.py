@@ -18,7 +18,14 @@ TERMINALS = {"completion", "stopped", "error"}
 
 
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "DEBUG"}
+    # Hypercorn's ping task keeps a closed WebSocket's connection alive until its next tick, which
+    # delays every server shutdown: tick often (this also exercises pings in every test).
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "DEBUG",
+        "ws_ping_interval_s": 0.5,
+    }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)
 

@@ -72,6 +72,20 @@ async def test_upstream_failure_becomes_an_error_terminal(
     assert assert_stream_invariants(after)["type"] == "completion"
 
 
+async def test_an_unterminated_last_event_with_finish_reason_is_a_whole_answer(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.script(Behaviour(tokens=10, failure="unterminated", fail_after=2))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings_for(fake_llm.base_url)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            messages = await client.chat("hi", id="r1")
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    assert content_of(messages) == "tok0 tok1 end."
+
+
 async def test_refused_connection_is_upstream_unavailable(nursery: trio.Nursery) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -41,7 +41,10 @@ import trio
 
 log = logging.getLogger(__name__)
 
-Failure = Literal["reset", "malformed", "no_done", "error_event"]
+# reset: TCP RST mid-stream; malformed: an event that is not JSON; no_done: the body ends with
+# neither [DONE] nor a finish_reason; error_event: an {"error": ...} event; unterminated: the
+# last event (with finish_reason) lacks its blank line and no [DONE] follows: still a whole answer.
+Failure = Literal["reset", "malformed", "no_done", "error_event", "unterminated"]
 MAX_REQUEST_BYTES = 1024 * 1024
 READ_CHUNK = 65536
 
@@ -275,7 +278,7 @@ class FakeLLM:
                 nursery.start_soon(self._watch_for_close, stream, record, nursery.cancel_scope)
                 completed = await self._send_stream(connection, stream, record, behaviour)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             self._note_client_closed(record)
         finally:
             record.finished_at = trio.current_time()
@@ -315,7 +318,7 @@ class FakeLLM:
         for index in range(behaviour.tokens):
             if behaviour.failure is not None and index == behaviour.fail_after:
                 await self._fail(connection, stream, record, behaviour.failure)
-                return behaviour.failure == "no_done"
+                return behaviour.failure in ("no_done", "unterminated")
             if index:
                 await trio.sleep(behaviour.delay_s)
             chunk = self._chunk({"content": behaviour.token(index)})
@@ -344,6 +347,9 @@ class FakeLLM:
         elif failure == "error_event":
             error = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
             await self._send(connection, stream, h11.Data(data=error))
+        elif failure == "unterminated":
+            last = self._chunk({"content": "end."}, "stop").rstrip(b"\n")
+            await self._send(connection, stream, h11.Data(data=last))
         await self._send(connection, stream, h11.EndOfMessage())
 
 

@@ -33,7 +33,7 @@ from aether.core.identity import identity_from_scope
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.ws.handlers import MessageHandler
-from aether.ws.hub import ClientConnection, ClientHub, write_outbox
+from aether.ws.hub import CLOSE_TRY_AGAIN_LATER, ClientConnection, ClientHub, write_outbox
 from aether.ws.protocols import SUBPROTOCOL, hello_message
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class WebSocketEndpoint:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._write, client, send)
+                nursery.start_soon(self._watch_for_stall, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
                 handler = MessageHandler(client, self._engine, nursery, self._settings)
                 await self._read(receive, handler)
@@ -91,6 +92,14 @@ class WebSocketEndpoint:
                     handler.handle_binary(event.get("bytes") or b"")
             elif kind == "websocket.disconnect":
                 return
+
+    async def _watch_for_stall(self, client: ClientConnection) -> None:
+        """Disconnect a client whose streams have waited on it for too long (memory is already
+        bounded by the outbox; this frees the upstream streams and the connection)."""
+        timeout_s = self._settings.slow_client_timeout_s
+        await client.outbox.stalled.wait_value(True, held_for=timeout_s)
+        log.warning("client %s: has not read for %.0f s: disconnecting", client.id, timeout_s)
+        client.close(CLOSE_TRY_AGAIN_LATER, "client too slow", drop_queued=True)
 
     async def _write(self, client: ClientConnection, send: Send) -> None:
         async def send_text(text: str) -> None:

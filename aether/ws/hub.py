@@ -42,12 +42,17 @@ class ClientConnection:
     close_code: int = CLOSE_NORMAL
     close_reason: str = ""
 
-    def close(self, code: int, reason: str) -> None:
-        """Ask the writer to send what is queued, then close with ``code``."""
-        if not self.outbox.closed:
+    def close(self, code: int, reason: str, *, drop_queued: bool = False) -> None:
+        """Ask the writer to close with ``code``: after what is queued, or at once (a client too
+        slow to take what is queued would otherwise never see the close)."""
+        if drop_queued:
+            # Also after a gentler close began: the queue may be what the client cannot take.
+            log.info("client %s: closing at once (%d %s)", self.id, code, reason)
+            self.close_code, self.close_reason = code, reason
+            self.outbox.close()
+        elif not self.outbox.closed:
             log.info("client %s: closing (%d %s)", self.id, code, reason)
-            self.close_code = code
-            self.close_reason = reason
+            self.close_code, self.close_reason = code, reason
             self.outbox.finish()
 
 

@@ -26,6 +26,9 @@ from aether.core.errors import (
 from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
 from aether.core.runtime.chat import ChatRequest, Chunk, block_delta, block_end, block_start
 
+# How long the rest of a response is read after its [DONE].
+AFTER_DONE_GRACE_S = 1.0
+
 
 class HTTPProvider:
     name = "http"
@@ -88,28 +91,48 @@ class HTTPProvider:
         send: trio.MemorySendChannel[Chunk],
         first_token: trio.CancelScope,
     ) -> None:
-        decoder = SSEDecoder()
-        started = finished = done = False
-        # The iterator is read to its end even after [DONE] (servers close right after it), so
-        # httpx's nested async generators finish instead of being left for the GC.
-        async for raw in response.aiter_bytes():
-            for data in decoder.feed(raw):
-                if done:
-                    continue
-                first_token.deadline = math.inf
-                if data == DONE:
-                    done = True
-                    continue
-                content, last = parse_chunk(data)
-                finished = finished or last
-                if not content:
-                    continue
-                if not started:
-                    started = True
-                    await send.send(block_start())
-                await send.send(block_delta(content))
+        state = _StreamState(send, first_token)
+        # After [DONE] the rest is read only briefly: servers close right after it, and reading
+        # to the end lets httpx's nested generators finish instead of being left for the GC; a
+        # server that keeps the response open does not turn a whole answer into a timeout.
+        with trio.CancelScope() as tail:
+            async for raw in response.aiter_bytes():
+                for data in state.decoder.feed(raw):
+                    await state.handle(data)
+                if state.done and tail.deadline == math.inf:
+                    tail.deadline = trio.current_time() + AFTER_DONE_GRACE_S
+            for data in state.decoder.flush():
+                await state.handle(data)
         # Some servers omit [DONE]; a finish_reason is then the sign the answer is whole.
-        if not done and DONE not in decoder.flush() and not finished:
+        if not state.done and not state.finished:
             raise UpstreamDisconnected("the upstream ended the stream without [DONE]")
-        if started:
+        if state.started:
             await send.send(block_end())
+
+
+class _StreamState:
+    """What one upstream stream has produced so far."""
+
+    __slots__ = ("decoder", "done", "finished", "first_token", "send", "started")
+
+    def __init__(self, send: trio.MemorySendChannel[Chunk], first_token: trio.CancelScope) -> None:
+        self.decoder = SSEDecoder()
+        self.send = send
+        self.first_token = first_token
+        self.started = self.finished = self.done = False
+
+    async def handle(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.first_token.deadline = math.inf
+        if data == DONE:
+            self.done = True
+            return
+        content, last = parse_chunk(data)
+        self.finished = self.finished or last
+        if not content:
+            return
+        if not self.started:
+            self.started = True
+            await self.send.send(block_start())
+        await self.send.send(block_delta(content))

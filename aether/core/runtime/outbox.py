@@ -28,11 +28,14 @@ from __future__ import annotations
 from collections import deque
 
 import trio
+from trio_util import AsyncBool
 
 from aether.core.runtime.chat import Chunk
 
 # What a queued message costs besides its content, so that many empty messages also count.
 MESSAGE_OVERHEAD_BYTES = 64
+# Coalesced deltas kept as separate strings before they are joined into one.
+MAX_PARTS = 64
 
 
 class OutboxEntry:
@@ -59,6 +62,9 @@ class Outbox:
         self._readable = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self.messages_coalesced = 0
+        # True while a relay waits for room: the client is not keeping up. A watchdog can wait
+        # for it to stay True for a while (``stalled.wait_value(True, held_for=...)``).
+        self.stalled = AsyncBool(False)
 
     @property
     def pending_bytes(self) -> int:
@@ -77,6 +83,7 @@ class Outbox:
         slow client). Raises trio.BrokenResourceError once the writer has stopped."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._bytes >= self._max_bytes and not self._closed:
+            self.stalled.value = True
             await self._room.park()
         if self._closed:
             raise trio.BrokenResourceError("the client's writer has stopped")
@@ -97,10 +104,14 @@ class Outbox:
         """Append ``content`` to an unsent delta; False if the writer has already taken it."""
         if entry.taken:
             return False
-        if entry.parts is None:
+        parts = entry.parts
+        if parts is None:
             entry.parts = [content]
         else:
-            entry.parts.append(content)
+            parts.append(content)
+            if len(parts) >= MAX_PARTS:
+                # Many small strings cost far more than their length: fold them now and then.
+                entry.parts = ["".join(parts)]
         entry.size += len(content)
         self._bytes += len(content)
         self.messages_coalesced += 1
@@ -150,6 +161,8 @@ class Outbox:
             batch.append(message)
         self._bytes = 0
         self._room.unpark_all()
+        if self.stalled.value:
+            self.stalled.value = False
         return batch
 
     def close(self) -> None:

@@ -73,6 +73,10 @@ class ChatStreamer:
                 return
             try:
                 await provider.stream(request, send)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The relay is gone (its client left or was closed by the server): the request
+                # is ending already, and the provider has closed what it opened.
+                log.debug("request %s: relay gone, producer stops", request.id)
             except ProviderError as exc:
                 log.warning("request %s: %s: %s", request.id, exc.code, exc.message)
                 await send.send(error_chunk(exc.code, exc.message))

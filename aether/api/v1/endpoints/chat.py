@@ -134,18 +134,27 @@ def _sse_event(message: Chunk) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (message["seq"], orjson.dumps(message))
 
 
+SSE_HEARTBEAT = b": keepalive\n\n"
+
+
 async def _sse_body(
-    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox
+    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox, heartbeat_s: float
 ) -> AsyncIterator[bytes]:
     drained = False
     try:
         while True:
+            batch: list[Chunk] | None = None
             try:
-                batch = await outbox.get_batch()
+                # The scope closes before the yield: nothing is suspended inside it.
+                with trio.move_on_after(heartbeat_s):
+                    batch = await outbox.get_batch()
             except trio.EndOfChannel:
                 drained = True
                 return
-            yield b"".join(_sse_event(message) for message in batch)
+            if batch is None:
+                yield SSE_HEARTBEAT  # keeps proxies from closing an idle stream
+            else:
+                yield b"".join(_sse_event(message) for message in batch)
     finally:
         if not drained and record.state == "running":
             log.info("request %s: SSE client went away", record.id)
@@ -165,7 +174,7 @@ async def chat_stream() -> Response:
     except DuplicateRequest as exc:
         return json_error(409, exc.code, exc.message)
     response = Response(
-        _sse_body(state.engine, record, outbox),
+        _sse_body(state.engine, record, outbox, state.settings.sse_heartbeat_s),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
