@@ -86,13 +86,16 @@ class Settings(BaseModel):
     max_requests_per_connection: int = Field(
         16, ge=1, description="Most chats running at once on one WebSocket."
     )
+    max_requests_per_caller: int = Field(
+        32, ge=1, description="Most chats one caller (API key) runs at once, on all transports."
+    )
     slow_client_timeout_s: float = Field(
         30.0,
         gt=0,
         description="A client that keeps its stream waiting this long is disconnected (1013).",
     )
-    ws_ping_interval_s: float = Field(
-        20.0, gt=0, description="WebSocket ping interval (keeps idle connections alive)."
+    ws_keepalive_s: float = Field(
+        20.0, gt=0, description="Idle time after which a WebSocket gets a keepalive message."
     )
     sse_heartbeat_s: float = Field(
         15.0, gt=0, description="Idle time after which an SSE stream gets a comment heartbeat."

@@ -22,6 +22,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from hypercorn.trio import serve as hypercorn_serve
+from quart_trio import QuartTrio
 
 from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
@@ -104,12 +105,13 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = TCPTunedConfig()
     config.user_timeout_s = settings.slow_client_timeout_s
     config.keepalive_s = settings.tcp_keepalive_s
-    config.websocket_ping_interval = settings.ws_ping_interval_s
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.websocket_max_message_size = settings.max_frame_bytes
     config.include_server_header = False
-    config.graceful_timeout = SHUTDOWN_BACKSTOP_S
+    # Hypercorn's own deadline for open connections once it stops listening; `drain` ends them
+    # well before it, unless a send is stuck on a peer that stopped reading.
+    config.graceful_timeout = settings.shutdown_grace_s + 2 * SHUTDOWN_BACKSTOP_S
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
@@ -143,32 +145,43 @@ def describe_model(settings: Settings, default_path: str) -> None:
         log.info("model: %s at %s", settings.llm_model, settings.llm_base_url)
 
 
+async def drain(state: AppState, settings: Settings) -> None:
+    """Give running chats the grace period, stop the rest, then close every WebSocket (1001)."""
+    engine = state.engine
+    live = engine.tracker.live_count
+    if live:
+        log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
+        if not await engine.wait_idle(settings.shutdown_grace_s):
+            stopped = engine.tracker.cancel_all("shutdown")
+            log.info("stopping %d chats still running", stopped)
+            # Let each send its block end and `stopped` before the sockets close.
+            await engine.wait_idle(SHUTDOWN_BACKSTOP_S)
+    state.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+
+
 async def serve(
     settings: Settings,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    app: QuartTrio | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns, then shut down gracefully.
 
     ``task_status.started`` receives the bound URLs (``http://127.0.0.1:PORT``), so a caller that
-    asked for port 0 learns the port.
+    asked for port 0 learns the port. ``app`` is ``create_app(settings)`` unless given.
     """
-    app = create_app(settings)
+    app = app or create_app(settings)
     state: AppState = app.extensions[EXTENSION_KEY]
 
     async def shutdown() -> None:
+        """Hypercorn stops listening when this returns: return at once, drain in the app."""
         await shutdown_trigger()
-        engine = state.engine
-        live = engine.tracker.live_count
-        if live:
-            log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
-            if not await engine.wait_idle(settings.shutdown_grace_s):
-                stopped = engine.tracker.cancel_all("shutdown")
-                log.info("stopping %d chats still running", stopped)
-                # Let each send its block end and `stopped` before the sockets close.
-                await engine.wait_idle(SHUTDOWN_BACKSTOP_S)
-        state.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+        state.engine.begin_drain()
+        state.hub.broadcast(
+            {"role": "server", "type": "going_away", "grace_s": settings.shutdown_grace_s}
+        )
+        app.nursery.start_soon(drain, state, settings)
 
     class Started:
         def started(self, binds: list[str]) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from aether.api.dependencies import EXTENSION_KEY, AppState
+from aether.app import create_app
 from aether.config import Settings, load_settings
 from aether.main import serve
 
@@ -18,14 +20,7 @@ TERMINALS = {"completion", "stopped", "error"}
 
 
 def make_settings(**overrides: Any) -> Settings:
-    # Hypercorn's ping task keeps a closed WebSocket's connection alive until its next tick, which
-    # delays every server shutdown: tick often (this also exercises pings in every test).
-    base: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "log_level": "DEBUG",
-        "ws_ping_interval_s": 0.5,
-    }
+    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "DEBUG"}
     base.update(overrides)
     return load_settings(environ={}, overrides=base)
 
@@ -149,9 +144,10 @@ async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WSClient]:
 
 
 class RunningServer:
-    def __init__(self, base_url: str, stop: trio.Event) -> None:
+    def __init__(self, base_url: str, stop: trio.Event, state: AppState) -> None:
         self.base_url = base_url
         self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
+        self.state = state
         self._stop = stop
 
     def stop(self) -> None:
@@ -162,11 +158,14 @@ class RunningServer:
 async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
     """Aether under Hypercorn on 127.0.0.1, port 0; stopped (gracefully) on exit."""
     stop = trio.Event()
+    app = create_app(settings)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
-            lambda task_status: serve(settings, shutdown_trigger=stop.wait, task_status=task_status)
+            lambda task_status: serve(
+                settings, shutdown_trigger=stop.wait, app=app, task_status=task_status
+            )
         )
-        server = RunningServer(binds[0], stop)
+        server = RunningServer(binds[0], stop, app.extensions[EXTENSION_KEY])
         try:
             yield server
         finally:
@@ -242,3 +241,49 @@ async def websocket_handshake_status(
                     return 101
                 if isinstance(event, RejectConnection):
                     return event.status_code
+
+
+class RawWebSocket:
+    """A bare wsproto client on a socket the test controls: it can stop reading, or vanish
+    with a TCP reset, which trio-websocket's client cannot do."""
+
+    def __init__(self, stream: trio.SocketStream, ws: Any) -> None:
+        self.stream = stream
+        self.ws = ws
+
+    @classmethod
+    async def connect(cls, ws_url: str, receive_buffer: int | None = None) -> RawWebSocket:
+        import socket
+        from urllib.parse import urlsplit
+
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        parts = urlsplit(ws_url)
+        sock = trio.socket.socket()
+        if receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect((parts.hostname, parts.port))
+        stream = trio.SocketStream(sock)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host=parts.netloc, target=parts.path)))
+        while True:
+            ws.receive_data(await stream.receive_some(65536))
+            if any(isinstance(event, AcceptConnection) for event in ws.events()):
+                return cls(stream, ws)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        from wsproto.events import Message
+
+        await self.stream.send_all(self.ws.send(Message(data=json.dumps(message))))
+
+    def reset(self) -> None:
+        """Vanish: close with SO_LINGER 0, so the server gets a TCP RST."""
+        import socket
+        import struct
+
+        self.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.stream.socket.close()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

@@ -18,10 +18,11 @@ from tests.helpers import StreamCollector
 class MemoryWebSocket:
     """An ASGI WebSocket peer: what the client sends goes to ``receive``; ``send`` is recorded."""
 
-    def __init__(self) -> None:
+    def __init__(self, client_buffer: float = math.inf) -> None:
+        """``client_buffer`` 0 makes a client that only takes what the test receives."""
         self._to_app_send, self._to_app_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._from_app_send, self._from_app_receive = trio.open_memory_channel[dict[str, Any]](
-            math.inf
+            client_buffer
         )
         self.messages = StreamCollector()
         self.received: list[tuple[float, dict[str, Any]]] = []
@@ -92,8 +93,8 @@ class MemoryServer:
     async def start(self) -> None:
         await self.engine.start(self._nursery)
 
-    async def connect(self) -> MemoryWebSocket:
-        ws = MemoryWebSocket()
+    async def connect(self, client_buffer: float = math.inf) -> MemoryWebSocket:
+        ws = MemoryWebSocket(client_buffer)
         self._nursery.start_soon(
             self.endpoint,
             {"type": "websocket", "path": "/ws", "client": ("127.0.0.1", 5)},

@@ -9,7 +9,9 @@
     │   └── UpstreamProtocolError  the upstream spoke something that is not OpenAI SSE
     ├── PathUnavailable            the requested path is not configured
     ├── UnknownRequest             stop/lookup of an id that is not live for this caller
-    └── DuplicateRequest           a live request already has that id
+    ├── DuplicateRequest           a live request already has that id
+    ├── TooManyRequests            the caller already runs as many chats as it may
+    └── ShuttingDown               the server is draining and starts no new chat
 
 @.architecture
 role: core error hierarchy
@@ -67,3 +69,11 @@ class UnknownRequest(AetherError):
 
 class DuplicateRequest(AetherError):
     code = "duplicate_request"
+
+
+class TooManyRequests(AetherError):
+    code = "too_many_requests"
+
+
+class ShuttingDown(AetherError):
+    code = "shutting_down"

@@ -70,6 +70,7 @@ class WebSocketEndpoint:
                 client.cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._write, client, send)
                 nursery.start_soon(self._watch_for_stall, client)
+                nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
                 handler = MessageHandler(client, self._engine, nursery, self._settings)
                 await self._read(receive, handler)
@@ -97,9 +98,34 @@ class WebSocketEndpoint:
         """Disconnect a client whose streams have waited on it for too long (memory is already
         bounded by the outbox; this frees the upstream streams and the connection)."""
         timeout_s = self._settings.slow_client_timeout_s
-        await client.outbox.stalled.wait_value(True, held_for=timeout_s)
-        log.warning("client %s: has not read for %.0f s: disconnecting", client.id, timeout_s)
+        outbox = client.outbox
+        while True:
+            await outbox.stalled.wait_value(True)
+            # Stalled means streams wait for room; a client that still takes messages is slow,
+            # not stuck: the deadline runs from the later of the stall and the last send.
+            deadline = max(outbox.stalled_since, outbox.last_sent_at) + timeout_s
+            if trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+                continue
+            if outbox.stalled.value:
+                break
+        log.warning("client %s: took nothing for %.0f s: disconnecting", client.id, timeout_s)
         client.close(CLOSE_TRY_AGAIN_LATER, "client too slow", drop_queued=True)
+
+    async def _keep_alive(self, client: ClientConnection) -> None:
+        """Send a ``keepalive`` message when nothing went out for a while: proxies close idle
+        connections. (Hypercorn's protocol pings are not used: its ping task keeps a closed
+        connection alive until the next ping, which holds up every graceful shutdown.)"""
+        interval_s = self._settings.ws_keepalive_s
+        outbox = client.outbox
+        last_keepalive = outbox.last_sent_at
+        while True:
+            due = max(outbox.last_sent_at, last_keepalive) + interval_s
+            await trio.sleep_until(due)
+            if trio.current_time() >= max(outbox.last_sent_at, last_keepalive) + interval_s:
+                last_keepalive = trio.current_time()
+                if not outbox.pending_messages:  # something queued will do as well
+                    outbox.put_control({"role": "server", "type": "keepalive"})
 
     async def _write(self, client: ClientConnection, send: Send) -> None:
         async def send_text(text: str) -> None:

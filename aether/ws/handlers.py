@@ -18,7 +18,7 @@ import secrets
 import trio
 
 from aether.config import Settings
-from aether.core.errors import DuplicateRequest, UnknownRequest
+from aether.core.errors import DuplicateRequest, ShuttingDown, TooManyRequests, UnknownRequest
 from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord
@@ -115,7 +115,7 @@ class MessageHandler:
         )
         try:
             await self._nursery.start(self._run_chat, request)
-        except DuplicateRequest as exc:
+        except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
             self._reply_error(exc.code, exc.message, {"type": "chat", "id": request.id})
 
     async def _run_chat(

@@ -59,6 +59,7 @@ class ClientConnection:
 class ClientHub:
     def __init__(self) -> None:
         self._clients: dict[str, ClientConnection] = {}
+        self._client_left = trio.lowlevel.ParkingLot()
 
     def register(self, client: ClientConnection) -> None:
         self._clients[client.id] = client
@@ -67,6 +68,7 @@ class ClientHub:
     def unregister(self, client: ClientConnection) -> None:
         if self._clients.pop(client.id, None) is not None:
             log.info("client %s disconnected (%d connected)", client.id, len(self))
+            self._client_left.unpark_all()
 
     def get(self, client_id: str) -> ClientConnection | None:
         return self._clients.get(client_id)
@@ -83,6 +85,12 @@ class ClientHub:
     def close_all(self, code: int, reason: str) -> None:
         for client in self:
             client.close(code, reason)
+
+    async def wait_until_empty(self) -> None:
+        """Return once no client is connected."""
+        await trio.lowlevel.checkpoint()
+        while self._clients:
+            await self._client_left.park()
 
     def __iter__(self) -> Iterator[ClientConnection]:
         return iter(list(self._clients.values()))
@@ -107,3 +115,4 @@ async def write_outbox(
             return
         for message in batch:
             await send_text(encode(message))
+            outbox.last_sent_at = trio.current_time()

@@ -16,6 +16,7 @@ jobs: [cancellation, cleanup, initialization, lifecycle_management, streaming_or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -23,7 +24,13 @@ import httpx
 import trio
 
 from aether.config import Settings
-from aether.core.errors import AetherError, PathUnavailable
+from aether.core.errors import (
+    AetherError,
+    PathUnavailable,
+    ShuttingDown,
+    TooManyRequests,
+    UnknownRequest,
+)
 from aether.core.providers.base import Provider
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason
 from aether.core.runtime.outbox import Outbox
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 
 # Chunks buffered between a producer and its relay. Small: a stop discards at most this many.
 CHUNK_BUFFER = 8
+# A detached chat (SSE) whose reader has not started by then is stopped: its client is gone.
+READER_ATTACH_TIMEOUT_S = 10.0
 
 
 class RuntimeEngine:
@@ -44,6 +53,7 @@ class RuntimeEngine:
         self._streamer: ChatStreamer | None = None
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
+        self._draining = False
 
     @property
     def started(self) -> bool:
@@ -86,6 +96,14 @@ class RuntimeEngine:
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def begin_drain(self) -> None:
+        """Start no new chat from now on (graceful shutdown); running ones carry on."""
+        self._draining = True
+
     def stop(self) -> None:
         """Cancel every live request (reason ``shutdown``) and end ``run``."""
         self.tracker.cancel_all("shutdown")
@@ -104,8 +122,14 @@ class RuntimeEngine:
     ) -> RequestRecord:
         """Run one chat request to its terminal message, inside its own nursery and scope.
 
-        Raises DuplicateRequest (before ``task_status.started``) if the id is already live.
+        Raises, before ``task_status.started``: DuplicateRequest if the id is already live,
+        TooManyRequests if the caller runs as many chats as it may, ShuttingDown while draining.
         """
+        if self._draining:
+            raise ShuttingDown("the server is shutting down and starts no new chat")
+        limit = self.settings.max_requests_per_caller
+        if self.tracker.live_count_for(request.owner) >= limit:
+            raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
         provider: Provider | PathUnavailable
         try:
             provider = self.streamer.select_provider(request.path)
@@ -160,7 +184,18 @@ class RuntimeEngine:
         if self._nursery is None:
             raise RuntimeError("the engine is not started")
         record: RequestRecord = await self._nursery.start(self._run_detached, request, outbox)
+        self._nursery.start_soon(self._stop_if_unread, record, outbox)
         return record
+
+    async def _stop_if_unread(self, record: RequestRecord, outbox: Outbox) -> None:
+        """Stop a detached chat nobody started reading: its client left before the transport
+        began the response, so no reader will ever run the cleanup."""
+        with trio.move_on_after(READER_ATTACH_TIMEOUT_S):
+            await outbox.reader_attached.wait()
+            return
+        log.info("request %s: no reader came: stopping it", record.id)
+        with contextlib.suppress(UnknownRequest):
+            self.tracker.cancel_request(record.id, record.owner, "disconnect")
 
     async def _run_detached(
         self, request: ChatRequest, outbox: Outbox, *, task_status: trio.TaskStatus[RequestRecord]

@@ -62,9 +62,11 @@ class Outbox:
         self._readable = trio.lowlevel.ParkingLot()
         self._room = trio.lowlevel.ParkingLot()
         self.messages_coalesced = 0
-        # True while a relay waits for room: the client is not keeping up. A watchdog can wait
-        # for it to stay True for a while (``stalled.wait_value(True, held_for=...)``).
+        # True while a relay waits for room: the client is not keeping up. With ``stalled_since``
+        # and the writer's ``last_sent_at`` a watchdog tells a stalled client from a slow one.
         self.stalled = AsyncBool(False)
+        self.stalled_since = self.last_sent_at = trio.current_time()
+        self.reader_attached = trio.Event()
 
     @property
     def pending_bytes(self) -> int:
@@ -83,7 +85,9 @@ class Outbox:
         slow client). Raises trio.BrokenResourceError once the writer has stopped."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._bytes >= self._max_bytes and not self._closed:
-            self.stalled.value = True
+            if not self.stalled.value:
+                self.stalled_since = trio.current_time()
+                self.stalled.value = True
             await self._room.park()
         if self._closed:
             raise trio.BrokenResourceError("the client's writer has stopped")
@@ -143,6 +147,8 @@ class Outbox:
 
         Raises trio.EndOfChannel once the outbox is closed and drained.
         """
+        if not self.reader_attached.is_set():
+            self.reader_attached.set()
         await trio.lowlevel.checkpoint()
         while not self._entries:
             if self._closed:

@@ -48,6 +48,7 @@ class RequestRecord:
 class RequestTracker:
     def __init__(self, recent_kept: int = RECENT_REQUESTS_KEPT) -> None:
         self._live: dict[tuple[str, str], RequestRecord] = {}
+        self._live_by_owner: dict[str, int] = {}
         self._recent: deque[RequestRecord] = deque(maxlen=recent_kept)
         self._request_ended = trio.lowlevel.ParkingLot()
 
@@ -58,6 +59,7 @@ class RequestTracker:
         record = RequestRecord(request_id, owner, path)
         record.note("started")
         self._live[key] = record
+        self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + 1
         log.info("request %s started (owner=%s path=%s)", request_id, owner, path)
         return record
 
@@ -92,6 +94,11 @@ class RequestTracker:
         record.note(state)
         if self._live.get((record.owner, record.id)) is record:
             del self._live[(record.owner, record.id)]
+            remaining = self._live_by_owner[record.owner] - 1
+            if remaining:
+                self._live_by_owner[record.owner] = remaining
+            else:
+                del self._live_by_owner[record.owner]
         self._recent.append(record)
         self._request_ended.unpark_all()
         log.info(
@@ -120,6 +127,9 @@ class RequestTracker:
         await trio.lowlevel.checkpoint()
         while self._live:
             await self._request_ended.park()
+
+    def live_count_for(self, owner: str) -> int:
+        return self._live_by_owner.get(owner, 0)
 
     @property
     def live_count(self) -> int:

@@ -26,7 +26,13 @@ from quart import Blueprint, Response, request
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
-from aether.core.errors import DuplicateRequest, UnknownRequest
+from aether.core.errors import (
+    AetherError,
+    DuplicateRequest,
+    ShuttingDown,
+    TooManyRequests,
+    UnknownRequest,
+)
 from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
@@ -37,6 +43,15 @@ from aether.ws.protocols import ChatBody
 log = logging.getLogger(__name__)
 
 blueprint = Blueprint("chat", __name__)
+
+# HTTP status for a chat the engine refused to start.
+REFUSAL_STATUS = {DuplicateRequest: 409, TooManyRequests: 429, ShuttingDown: 503}
+REFUSED = tuple(REFUSAL_STATUS)
+
+
+def refusal(exc: AetherError) -> Response:
+    return json_error(REFUSAL_STATUS.get(type(exc), 400), exc.code, exc.message)
+
 
 # HTTP status for a chat that ended with an error, by the error's code.
 ERROR_STATUS = {
@@ -118,8 +133,8 @@ async def chat() -> Response:
     async with trio.open_nursery() as nursery:
         try:
             await nursery.start(run)
-        except DuplicateRequest as exc:
-            return json_error(409, exc.code, exc.message)
+        except REFUSED as exc:
+            return refusal(exc)
         while True:
             try:
                 batch = await outbox.get_batch()
@@ -171,8 +186,8 @@ async def chat_stream() -> Response:
     outbox = Outbox(state.settings.outbox_max_bytes)
     try:
         record = await state.engine.start_detached_chat(chat_request, outbox)
-    except DuplicateRequest as exc:
-        return json_error(409, exc.code, exc.message)
+    except REFUSED as exc:
+        return refusal(exc)
     response = Response(
         _sse_body(state.engine, record, outbox, state.settings.sse_heartbeat_s),
         mimetype="text/event-stream",
