@@ -86,6 +86,12 @@ class Settings(BaseModel):
     max_requests_per_connection: int = Field(
         16, ge=1, description="Most chats running at once on one WebSocket."
     )
+    max_messages_per_second: int = Field(
+        20, ge=1, description="WebSocket messages a client may send per second (burst: 2 s)."
+    )
+    max_connections_per_ip: int = Field(
+        64, ge=1, description="Most WebSocket connections open at once from one IP."
+    )
     max_requests_per_caller: int = Field(
         32, ge=1, description="Most chats one caller (API key) runs at once, on all transports."
     )

@@ -8,7 +8,8 @@ import httpx
 import trio
 
 from aether.api.middleware.rate_limiter import RateLimiter, Tier
-from tests.helpers import make_settings, running_server, websocket_handshake_status
+from tests.helpers import make_settings, running_server, websocket_handshake_status, ws_client
+from tests.memory_ws import MemoryServer
 
 DEADLINE_S = 10
 
@@ -78,3 +79,38 @@ async def test_exempt_ips_are_not_limited() -> None:
         ):
             answers = [await client.post("/v1/chat", json={"message": "hi"}) for _ in range(3)]
     assert [a.status_code for a in answers] == [200, 200, 200]
+
+
+async def test_websocket_messages_per_second_are_limited(
+    autojump_clock: Any, nursery: trio.Nursery
+) -> None:
+    server = MemoryServer(make_settings(provider="echo", max_messages_per_second=5), nursery)
+    await server.start()
+    ws = await server.connect()
+    for _ in range(11):
+        await ws.send({"type": "ping"})
+    replies = [await ws.receive() for _ in range(11)]
+    assert [r["type"] for r in replies] == ["pong"] * 10 + ["error"]
+    assert replies[-1]["code"] == "rate_limited"
+    await trio.sleep(1)
+    await ws.send({"type": "ping"})
+    assert (await ws.receive())["type"] == "pong"
+
+
+async def test_websocket_connections_per_ip_are_limited() -> None:
+    settings = make_settings(provider="echo", max_connections_per_ip=2)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            ws_client(server.ws_url),
+            ws_client(server.ws_url),
+        ):
+            third = await websocket_handshake_status(server.ws_url)
+        # Closing one frees its place.
+        async with running_server(settings) as server:
+            async with ws_client(server.ws_url), ws_client(server.ws_url):
+                pass
+            await server.state.hub.wait_until_empty()
+            async with ws_client(server.ws_url) as again:
+                assert again.hello["type"] == "hello"
+    assert third == 429

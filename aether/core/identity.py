@@ -20,6 +20,8 @@ from typing import Any
 ANONYMOUS = "anonymous"
 # The ASGI scope key under which the authentication layer records the caller's identity.
 SCOPE_IDENTITY_KEY = "aether.identity"
+# The ASGI scope key under which the error handling layer records the request id.
+SCOPE_REQUEST_ID_KEY = "aether.request_id"
 
 
 def identity_from_scope(scope: Mapping[str, Any]) -> str:

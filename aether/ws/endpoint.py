@@ -25,11 +25,12 @@ import secrets
 from collections.abc import MutableMapping
 from typing import Any
 
+import orjson
 import trio
 
 from aether import __version__
 from aether.config import Settings
-from aether.core.identity import identity_from_scope
+from aether.core.identity import SCOPE_REQUEST_ID_KEY, identity_from_scope
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.ws.handlers import MessageHandler
@@ -43,6 +44,17 @@ Receive = Any
 Send = Any
 
 
+async def refuse(
+    scope: MutableMapping[str, Any], send: Send, status: int, code: str, message: str
+) -> None:
+    """Refuse a handshake with an HTTP status and a JSON error (no upgrade)."""
+    request_id = scope.get(SCOPE_REQUEST_ID_KEY)
+    body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 class WebSocketEndpoint:
     def __init__(self, engine: RuntimeEngine, hub: ClientHub, settings: Settings) -> None:
         self._engine = engine
@@ -53,15 +65,23 @@ class WebSocketEndpoint:
         event: ASGIMessage = await receive()
         if event["type"] != "websocket.connect":
             return
+        host, port = scope.get("client") or ("?", 0)
+        limit = self._settings.max_connections_per_ip
+        if self._hub.count_from(host) >= limit:
+            log.info("WebSocket from %s refused: %d connections already", host, limit)
+            await refuse(
+                scope, send, 429, "too_many_connections", f"at most {limit} connections per IP"
+            )
+            return
         accept: ASGIMessage = {"type": "websocket.accept"}
         if SUBPROTOCOL in scope.get("subprotocols", ()):
             accept["subprotocol"] = SUBPROTOCOL
         await send(accept)
-        host, port = scope.get("client") or ("?", 0)
         client = ClientConnection(
             id="c-" + secrets.token_hex(6),
             owner=identity_from_scope(scope),
             outbox=Outbox(self._settings.outbox_max_bytes),
+            ip=host,
             remote=f"{host}:{port}",
         )
         self._hub.register(client)

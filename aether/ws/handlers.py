@@ -22,6 +22,7 @@ from aether.core.errors import DuplicateRequest, ShuttingDown, TooManyRequests, 
 from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord
+from aether.core.token_bucket import TokenBucket
 from aether.ws.hub import CLOSE_POLICY_VIOLATION, ClientConnection
 from aether.ws.protocols import (
     ApproveMessage,
@@ -54,6 +55,8 @@ class MessageHandler:
         self._engine = engine
         self._nursery = nursery
         self._settings = settings
+        rate = settings.max_messages_per_second
+        self._messages = TokenBucket(2 * rate, 2.0, trio.current_time())
 
     def _reply(self, message: dict[str, object]) -> None:
         if not self._client.outbox.put_control(message):
@@ -63,7 +66,19 @@ class MessageHandler:
         log.info("client %s: %s: %s", self._client.id, code, message)
         self._reply(error_message(code, message, ref))
 
+    def _within_rate(self) -> bool:
+        allowed, _, retry_after_s = self._messages.take(trio.current_time())
+        if not allowed:
+            self._reply_error(
+                "rate_limited",
+                f"at most {self._settings.max_messages_per_second} messages per second; "
+                f"retry after {retry_after_s:.2f} s",
+            )
+        return allowed
+
     async def handle_text(self, frame: str) -> None:
+        if not self._within_rate():
+            return
         # Cheap first: UTF-8 is at most 4 bytes a character and at least one.
         limit = self._settings.max_message_bytes
         if len(frame) > limit or (len(frame) * 4 > limit and len(frame.encode()) > limit):
@@ -94,6 +109,8 @@ class MessageHandler:
             )
 
     def handle_binary(self, data: bytes) -> None:
+        if not self._within_rate():
+            return
         self._reply_error("binary_not_supported", "send JSON text frames", {"type": "binary"})
 
     async def _start_chat(self, message: ChatMessage) -> None:

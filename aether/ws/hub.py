@@ -36,6 +36,7 @@ class ClientConnection:
     id: str
     owner: str
     outbox: Outbox
+    ip: str
     remote: str
     requests: set[str] = field(default_factory=set)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -59,16 +60,27 @@ class ClientConnection:
 class ClientHub:
     def __init__(self) -> None:
         self._clients: dict[str, ClientConnection] = {}
+        self._per_ip: dict[str, int] = {}
         self._client_left = trio.lowlevel.ParkingLot()
 
     def register(self, client: ClientConnection) -> None:
         self._clients[client.id] = client
+        self._per_ip[client.ip] = self._per_ip.get(client.ip, 0) + 1
         log.info("client %s connected from %s (%d connected)", client.id, client.remote, len(self))
 
     def unregister(self, client: ClientConnection) -> None:
         if self._clients.pop(client.id, None) is not None:
+            left = self._per_ip[client.ip] - 1
+            if left:
+                self._per_ip[client.ip] = left
+            else:
+                del self._per_ip[client.ip]
             log.info("client %s disconnected (%d connected)", client.id, len(self))
             self._client_left.unpark_all()
+
+    def count_from(self, ip: str) -> int:
+        """How many clients are connected from ``ip``."""
+        return self._per_ip.get(ip, 0)
 
     def get(self, client_id: str) -> ClientConnection | None:
         return self._clients.get(client_id)

@@ -17,13 +17,15 @@ from typing import Any
 
 import orjson
 
+from aether.core.identity import SCOPE_REQUEST_ID_KEY
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-REQUEST_ID_KEY = "aether.request_id"
+REQUEST_ID_KEY = SCOPE_REQUEST_ID_KEY
 
 
 def header(scope: Scope, name: bytes) -> str | None:

@@ -34,6 +34,7 @@ from aether.api.middleware.asgi import (
     Send,
     send_error,
 )
+from aether.core.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +53,11 @@ class Tier:
         return f'"{self.name}";q={self.limit};w={math.ceil(self.window_s)}'.encode()
 
 
-class _Bucket:
-    __slots__ = ("tokens", "updated")
-
-    def __init__(self, tokens: float, updated: float) -> None:
-        self.tokens = tokens
-        self.updated = updated
-
-
 class RateLimiter:
     """Token buckets per (client, tier), bounded in number. Time comes from Trio's clock."""
 
     def __init__(self, max_clients: int) -> None:
-        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
         self._max_clients = max_clients
         self.refused = 0
 
@@ -72,22 +65,17 @@ class RateLimiter:
         """Try to take a token: (allowed, tokens left, seconds until the next token)."""
         now = trio.current_time()
         key = (client, tier.name)
-        refill_per_s = tier.limit / tier.window_s
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = _Bucket(float(tier.limit), now)
-            self._buckets[key] = bucket
+            bucket = self._buckets[key] = TokenBucket(tier.limit, tier.window_s, now)
             if len(self._buckets) > self._max_clients:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
-            bucket.tokens = min(tier.limit, bucket.tokens + (now - bucket.updated) * refill_per_s)
-            bucket.updated = now
-        if bucket.tokens >= 1:
-            bucket.tokens -= 1
-            return True, int(bucket.tokens), 0.0
-        self.refused += 1
-        return False, 0, (1 - bucket.tokens) / refill_per_s
+        allowed, remaining, retry_after_s = bucket.take(now)
+        if not allowed:
+            self.refused += 1
+        return allowed, remaining, retry_after_s
 
     def __len__(self) -> int:
         return len(self._buckets)
