@@ -155,10 +155,13 @@ class RunningServer:
 
 
 @asynccontextmanager
-async def running_server(settings: Settings) -> AsyncIterator[RunningServer]:
+async def running_server(
+    settings: Settings, quart_config: dict[str, Any] | None = None
+) -> AsyncIterator[RunningServer]:
     """Aether under Hypercorn on 127.0.0.1, port 0; stopped (gracefully) on exit."""
     stop = trio.Event()
     app = create_app(settings)
+    app.config.update(quart_config or {})
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(
             lambda task_status: serve(

@@ -62,6 +62,21 @@ async def test_post_chat_stream_sends_the_protocol_as_sse(fake_llm: FakeLLM) -> 
     assert content_of(messages) == "tok0 tok1 tok2 tok3 "
 
 
+async def test_sse_streams_are_not_cut_by_the_response_timeout(fake_llm: FakeLLM) -> None:
+    # Quart cuts a response after RESPONSE_TIMEOUT (60 s by default); shrunk here to 0.2 s, an
+    # answer that takes 1 s must still arrive whole.
+    fake_llm.script(Behaviour(tokens=50, delay_s=0.02))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm), {"RESPONSE_TIMEOUT": 0.2}) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            response = await client.post("/v1/chat/stream", json={"message": "hi", "id": "s1"})
+    messages = [message for _, message in parse_sse(response.text)]
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    assert len(content_of(messages).split()) == 50
+
+
 async def test_sse_client_that_disconnects_cancels_the_generation(fake_llm: FakeLLM) -> None:
     fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
     with trio.fail_after(DEADLINE_S):
