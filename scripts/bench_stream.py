@@ -130,8 +130,13 @@ async def start_server(name: str, upstream_url: str) -> Process:
         argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
         argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
         argv += ["--log-level", "WARNING"]
-        # Production settings, except that the load comes from one address.
-        env = {"AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1"}
+        # Production settings, except the limits meant for many clients: here the whole load
+        # comes from one address and one (anonymous) caller.
+        env = {
+            "AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
+            "AETHER_MAX_CONNECTIONS_PER_IP": "100000",
+            "AETHER_MAX_REQUESTS_PER_CALLER": "100000",
+        }
     elif name == "trio-websocket":
         argv = [PY, "scripts/bench/trio_ws_relay.py", "--port", str(port)]
         argv += ["--upstream", upstream_url]
