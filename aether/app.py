@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException
 
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
-from aether.api.middleware.auth import AuthMiddleware
+from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
 from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
 from aether.api.middleware.security import SecurityHeadersMiddleware
@@ -27,6 +27,7 @@ from aether.api.responses import json_error, request_id
 from aether.api.v1.router import register_v1
 from aether.config import Settings
 from aether.core.identity import KeyRing
+from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
 from aether.ws.endpoint import WebSocketEndpoint
 from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
@@ -55,9 +56,12 @@ def create_app(settings: Settings) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BODY_TIMEOUT"] = 30
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    engine = RuntimeEngine(settings)
-    hub = ClientHub()
-    app.extensions[EXTENSION_KEY] = AppState(settings=settings, engine=engine, hub=hub)
+    metrics = Metrics()
+    engine = RuntimeEngine(settings, metrics)
+    hub = ClientHub(metrics)
+    app.extensions[EXTENSION_KEY] = AppState(
+        settings=settings, engine=engine, hub=hub, metrics=metrics
+    )
 
     @app.before_serving
     async def start_engine() -> None:
@@ -83,19 +87,24 @@ def create_app(settings: Settings) -> QuartTrio:
         (key.get_secret_value() for key in settings.api_keys), settings.api_keys_file
     )
     app.asgi_app = middleware_stack(  # type: ignore[assignment,method-assign]
-        WebSocketMount(app.asgi_app, WebSocketEndpoint(engine, hub, settings)), keys, settings
+        WebSocketMount(app.asgi_app, WebSocketEndpoint(engine, hub, settings)),
+        keys,
+        settings,
+        metrics,
     )
     return app
 
 
-def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings) -> ASGIApp:
+def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics) -> ASGIApp:
     """Outermost first: security headers, request ids and errors, rate limits, authentication."""
-    authenticated = AuthMiddleware(app, keys, settings.allowed_origins)
+    public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    authenticated = AuthMiddleware(app, keys, settings.allowed_origins, frozenset(public))
     limited = RateLimitMiddleware(
         authenticated,
         RateLimiter(settings.rate_limit_max_clients),
         chat=Tier("chat", settings.rate_limit_chat_per_minute, 60.0),
         default=Tier("default", settings.rate_limit_default_per_minute, 60.0),
         exempt_ips=frozenset(settings.rate_limit_exempt_ips),
+        metrics=metrics,
     )
     return SecurityHeadersMiddleware(ErrorHandlerMiddleware(limited))

@@ -124,6 +124,9 @@ class Settings(BaseModel):
         description="Origins allowed to open the WebSocket (comma-separated); empty: same origin.",
     )
 
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without an API key (for a scraper inside the network)."
+    )
     rate_limit_chat_per_minute: int = Field(
         60, ge=1, description="Chats started per minute per IP (REST chats and WebSocket opens)."
     )

@@ -16,6 +16,7 @@ from quart import current_app, request
 
 from aether.config import Settings
 from aether.core.identity import identity_from_scope
+from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
 from aether.ws.hub import ClientHub
 
@@ -27,6 +28,7 @@ class AppState:
     settings: Settings
     engine: RuntimeEngine
     hub: ClientHub
+    metrics: Metrics
 
 
 def app_state() -> AppState:

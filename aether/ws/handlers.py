@@ -69,6 +69,7 @@ class MessageHandler:
     def _within_rate(self) -> bool:
         allowed, _, retry_after_s = self._messages.take(trio.current_time())
         if not allowed:
+            self._engine.metrics.rate_limited.labels("ws_messages").inc()
             self._reply_error(
                 "rate_limited",
                 f"at most {self._settings.max_messages_per_second} messages per second; "

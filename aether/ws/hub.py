@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 import trio
 
+from aether.core.metrics import Metrics
 from aether.core.runtime.chat import Chunk
 from aether.core.runtime.outbox import Outbox
 
@@ -58,7 +59,8 @@ class ClientConnection:
 
 
 class ClientHub:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()
         self._clients: dict[str, ClientConnection] = {}
         self._per_ip: dict[str, int] = {}
         self._client_left = trio.lowlevel.ParkingLot()
@@ -66,10 +68,12 @@ class ClientHub:
     def register(self, client: ClientConnection) -> None:
         self._clients[client.id] = client
         self._per_ip[client.ip] = self._per_ip.get(client.ip, 0) + 1
+        self._metrics.connections.inc()
         log.info("client %s connected from %s (%d connected)", client.id, client.remote, len(self))
 
     def unregister(self, client: ClientConnection) -> None:
         if self._clients.pop(client.id, None) is not None:
+            self._metrics.connections.dec()
             left = self._per_ip[client.ip] - 1
             if left:
                 self._per_ip[client.ip] = left

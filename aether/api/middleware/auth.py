@@ -61,10 +61,17 @@ def origin_allowed(scope: Scope, allowed: tuple[str, ...]) -> bool:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, keys: KeyRing, allowed_origins: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        allowed_origins: tuple[str, ...],
+        public_paths: frozenset[str] = PUBLIC_PATHS,
+    ) -> None:
         self._app = app
         self._keys = keys
         self._allowed_origins = allowed_origins
+        self._public_paths = public_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -79,7 +86,7 @@ class AuthMiddleware:
             )
             await send_error(scope, receive, send, 403, "origin_not_allowed", "origin not allowed")
             return
-        if self._keys.enabled and scope.get("path") not in PUBLIC_PATHS:
+        if self._keys.enabled and scope.get("path") not in self._public_paths:
             key = presented_key(scope)
             identity = self._keys.identify(key) if key is not None else None
             if identity is None:

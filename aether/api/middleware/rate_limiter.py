@@ -34,6 +34,7 @@ from aether.api.middleware.asgi import (
     Send,
     send_error,
 )
+from aether.core.metrics import Metrics
 from aether.core.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,10 @@ class RateLimitMiddleware:
         chat: Tier,
         default: Tier,
         exempt_ips: frozenset[str],
+        metrics: Metrics,
     ) -> None:
         self._app = app
+        self._metrics = metrics
         self._limiter = limiter
         self._chat = chat
         self._default = default
@@ -121,6 +124,7 @@ class RateLimitMiddleware:
             (b"ratelimit", f'"{tier.name}";r={remaining};t={reset_s}'.encode()),
         ]
         if not allowed:
+            self._metrics.rate_limited.labels(tier.name).inc()
             log.info(
                 "request %s: %s rate limited (%s tier)",
                 scope.get(REQUEST_ID_KEY),

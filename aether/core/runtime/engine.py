@@ -31,6 +31,7 @@ from aether.core.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason
 from aether.core.runtime.outbox import Outbox
@@ -47,8 +48,9 @@ READER_ATTACH_TIMEOUT_S = 10.0
 
 
 class RuntimeEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.tracker = RequestTracker()
         self._streamer: ChatStreamer | None = None
         self._nursery: trio.Nursery | None = None
@@ -138,6 +140,8 @@ class RuntimeEngine:
         path = provider.name if not isinstance(provider, PathUnavailable) else request.path
         record = self.tracker.start_request(request.id, request.owner, path)
         relay = StreamRelay(request.id, outbox)
+        in_flight = self.metrics.requests_in_flight.labels(path)
+        in_flight.inc()
         task_status.started(record)
         state: RequestState = "stopped"
         failure: Chunk | None = None
@@ -175,7 +179,25 @@ class RuntimeEngine:
                 relay.finish({"role": "server", "type": "stopped", "reason": reason})
             record.note(f"relayed {relay.chunks_relayed} chunks")
             self.tracker.end_request(record, state)
+            in_flight.dec()
+            self._observe(record, relay, failure or relay.error)
         return record
+
+    def _observe(self, record: RequestRecord, relay: StreamRelay, error: Chunk | None) -> None:
+        metrics = self.metrics
+        metrics.requests.labels(record.path, record.state).inc()
+        metrics.deltas_relayed.inc(relay.chunks_relayed)
+        if relay.first_content_at is not None:
+            ttft = relay.first_content_at - record.started_at
+            metrics.time_to_first_token.labels(record.path).observe(ttft)
+        if record.cancel_requested_at is not None and record.ended_at is not None:
+            reason = record.stop_reason or "stop"
+            latency = record.ended_at - record.cancel_requested_at
+            metrics.stop_latency.labels(reason).observe(latency)
+        if record.state == "error" and error is not None:
+            code = str(error.get("code", ""))
+            if code.startswith("upstream_"):
+                metrics.upstream_errors.labels(code).inc()
 
     async def start_detached_chat(self, request: ChatRequest, outbox: Outbox) -> RequestRecord:
         """Run a chat in the engine's nursery, for a transport whose handler must return first

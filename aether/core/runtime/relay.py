@@ -29,6 +29,7 @@ class StreamRelay:
         "_open_block",
         "chunks_relayed",
         "error",
+        "first_content_at",
         "outbox",
         "request_id",
         "seq",
@@ -39,6 +40,7 @@ class StreamRelay:
         self.outbox = outbox
         self.seq = 0
         self.chunks_relayed = 0
+        self.first_content_at: float | None = None
         self.error: Chunk | None = None
         self._open_block: BlockKey | None = None
         self._last_delta: OutboxEntry | None = None
@@ -77,6 +79,8 @@ class StreamRelay:
         last = self._last_delta
         await self.outbox.wait_for_room()
         # From here to the end nothing yields: a cancellation cannot split numbering from queueing.
+        if delta is not None and self.first_content_at is None:
+            self.first_content_at = trio.current_time()
         if (
             delta is not None
             and last is not None

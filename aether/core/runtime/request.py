@@ -37,6 +37,7 @@ class RequestRecord:
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: RequestState = "running"
     stop_reason: StopReason | None = None
+    cancel_requested_at: float | None = None
     started_at: float = field(default_factory=trio.current_time)
     ended_at: float | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
@@ -72,6 +73,7 @@ class RequestTracker:
             raise UnknownRequest(f"no running request with id {request_id!r}")
         if record.stop_reason is None:
             record.stop_reason = reason
+            record.cancel_requested_at = trio.current_time()
             record.note(f"cancel requested ({reason})")
             log.info("request %s cancel requested (%s)", request_id, reason)
         record.cancel_scope.cancel()

@@ -1,0 +1,67 @@
+"""Aether's Prometheus metrics, in a registry of their own per application.
+
+A registry per ``Metrics`` object (not the process-global one) keeps every ``create_app`` call
+independent: tests build many apps in one process. Counters that would tick per delta are added
+once per request instead, so the hot path pays nothing for them.
+
+@.architecture
+role: metrics
+jobs: [observability]
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "aether_websocket_connections", "Open WebSocket connections.", registry=r
+        )
+        self.requests_in_flight = Gauge(
+            "aether_requests_in_flight", "Chats running now.", ["path"], registry=r
+        )
+        self.requests = Counter(
+            "aether_requests", "Chats ended, by path and outcome.", ["path", "outcome"], registry=r
+        )
+        self.deltas_relayed = Counter(
+            "aether_chunks_relayed", "LMC chunks relayed to clients.", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "aether_time_to_first_token_seconds",
+            "From a chat's start to its first content relayed.",
+            ["path"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.stop_latency = Histogram(
+            "aether_stop_latency_seconds",
+            "From a stop (or disconnect, or shutdown) to the chat's end.",
+            ["reason"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "aether_upstream_errors",
+            "Chats ended by an upstream failure, by code.",
+            ["code"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "aether_rate_limited",
+            "Requests and messages refused by a rate limit.",
+            ["tier"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format."""
+        return generate_latest(self.registry)
