@@ -53,6 +53,16 @@ async def echo(scope: Any, receive: Any, send: Any) -> None:
             await send({"type": "websocket.send", "bytes": event.get("bytes") or b""})
 
 
+def read_outcomes(report_dir: Path, stderr: str) -> dict[str, str]:
+    """Case id -> Autobahn behaviour, from kosoku's index.json."""
+    reports = list(report_dir.rglob("index.json"))
+    assert reports, stderr[-2000:]
+    index = json.loads(reports[0].read_text())
+    return {
+        case: verdict["behavior"] for agent in index.values() for case, verdict in agent.items()
+    }
+
+
 async def test_autobahn_cases_pass(tmp_path: Path) -> None:
     settings = make_settings(provider="echo", rate_limit_exempt_ips="127.0.0.1")
     app = middleware_stack(echo, KeyRing([]), settings, Metrics())
@@ -73,12 +83,7 @@ async def test_autobahn_cases_pass(tmp_path: Path) -> None:
                 argv, capture_stdout=True, capture_stderr=True, check=False
             )
             stop.set()
-    reports = list(tmp_path.rglob("index.json"))
-    assert reports, result.stderr.decode()[-2000:]
-    index = json.loads(reports[0].read_text())
-    outcomes = {
-        case: verdict["behavior"] for agent in index.values() for case, verdict in agent.items()
-    }
+    outcomes = read_outcomes(tmp_path, result.stderr.decode())
     failed = {
         case: b for case, b in outcomes.items() if b not in ("OK", "NON-STRICT", "INFORMATIONAL")
     }
