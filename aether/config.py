@@ -50,6 +50,9 @@ class Settings(BaseModel):
         8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
     )
     log_level: LogLevel = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON objects (one per line)."
+    )
 
     provider: ProviderName = Field(
         "auto", description="Model path: echo (built in), http (OpenAI-compatible) or auto."

@@ -28,6 +28,7 @@ from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
 from aether.config import ConfigError, Settings, load_settings
+from aether.logs import configure_logging
 from aether.ws.hub import CLOSE_GOING_AWAY
 
 log = logging.getLogger("aether")
@@ -59,14 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
     return parser
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 class TCPTunedConfig(HypercornConfig):
@@ -216,6 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     trio.run(serve, settings)
     return 0

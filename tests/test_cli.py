@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -72,3 +73,41 @@ async def test_serves_echo_then_exits_cleanly_on_sigterm() -> None:
                 process.kill()
                 await process.wait()
             await process.stderr.aclose()
+
+
+async def test_json_logs_carry_ids_and_never_message_content() -> None:
+    secret = "my-private-words-4711"
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "aether", "--port", "0"],
+            stderr=subprocess.PIPE,
+            env=aether_env(AETHER_ECHO_TOKEN_DELAY_S="0", AETHER_LOG_FORMAT="json"),
+        )
+        assert process.stderr is not None
+        log = b""
+        try:
+            while b"built-in echo model" not in log:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+            match = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)
+            assert match is not None
+            ws_url = match.group(1).decode().replace("http", "ws", 1) + "/ws"
+            async with ws_client(ws_url) as client:
+                await client.chat(secret, id="r-json")
+            process.send_signal(signal.SIGTERM)
+            async for chunk in process.stderr:
+                log += chunk
+            assert await process.wait() == 0
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stderr.aclose()
+    events = [json.loads(line) for line in log.decode().splitlines()]
+    assert all({"ts", "level", "logger", "message"} <= event.keys() for event in events)
+    started = [e for e in events if e.get("request_id") == "r-json" and "started" in e["message"]]
+    assert started
+    assert started[0]["path"] == "echo"
+    assert any(e.get("client_id") for e in events)
+    assert secret not in log.decode()

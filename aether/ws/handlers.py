@@ -63,7 +63,13 @@ class MessageHandler:
             self._client.close(CLOSE_POLICY_VIOLATION, "too many unread replies")
 
     def _reply_error(self, code: str, message: str, ref: dict[str, object] | None = None) -> None:
-        log.info("client %s: %s: %s", self._client.id, code, message)
+        log.info(
+            "client %s: %s: %s",
+            self._client.id,
+            code,
+            message,
+            extra={"client_id": self._client.id, "code": code},
+        )
         self._reply(error_message(code, message, ref))
 
     def _within_rate(self) -> bool:

@@ -69,7 +69,13 @@ class ClientHub:
         self._clients[client.id] = client
         self._per_ip[client.ip] = self._per_ip.get(client.ip, 0) + 1
         self._metrics.connections.inc()
-        log.info("client %s connected from %s (%d connected)", client.id, client.remote, len(self))
+        log.info(
+            "client %s connected from %s (%d connected)",
+            client.id,
+            client.remote,
+            len(self),
+            extra={"client_id": client.id, "remote": client.remote, "owner": client.owner},
+        )
 
     def unregister(self, client: ClientConnection) -> None:
         if self._clients.pop(client.id, None) is not None:
@@ -79,7 +85,12 @@ class ClientHub:
                 self._per_ip[client.ip] = left
             else:
                 del self._per_ip[client.ip]
-            log.info("client %s disconnected (%d connected)", client.id, len(self))
+            log.info(
+                "client %s disconnected (%d connected)",
+                client.id,
+                len(self),
+                extra={"client_id": client.id},
+            )
             self._client_left.unpark_all()
 
     def count_from(self, ip: str) -> int:

@@ -61,7 +61,13 @@ class RequestTracker:
         record.note("started")
         self._live[key] = record
         self._live_by_owner[owner] = self._live_by_owner.get(owner, 0) + 1
-        log.info("request %s started (owner=%s path=%s)", request_id, owner, path)
+        log.info(
+            "request %s started (owner=%s path=%s)",
+            request_id,
+            owner,
+            path,
+            extra={"request_id": request_id, "owner": owner, "path": path},
+        )
         return record
 
     def cancel_request(
@@ -75,7 +81,12 @@ class RequestTracker:
             record.stop_reason = reason
             record.cancel_requested_at = trio.current_time()
             record.note(f"cancel requested ({reason})")
-            log.info("request %s cancel requested (%s)", request_id, reason)
+            log.info(
+                "request %s cancel requested (%s)",
+                request_id,
+                reason,
+                extra={"request_id": request_id, "reason": reason},
+            )
         record.cancel_scope.cancel()
         return record
 
@@ -109,6 +120,11 @@ class RequestTracker:
             state,
             record.ended_at - record.started_at,
             f" ({record.stop_reason})" if state == "stopped" else "",
+            extra={
+                "request_id": record.id,
+                "state": state,
+                "duration_s": round(record.ended_at - record.started_at, 6),
+            },
         )
 
     def get(self, request_id: str, owner: str) -> RequestRecord | None:
