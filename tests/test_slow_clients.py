@@ -129,3 +129,51 @@ async def test_per_caller_limit_covers_every_transport(fake_llm: FakeLLM) -> Non
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "too_many_requests"
     assert ws_refused["code"] == "too_many_requests"
+
+
+async def test_shutdown_completes_while_a_client_has_stopped_reading(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=1_000_000)
+    settings = http_settings(
+        fake_llm, outbox_max_bytes=4096, slow_client_timeout_s=1.0, shutdown_grace_s=0.2
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            client = await RawWebSocket.connect(server.ws_url, receive_buffer=4096)
+            await client.send({"type": "chat", "id": "r1", "message": "go"})
+            record = await fake_llm.wait_for_stream(0)
+            connection = next(iter(server.state.hub))
+            await connection.outbox.stalled.wait_value(True)
+            stopping_at = trio.current_time()
+            server.stop()
+        stopped_after = trio.current_time() - stopping_at
+        await client.aclose()
+    assert record.outcome == "client_closed"
+    # Bounded by the grace period plus the kernel's TCP_USER_TIMEOUT on the stuck send.
+    assert stopped_after < 5.0
+
+
+async def test_idle_sse_streams_get_heartbeats(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=2, first_token_delay_s=0.5))
+    settings = http_settings(fake_llm, sse_heartbeat_s=0.1)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            response = await client.post("/v1/chat/stream", json={"message": "hi"})
+    comments = [line for line in response.text.splitlines() if line.startswith(":")]
+    assert len(comments) >= 3
+    assert set(comments) == {": keepalive"}
+    assert '"type":"completion"' in response.text
+
+
+async def test_oversized_rest_body_gets_413() -> None:
+    settings = make_settings(provider="echo", max_body_bytes=2048)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            response = await client.post("/v1/chat", json={"message": "x" * 5000})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_entity_too_large"
