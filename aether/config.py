@@ -49,6 +49,10 @@ class Settings(BaseModel):
     port: int = Field(
         8000, ge=0, le=65535, description="TCP port to listen on (0 picks a free one)."
     )
+    tls_certfile: Path | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS and WSS; needs tls_keyfile."
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key for tls_certfile.")
     log_level: LogLevel = Field("INFO", description="Log level: DEBUG, INFO, WARNING or ERROR.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or as JSON objects (one per line)."
@@ -185,6 +189,11 @@ class Settings(BaseModel):
             raise ValueError("llm_model must not be empty")
         if self.max_message_bytes > self.max_frame_bytes:
             raise ValueError("max_message_bytes must not exceed max_frame_bytes")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together")
+        for name, path in (("tls_certfile", self.tls_certfile), ("tls_keyfile", self.tls_keyfile)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name} {path} is not a readable file")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         if not self.auth_enabled and not self.binds_loopback_only:

@@ -100,6 +100,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config.keepalive_s = settings.tcp_keepalive_s
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
+    if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+        config.certfile = str(settings.tls_certfile)
+        config.keyfile = str(settings.tls_keyfile)
     config.websocket_max_message_size = settings.max_frame_bytes
     config.include_server_header = False
     # Hypercorn's own deadline for open connections once it stops listening; `drain` ends them
