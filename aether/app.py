@@ -26,6 +26,7 @@ from aether.api.middleware.security import SecurityHeadersMiddleware
 from aether.api.responses import json_error, request_id
 from aether.api.v1.router import register_v1
 from aether.config import Settings
+from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
@@ -57,7 +58,8 @@ def create_app(settings: Settings) -> QuartTrio:
     app.config["BODY_TIMEOUT"] = 30
     app.json.sort_keys = False  # type: ignore[attr-defined]
     metrics = Metrics()
-    engine = RuntimeEngine(settings, metrics)
+    history = SQLiteHistoryStore(settings.db_path) if settings.history else None
+    engine = RuntimeEngine(settings, metrics, history)
     hub = ClientHub(metrics)
     app.extensions[EXTENSION_KEY] = AppState(
         settings=settings, engine=engine, hub=hub, metrics=metrics

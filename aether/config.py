@@ -40,6 +40,12 @@ class ConfigError(Exception):
     """A setting is missing, malformed or unknown. The message is one line naming the setting."""
 
 
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/aether/history.sqlite3``, else under ``~/.local/share``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "aether" / "history.sqlite3"
+
+
 class Settings(BaseModel):
     """All of Aether's settings: field names are TOML keys, ``AETHER_<NAME>`` the env vars."""
 
@@ -118,6 +124,15 @@ class Settings(BaseModel):
     )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
+    )
+
+    history: bool = Field(True, description="Keep conversation history (in SQLite).")
+    db_path: Path = Field(
+        default_factory=lambda: default_db_path(),
+        description="The history database file (default: in the per-user data directory).",
+    )
+    history_context_messages: int = Field(
+        40, ge=0, description="Earlier messages of a conversation sent to the model as context."
     )
 
     api_keys: tuple[SecretStr, ...] = Field(

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -19,8 +24,25 @@ from aether.main import serve
 TERMINALS = {"completion", "stopped", "error"}
 
 
+_DB_DIR: Path | None = None
+
+
+def fresh_db_path() -> Path:
+    """A new database file in a directory removed when the test process exits."""
+    global _DB_DIR
+    if _DB_DIR is None:
+        _DB_DIR = Path(tempfile.mkdtemp(prefix="aether-tests-"))
+        atexit.register(shutil.rmtree, _DB_DIR, True)
+    return _DB_DIR / f"{uuid.uuid4().hex}.sqlite3"
+
+
 def make_settings(**overrides: Any) -> Settings:
-    base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "log_level": "DEBUG"}
+    base: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "log_level": "DEBUG",
+        "db_path": str(fresh_db_path()),
+    }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)
 

@@ -12,11 +12,12 @@ import sys
 import httpx
 import trio
 
-from tests.helpers import ws_client
+from tests.helpers import fresh_db_path, ws_client
 
 
 def aether_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["AETHER_DB_PATH"] = str(fresh_db_path())
     env.update(extra)
     return env
 

@@ -53,7 +53,10 @@ class HTTPProvider:
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
         body = {
             "model": self._model,
-            "messages": [{"role": "user", "content": request.message}],
+            "messages": [
+                *({"role": role, "content": content} for role, content in request.history),
+                {"role": "user", "content": request.message},
+            ],
             "stream": True,
         }
         # Until the first event arrives the whole exchange (connect, headers, first chunk) is

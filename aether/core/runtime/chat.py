@@ -28,6 +28,8 @@ class ChatRequest:
     message: str
     path: PathName = "auto"
     conversation_id: str | None = None
+    # Earlier turns of the conversation, oldest first: (role, content) pairs.
+    history: tuple[tuple[str, str], ...] = ()
 
 
 def block_start(role: str = "assistant", type_: str = "message") -> Chunk:

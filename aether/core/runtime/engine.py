@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
+from dataclasses import replace
 
 import httpx
 import trio
@@ -31,9 +33,11 @@ from aether.core.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from aether.core.history.recorder import TurnRecorder
+from aether.core.history.store import HistoryStore, MessageStatus
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
-from aether.core.runtime.chat import ChatRequest, Chunk, StopReason
+from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.relay import StreamRelay
 from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
@@ -43,14 +47,33 @@ log = logging.getLogger(__name__)
 
 # Chunks buffered between a producer and its relay. Small: a stop discards at most this many.
 CHUNK_BUFFER = 8
+# How an ended request's answer is stored.
+ANSWER_STATUS: dict[RequestState, MessageStatus] = {
+    "completed": "complete",
+    "stopped": "stopped",
+    "error": "error",
+    "running": "interrupted",
+}
+# A new conversation's title: the start of its first message.
+TITLE_CHARS = 60
 # A detached chat (SSE) whose reader has not started by then is stopped: its client is gone.
 READER_ATTACH_TIMEOUT_S = 10.0
 
 
+def new_conversation_id() -> str:
+    return "c-" + secrets.token_hex(8)
+
+
 class RuntimeEngine:
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        history: HistoryStore | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self._history = history
         self.tracker = RequestTracker()
         self._streamer: ChatStreamer | None = None
         self._nursery: trio.Nursery | None = None
@@ -85,6 +108,20 @@ class RuntimeEngine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the engine until ``stop``: upstream client, streamer, detached request nursery."""
+        if self._history is not None:
+            await self._history.open()
+        try:
+            await self._serve(task_status)
+        finally:
+            if self._history is not None:
+                await self._history.close()
+        log.info("engine stopped")
+
+    @property
+    def history(self) -> HistoryStore | None:
+        return self._history
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with self._http_client() as client, trio.open_nursery() as nursery:
             self._streamer = ChatStreamer(self.settings, client)
             self._nursery = nursery
@@ -93,7 +130,6 @@ class RuntimeEngine:
             await self._stopped.wait()
             nursery.cancel_scope.cancel()
         self._nursery = None
-        log.info("engine stopped")
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)
@@ -139,6 +175,7 @@ class RuntimeEngine:
             provider = exc
         path = provider.name if not isinstance(provider, PathUnavailable) else request.path
         record = self.tracker.start_request(request.id, request.owner, path)
+        recorder: TurnRecorder | None = None
         relay = StreamRelay(request.id, outbox)
         in_flight = self.metrics.requests_in_flight.labels(path)
         in_flight.inc()
@@ -147,28 +184,37 @@ class RuntimeEngine:
         failure: Chunk | None = None
         try:
             with record.cancel_scope:
+                if self._history is not None:
+                    request, recorder = await self._open_turn(request)
+                    relay.transcript = recorder.transcript
                 accepted: Chunk = {"path": path}
                 if request.conversation_id is not None:
                     accepted["conversation_id"] = request.conversation_id
                 await relay.announce(accepted)
                 async with trio.open_nursery() as nursery:
+                    if recorder is not None:
+                        await nursery.start(recorder.run)
                     send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
                     nursery.start_soon(self.streamer.stream_chat, request, provider, send)
                     async with receive:
                         await relay.relay_stream(receive)
+                    nursery.cancel_scope.cancel()  # the recorder's periodic saves
                 state = "error" if relay.error is not None else "completed"
         except* trio.BrokenResourceError:
             # The client's writer is gone: the client left while this request streamed.
             record.stop_reason = record.stop_reason or "disconnect"
+        except* AetherError as group:
+            error = group.exceptions[0]
+            assert isinstance(error, AetherError)
+            log.warning("request %s: %s: %s", request.id, error.code, error.message)
+            state = "error"
+            failure = error_chunk(error.code, error.message)
         except* Exception as group:
             log.error("request %s: relay failed", request.id, exc_info=group)
             state = "error"
-            failure = {
-                "role": "server",
-                "type": "error",
-                "code": AetherError.code,
-                "message": "the server failed while streaming this request",
-            }
+            failure = error_chunk(
+                AetherError.code, "the server failed while streaming this request"
+            )
         finally:
             if state == "completed":
                 relay.finish({"role": "server", "type": "completion"})
@@ -178,10 +224,33 @@ class RuntimeEngine:
                 reason = record.stop_reason or "disconnect"
                 relay.finish({"role": "server", "type": "stopped", "reason": reason})
             record.note(f"relayed {relay.chunks_relayed} chunks")
+            if recorder is not None:
+                error_code = (failure or relay.error or {}).get("code")
+                await recorder.finish(ANSWER_STATUS[state], error_code)
             self.tracker.end_request(record, state)
             in_flight.dec()
             self._observe(record, relay, failure or relay.error)
         return record
+
+    async def _open_turn(self, request: ChatRequest) -> tuple[ChatRequest, TurnRecorder]:
+        """Find or create the request's conversation, load its context, prepare the recorder."""
+        assert self._history is not None
+        conversation = await self._history.conversation_for(
+            request.owner,
+            request.conversation_id,
+            new_conversation_id(),
+            request.message[:TITLE_CHARS],
+        )
+        context = await self._history.context(
+            request.owner, conversation.id, self.settings.history_context_messages
+        )
+        request = replace(
+            request,
+            conversation_id=conversation.id,
+            history=tuple((m.role, m.content) for m in context),
+        )
+        recorder = TurnRecorder(self._history, conversation.id, request.id, request.message)
+        return request, recorder
 
     def _observe(self, record: RequestRecord, relay: StreamRelay, error: Chunk | None) -> None:
         metrics = self.metrics

@@ -33,10 +33,15 @@ class StreamRelay:
         "outbox",
         "request_id",
         "seq",
+        "transcript",
     )
 
-    def __init__(self, request_id: str, outbox: Outbox) -> None:
+    def __init__(
+        self, request_id: str, outbox: Outbox, transcript: list[str] | None = None
+    ) -> None:
         self.request_id = request_id
+        # When given, receives the text of every assistant message delta (for history).
+        self.transcript = transcript
         self.outbox = outbox
         self.seq = 0
         self.chunks_relayed = 0
@@ -79,8 +84,11 @@ class StreamRelay:
         last = self._last_delta
         await self.outbox.wait_for_room()
         # From here to the end nothing yields: a cancellation cannot split numbering from queueing.
-        if delta is not None and self.first_content_at is None:
-            self.first_content_at = trio.current_time()
+        if delta is not None:
+            if self.first_content_at is None:
+                self.first_content_at = trio.current_time()
+            if self.transcript is not None and key[:2] == ("assistant", "message"):
+                self.transcript.append(delta)
         if (
             delta is not None
             and last is not None

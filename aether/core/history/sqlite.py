@@ -1,0 +1,313 @@
+"""The SQLite history store: one file, WAL, every statement in a worker thread.
+
+Resource handling: two connections, a writer and a reader, each used by one thread at a time
+(a ``CapacityLimiter`` of 1 apiece), so writes are serialized while reads proceed beside them
+(WAL lets readers and the writer work at once). Threads are never abandoned: a cancelled caller
+waits for its statement to finish, so a transaction is never left half-done by Trio.
+
+Error handling: every ``sqlite3.Error`` becomes ``StorageError`` (logged with its detail); a
+failed transaction is rolled back, so what was stored before stays intact.
+
+@.architecture
+role: SQLite history store
+jobs: [history_management, schema_migration, crash_recovery]
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from aether.core.history.store import (
+    Conversation,
+    MessageStatus,
+    StorageError,
+    StoredMessage,
+    UnknownConversation,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Each migration runs once, in order, in one transaction; the schema's version is their count.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        title TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('streaming', 'complete', 'stopped', 'error', 'interrupted')),
+        request_id TEXT,
+        error_code TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
+    """,
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode survives a crash of the process (not of the machine's power).
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA busy_timeout = 5000")
+    return connection
+
+
+@contextmanager
+def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: all of it is stored, or (on any error) none of it."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
+    return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
+
+
+def _message(row: sqlite3.Row | tuple[Any, ...]) -> StoredMessage:
+    return StoredMessage(
+        id=row[0],
+        conversation_id=row[1],
+        role=row[2],
+        content=row[3],
+        status=row[4],
+        request_id=row[5],
+        created_at=row[6],
+        error_code=row[7],
+    )
+
+
+_MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, created_at, error_code"
+_CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
+
+
+class SQLiteHistoryStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._write_limiter = trio.CapacityLimiter(1)
+        self._read_limiter = trio.CapacityLimiter(1)
+
+    async def _run(self, limiter: trio.CapacityLimiter, fn: Callable[[], T]) -> T:
+        def guarded() -> T:
+            try:
+                return fn()
+            except sqlite3.Error as exc:
+                raise StorageError(f"the history store failed: {exc.__class__.__name__}") from exc
+
+        try:
+            return await trio.to_thread.run_sync(guarded, limiter=limiter)
+        except StorageError as exc:
+            log.error("history store %s: %s", self.path, exc.__cause__)
+            raise
+
+    def _w(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StorageError("the history store is not open")
+        return self._writer
+
+    def _r(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise StorageError("the history store is not open")
+        return self._reader
+
+    async def open(self) -> None:
+        def open_sync() -> int:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = _connect(self.path)
+            self._migrate(self._writer)
+            self._reader = _connect(self.path)
+            with _transaction(self._writer):
+                cursor = self._writer.execute(
+                    "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
+                )
+            return cursor.rowcount
+
+        interrupted = await self._run(self._write_limiter, open_sync)
+        log.info(
+            "history in %s (%d answers left streaming marked interrupted)", self.path, interrupted
+        )
+
+    @staticmethod
+    def _migrate(connection: sqlite3.Connection) -> None:
+        connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = connection.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"the history database has schema version {version}, newer than this Aether"
+            )
+        for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+            with _transaction(connection):
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute("DELETE FROM schema_version")
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            log.info("history schema migrated to version %d", number)
+
+    async def close(self) -> None:
+        def close_sync() -> None:
+            for connection in (self._reader, self._writer):
+                if connection is not None:
+                    connection.close()
+            self._reader = self._writer = None
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(close_sync, limiter=self._write_limiter)
+
+    async def conversation_for(
+        self, owner: str, conversation_id: str | None, new_id: str, title: str
+    ) -> Conversation:
+        def run() -> Conversation:
+            db = self._w()
+            with _transaction(db):
+                if conversation_id is not None:
+                    row = db.execute(
+                        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+                        (conversation_id,),
+                    ).fetchone()
+                    if row is not None:
+                        if row[1] != owner:
+                            raise UnknownConversation(
+                                f"no conversation with id {conversation_id!r}"
+                            )
+                        return _conversation(row)
+                now = time.time()
+                chosen = conversation_id or new_id
+                db.execute(
+                    "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (chosen, owner, title, now, now),
+                )
+                return Conversation(chosen, owner, now, now, title)
+
+        return await self._run(self._write_limiter, run)
+
+    async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
+        def run() -> list[StoredMessage]:
+            rows = (
+                self._r()
+                .execute(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
+                    "AND content != '' AND status IN ('complete', 'stopped', 'interrupted') "
+                    "AND conversation_id IN (SELECT id FROM conversations WHERE owner = ?) "
+                    "ORDER BY id DESC LIMIT ?",
+                    (conversation_id, owner, limit),
+                )
+                .fetchall()
+            )
+            return [_message(row) for row in reversed(rows)]
+
+        return await self._run(self._read_limiter, run)
+
+    async def start_turn(self, conversation_id: str, request_id: str, user_text: str) -> int:
+        def run() -> int:
+            db = self._w()
+            now = time.time()
+            with _transaction(db):
+                db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, status, request_id, "
+                    "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",
+                    (conversation_id, user_text, request_id, now),
+                )
+                cursor = db.execute(
+                    "INSERT INTO messages (conversation_id, role, content, status, request_id, "
+                    "created_at) VALUES (?, 'assistant', '', 'streaming', ?, ?)",
+                    (conversation_id, request_id, now),
+                )
+                db.execute(
+                    "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+                )
+            message_id = cursor.lastrowid
+            assert message_id is not None
+            return message_id
+
+        return await self._run(self._write_limiter, run)
+
+    async def save_answer(
+        self,
+        message_id: int,
+        content: str,
+        status: MessageStatus,
+        error_code: str | None = None,
+    ) -> None:
+        def run() -> None:
+            db = self._w()
+            with _transaction(db):
+                db.execute(
+                    "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
+                    (content, status, error_code, message_id),
+                )
+
+        await self._run(self._write_limiter, run)
+
+    async def list_conversations(
+        self, owner: str, limit: int, before: float | None
+    ) -> list[Conversation]:
+        def run() -> list[Conversation]:
+            rows = (
+                self._r()
+                .execute(
+                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE owner = ? "
+                    "AND updated_at < ? ORDER BY updated_at DESC, id LIMIT ?",
+                    (owner, before if before is not None else float("inf"), limit),
+                )
+                .fetchall()
+            )
+            return [_conversation(row) for row in rows]
+
+        return await self._run(self._read_limiter, run)
+
+    async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
+        def run() -> list[StoredMessage]:
+            db = self._r()
+            owned = db.execute(
+                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            ).fetchone()
+            if owned is None:
+                raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+            rows = db.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+                (conversation_id,),
+            ).fetchall()
+            return [_message(row) for row in rows]
+
+        return await self._run(self._read_limiter, run)
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
+        def run() -> bool:
+            db = self._w()
+            with _transaction(db):
+                cursor = db.execute(
+                    "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                )
+            return cursor.rowcount > 0
+
+        return await self._run(self._write_limiter, run)

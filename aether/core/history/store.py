@@ -1,0 +1,87 @@
+"""The history store interface: what the engine and the transports need, nothing more, so that a
+server database can replace SQLite without touching them.
+
+Every read and delete takes the owner: a caller only ever sees its own conversations, and a
+conversation of someone else is indistinguishable from one that does not exist.
+
+@.architecture
+role: history store interface
+jobs: [schema_definition, history_management]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from aether.core.errors import AetherError
+
+MessageStatus = Literal["streaming", "complete", "stopped", "error", "interrupted"]
+
+
+class StorageError(AetherError):
+    """The history store failed (disk full, database locked, ...). Nothing stored is lost."""
+
+    code = "storage_error"
+
+
+class UnknownConversation(AetherError):
+    code = "unknown_conversation"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    owner: str
+    created_at: float
+    updated_at: float
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    conversation_id: str
+    role: Literal["user", "assistant"]
+    content: str
+    status: MessageStatus
+    request_id: str | None
+    created_at: float
+    error_code: str | None = None
+
+
+class HistoryStore(Protocol):
+    async def open(self) -> None:
+        """Create or migrate the schema; mark answers left ``streaming`` as ``interrupted``."""
+
+    async def close(self) -> None: ...
+
+    async def conversation_for(
+        self, owner: str, conversation_id: str | None, new_id: str, title: str
+    ) -> Conversation:
+        """The owner's conversation ``conversation_id``, created if it does not exist yet (as
+        ``new_id`` when no id is given). Raises UnknownConversation if another owner has it."""
+
+    async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
+        """The last ``limit`` finished messages of a conversation, oldest first."""
+
+    async def start_turn(self, conversation_id: str, request_id: str, user_text: str) -> int:
+        """Store the user's message and an empty ``streaming`` answer; return the answer's id."""
+
+    async def save_answer(
+        self,
+        message_id: int,
+        content: str,
+        status: MessageStatus,
+        error_code: str | None = None,
+    ) -> None: ...
+
+    async def list_conversations(
+        self, owner: str, limit: int, before: float | None
+    ) -> list[Conversation]:
+        """The owner's conversations, most recently updated first, older than ``before``."""
+
+    async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
+        """A conversation's messages in order. Raises UnknownConversation."""
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> bool: ...
