@@ -19,6 +19,7 @@ import trio
 
 from aether.config import Settings
 from aether.core.errors import DuplicateRequest, ShuttingDown, TooManyRequests, UnknownRequest
+from aether.core.history.store import StorageError, UnknownConversation, message_json
 from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord
@@ -109,11 +110,28 @@ class MessageHandler:
                 {"type": "approve", "id": message.id},
             )
         elif isinstance(message, HistoryMessage):
-            self._reply_error(
-                "history_unavailable",
-                "this server keeps no conversation history",
-                {"type": "history"},
-            )
+            await self._history(message)
+
+    async def _history(self, message: HistoryMessage) -> None:
+        store = self._engine.history
+        ref: dict[str, object] = {"type": "history", "conversation_id": message.conversation_id}
+        if store is None:
+            self._reply_error("history_unavailable", "this server keeps no history", ref)
+            return
+        try:
+            stored = await store.messages(self._client.owner, message.conversation_id)
+        except (UnknownConversation, StorageError) as exc:
+            self._reply_error(exc.code, exc.message, ref)
+            return
+        self._reply(
+            {
+                "role": "server",
+                "type": "history",
+                "id": None,
+                "conversation_id": message.conversation_id,
+                "messages": [message_json(m) for m in stored],
+            }
+        )
 
     def handle_binary(self, data: bytes) -> None:
         if not self._within_rate():

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from quart import Quart
 
-from aether.api.v1.endpoints import chat, health
+from aether.api.v1.endpoints import chat, conversations, health
 
 
 def register_v1(app: Quart) -> None:
     app.register_blueprint(health.blueprint)
     app.register_blueprint(chat.blueprint)
+    app.register_blueprint(conversations.blueprint)

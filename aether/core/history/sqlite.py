@@ -119,12 +119,12 @@ class SQLiteHistoryStore:
             try:
                 return fn()
             except sqlite3.Error as exc:
-                raise StorageError(f"the history store failed: {exc.__class__.__name__}") from exc
+                raise StorageError("the history store failed; the answer was not stored") from exc
 
         try:
             return await trio.to_thread.run_sync(guarded, limiter=limiter)
         except StorageError as exc:
-            log.error("history store %s: %s", self.path, exc.__cause__)
+            log.error("history store %s: %r", self.path, exc.__cause__)
             raise
 
     def _w(self) -> sqlite3.Connection:

@@ -85,3 +85,27 @@ class HistoryStore(Protocol):
         """A conversation's messages in order. Raises UnknownConversation."""
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool: ...
+
+
+def message_json(message: StoredMessage) -> dict[str, object]:
+    """A stored message as the API and the WebSocket show it."""
+    shown: dict[str, object] = {
+        "id": message.id,
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "request_id": message.request_id,
+        "created_at": message.created_at,
+    }
+    if message.error_code is not None:
+        shown["error_code"] = message.error_code
+    return shown
+
+
+def conversation_json(conversation: Conversation) -> dict[str, object]:
+    return {
+        "id": conversation.id,
+        "title": conversation.title,
+        "created_at": conversation.created_at,
+        "updated_at": conversation.updated_at,
+    }

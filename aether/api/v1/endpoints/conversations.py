@@ -1,0 +1,92 @@
+"""Conversation history over REST: list the caller's conversations, read one, delete one.
+
+A conversation of another caller answers exactly like one that does not exist (404).
+
+@.architecture
+role: conversation REST endpoints
+jobs: [history_retrieval]
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response, request
+
+from aether.api.dependencies import app_state, caller_identity
+from aether.api.responses import json_error, json_response
+from aether.core.history.store import (
+    HistoryStore,
+    StorageError,
+    UnknownConversation,
+    conversation_json,
+    message_json,
+)
+
+blueprint = Blueprint("conversations", __name__)
+
+DEFAULT_PAGE = 20
+MAX_PAGE = 100
+
+
+def _store() -> HistoryStore | Response:
+    store = app_state().engine.history
+    if store is None:
+        return json_error(404, "history_unavailable", "this server keeps no history")
+    return store
+
+
+@blueprint.get("/v1/conversations")
+async def list_conversations() -> Response:
+    store = _store()
+    if isinstance(store, Response):
+        return store
+    try:
+        limit = int(request.args.get("limit", DEFAULT_PAGE))
+        before = request.args.get("before")
+        before_ts = float(before) if before is not None else None
+    except ValueError:
+        return json_error(400, "invalid_request", "limit must be an integer, before a number")
+    if not 1 <= limit <= MAX_PAGE:
+        return json_error(400, "invalid_request", f"limit must be between 1 and {MAX_PAGE}")
+    try:
+        page = await store.list_conversations(caller_identity(), limit, before_ts)
+    except StorageError as exc:
+        return json_error(503, exc.code, exc.message)
+    next_before = page[-1].updated_at if len(page) == limit else None
+    return json_response(
+        {"conversations": [conversation_json(c) for c in page], "next_before": next_before}
+    )
+
+
+@blueprint.get("/v1/chat/history")
+async def chat_history() -> Response:
+    store = _store()
+    if isinstance(store, Response):
+        return store
+    conversation_id = request.args.get("conversation_id")
+    if not conversation_id:
+        return json_error(400, "invalid_request", "conversation_id is required")
+    try:
+        messages = await store.messages(caller_identity(), conversation_id)
+    except UnknownConversation as exc:
+        return json_error(404, exc.code, exc.message)
+    except StorageError as exc:
+        return json_error(503, exc.code, exc.message)
+    return json_response(
+        {"conversation_id": conversation_id, "messages": [message_json(m) for m in messages]}
+    )
+
+
+@blueprint.delete("/v1/conversations/<conversation_id>")
+async def delete_conversation(conversation_id: str) -> Response:
+    store = _store()
+    if isinstance(store, Response):
+        return store
+    try:
+        deleted = await store.delete_conversation(caller_identity(), conversation_id)
+    except StorageError as exc:
+        return json_error(503, exc.code, exc.message)
+    if not deleted:
+        return json_error(
+            404, UnknownConversation.code, f"no conversation with id {conversation_id!r}"
+        )
+    return Response(b"", status=204)

@@ -1,0 +1,252 @@
+"""Conversations that last: context, statuses, retrieval, ownership, restarts and crashes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from tests.helpers import (
+    assert_stream_invariants,
+    content_of,
+    fresh_db_path,
+    make_settings,
+    running_server,
+    ws_client,
+)
+
+DEADLINE_S = 15
+
+
+def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
+    return make_settings(
+        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
+
+
+async def test_follow_up_turns_send_the_conversation_as_context(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=3)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            first = await client.chat("first question", id="r1")
+            conversation_id = first[0]["conversation_id"]
+            second = await client.chat("second question", id="r2", conversation_id=conversation_id)
+    assert conversation_id.startswith("c-")
+    assert second[0]["conversation_id"] == conversation_id
+    assert assert_stream_invariants(second)["type"] == "completion"
+    assert fake_llm.streams[1].request["messages"] == [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "tok0 tok1 tok2 "},
+        {"role": "user", "content": "second question"},
+    ]
+
+
+async def test_each_answer_is_stored_with_its_status(fake_llm: FakeLLM) -> None:
+    fake_llm.script(
+        Behaviour(tokens=3), Behaviour(tokens=10_000, delay_s=0.01), Behaviour(status=503)
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            done = await client.chat("one", id="r1", conversation_id="conv-1")
+            await client.send(
+                {"type": "chat", "id": "r2", "message": "two", "conversation_id": "conv-1"}
+            )
+            await client.wait_for("r2", lambda m: m.get("content"))
+            await client.send({"type": "stop", "id": "r2"})
+            stopped = await client.finish("r2")
+            await client.chat("three", id="r3", conversation_id="conv-1")
+            await server.state.engine.tracker.wait_until_idle()
+            history = await rest.get("/v1/chat/history", params={"conversation_id": "conv-1"})
+            await client.send({"type": "history", "conversation_id": "conv-1"})
+            over_ws = await client.receive_control()
+    messages = history.json()["messages"]
+    assert [(m["role"], m["status"], m["request_id"]) for m in messages] == [
+        ("user", "complete", "r1"),
+        ("assistant", "complete", "r1"),
+        ("user", "complete", "r2"),
+        ("assistant", "stopped", "r2"),
+        ("user", "complete", "r3"),
+        ("assistant", "error", "r3"),
+    ]
+    assert messages[1]["content"] == content_of(done)
+    assert messages[3]["content"] == content_of(stopped)  # exactly what the user saw
+    assert messages[5]["error_code"] == "upstream_http_error"
+    assert over_ws["type"] == "history"
+    assert over_ws["messages"] == messages
+
+
+async def test_listing_paging_and_deleting_conversations(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=1)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            for index in range(5):
+                answer = await rest.post(
+                    "/v1/chat", json={"message": f"topic {index}", "conversation_id": f"k{index}"}
+                )
+                assert answer.json()["conversation_id"] == f"k{index}"
+            first = (await rest.get("/v1/conversations", params={"limit": 3})).json()
+            second = (
+                await rest.get(
+                    "/v1/conversations", params={"limit": 3, "before": first["next_before"]}
+                )
+            ).json()
+            deleted = await rest.delete("/v1/conversations/k4")
+            again = await rest.delete("/v1/conversations/k4")
+            gone = await rest.get("/v1/chat/history", params={"conversation_id": "k4"})
+            bad_limit = await rest.get("/v1/conversations", params={"limit": 0})
+    assert [c["id"] for c in first["conversations"]] == ["k4", "k3", "k2"]
+    assert [c["id"] for c in second["conversations"]] == ["k1", "k0"]
+    assert second["next_before"] is None
+    assert first["conversations"][0]["title"] == "topic 4"
+    assert deleted.status_code == 204
+    assert again.status_code == 404
+    assert gone.status_code == 404
+    assert bad_limit.status_code == 400
+
+
+async def test_conversations_belong_to_their_caller(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=1)
+    settings = http_settings(fake_llm, api_keys="key-a-0123456789,key-b-0123456789")
+    alice = {"Authorization": "Bearer key-a-0123456789"}
+    bob = {"Authorization": "Bearer key-b-0123456789"}
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            await rest.post(
+                "/v1/chat", json={"message": "mine", "conversation_id": "a1"}, headers=alice
+            )
+            read = await rest.get("/v1/chat/history", params={"conversation_id": "a1"}, headers=bob)
+            listed = await rest.get("/v1/conversations", headers=bob)
+            delete = await rest.delete("/v1/conversations/a1", headers=bob)
+            hijack = await rest.post(
+                "/v1/chat", json={"message": "join", "conversation_id": "a1"}, headers=bob
+            )
+            still = await rest.get(
+                "/v1/chat/history", params={"conversation_id": "a1"}, headers=alice
+            )
+    assert read.status_code == 404
+    assert listed.json()["conversations"] == []
+    assert delete.status_code == 404
+    assert hijack.json()["status"] == "error"
+    assert hijack.json()["error"]["code"] == "unknown_conversation"
+    assert len(still.json()["messages"]) == 2
+
+
+async def test_history_survives_a_restart(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=2)
+    db_path = str(fresh_db_path())
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm, db_path=db_path)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.chat("remember me", id="r1", conversation_id="keep")
+        async with running_server(http_settings(fake_llm, db_path=db_path)) as server:
+            async with httpx.AsyncClient(base_url=server.base_url) as rest:
+                history = await rest.get("/v1/chat/history", params={"conversation_id": "keep"})
+            async with ws_client(server.ws_url) as client:
+                await client.chat("and now?", id="r2", conversation_id="keep")
+    assert [m["content"] for m in history.json()["messages"]] == ["remember me", "tok0 tok1 "]
+    assert fake_llm.streams[1].request["messages"][0] == {"role": "user", "content": "remember me"}
+
+
+async def test_a_storage_failure_is_an_error_and_the_server_keeps_serving(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.default = Behaviour(tokens=2)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            store = server.state.engine.history
+            assert store is not None
+            writer = store._writer  # break the store under the engine: a real sqlite3 error
+            assert writer is not None
+            writer.close()
+            failed = await client.chat("hi", id="r1")
+            await client.send({"type": "ping"})
+            pong = await client.receive_control()
+    terminal = assert_stream_invariants(failed)
+    assert (terminal["type"], terminal["code"]) == ("error", "storage_error")
+    assert "sqlite" not in terminal["message"].lower()
+    assert "Error" not in terminal["message"]
+    assert pong["type"] == "pong"
+
+
+async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_path: Path) -> None:
+    """kill -9 mid-stream, then restart: completed answers are whole, the interrupted one keeps
+    the text saved so far, and the database passes its integrity check."""
+    fake_llm.script(Behaviour(tokens=3), Behaviour(tokens=100_000, delay_s=0.01))
+    db_path = tmp_path / "history.sqlite3"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env.update(
+        AETHER_DB_PATH=str(db_path),
+        AETHER_PROVIDER="http",
+        AETHER_LLM_BASE_URL=fake_llm.base_url,
+        AETHER_LLM_MODEL="fake-model",
+    )
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "aether", "--port", "0"], stderr=subprocess.PIPE, env=env
+        )
+        assert process.stderr is not None
+        try:
+            log = b""
+            while (match := re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)) is None:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, log.decode()
+                log += chunk
+            ws_url = match.group(1).decode().replace("http", "ws", 1) + "/ws"
+            async with ws_client(ws_url) as client:
+                await client.chat("finished", id="r1", conversation_id="crash")
+                await client.send(
+                    {"type": "chat", "id": "r2", "message": "long", "conversation_id": "crash"}
+                )
+                # Wait until a periodic save has stored part of the answer, then kill -9.
+                await client.wait_for("r2", lambda m: "tok150 " in m.get("content", ""))
+                process.send_signal(signal.SIGKILL)
+                assert await process.wait() == -signal.SIGKILL
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            await process.stderr.aclose()
+        settings = make_settings(provider="echo", db_path=str(db_path))
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            history = await rest.get("/v1/chat/history", params={"conversation_id": "crash"})
+    messages = history.json()["messages"]
+    assert [(m["role"], m["status"]) for m in messages] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+        ("user", "complete"),
+        ("assistant", "interrupted"),
+    ]
+    assert messages[1]["content"] == "tok0 tok1 tok2 "
+    assert messages[3]["content"].startswith("tok0 tok1 ")
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
