@@ -33,9 +33,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TERMINALS = {"completion", "stopped", "error"}
 SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct")
+# Also measurable: Aether without conversation history (the cost of storing every answer).
+OPTIONAL_SERVERS = ("aether-no-history",)
+DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
 
 
 def free_port() -> int:
@@ -126,7 +131,7 @@ async def start_upstream(tokens: int, delay_ms: float) -> Process:
 
 async def start_server(name: str, upstream_url: str) -> Process:
     port = free_port()
-    if name == "aether":
+    if name in ("aether", "aether-no-history"):
         argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
         argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
         argv += ["--log-level", "WARNING"]
@@ -136,6 +141,8 @@ async def start_server(name: str, upstream_url: str) -> Process:
             "AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
             "AETHER_MAX_CONNECTIONS_PER_IP": "100000",
             "AETHER_MAX_REQUESTS_PER_CALLER": "100000",
+            "AETHER_DB_PATH": str(DB_DIR / f"history-{port}.sqlite3"),
+            "AETHER_HISTORY": "false" if name == "aether-no-history" else "true",
         }
     elif name == "trio-websocket":
         argv = [PY, "scripts/bench/trio_ws_relay.py", "--port", str(port)]
@@ -499,7 +506,12 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
-    parser.add_argument("--servers", type=lambda t: t.split(","), default=list(SERVERS))
+    parser.add_argument(
+        "--servers",
+        type=lambda t: t.split(","),
+        default=list(SERVERS),
+        help=f"comma-separated, from {', '.join(SERVERS + OPTIONAL_SERVERS)}",
+    )
     parser.add_argument(
         "--workloads", type=lambda t: t.split(","), default=["capacity", "paced", "stop"]
     )
@@ -515,4 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    trio.run(main, parse_args())
+    try:
+        trio.run(main, parse_args())
+    finally:
+        shutil.rmtree(DB_DIR, ignore_errors=True)

@@ -28,9 +28,17 @@ FINAL_SAVE_TIMEOUT_S = 5.0
 
 class TurnRecorder:
     def __init__(
-        self, store: HistoryStore, conversation_id: str, request_id: str, user_text: str
+        self,
+        store: HistoryStore,
+        owner: str,
+        conversation_id: str,
+        title: str,
+        request_id: str,
+        user_text: str,
     ) -> None:
         self._store = store
+        self._owner = owner
+        self._title = title
         self._conversation_id = conversation_id
         self._request_id = request_id
         self._user_text = user_text
@@ -39,19 +47,25 @@ class TurnRecorder:
         self._message_id: int | None = None
         self._saved_parts = 0
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Store the turn's start, then save the answer so far every second until cancelled."""
-        self._message_id = await self._store.start_turn(
-            self._conversation_id, self._request_id, self._user_text
-        )
-        task_status.started()
+    async def run(self) -> None:
+        """Store the turn's start, then save the answer so far every second until cancelled.
+
+        It runs beside the stream, which does not wait for it. The start is shielded: once the
+        turn exists in the store, ``finish`` must be able to give it its final status."""
+        with trio.CancelScope(shield=True):
+            message_id = await self._store.begin_turn(
+                self._owner,
+                self._conversation_id,
+                self._title,
+                self._request_id,
+                self._user_text,
+            )
+        self._message_id = message_id
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
             if len(self.transcript) != self._saved_parts:
                 self._saved_parts = len(self.transcript)
-                await self._store.save_answer(
-                    self._message_id, "".join(self.transcript), "streaming"
-                )
+                await self._store.save_answer(message_id, "".join(self.transcript), "streaming")
 
     async def finish(self, status: MessageStatus, error_code: str | None = None) -> None:
         """Save the final text and status; safe to call while the caller is being cancelled."""

@@ -182,33 +182,16 @@ class SQLiteHistoryStore:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(close_sync, limiter=self._write_limiter)
 
-    async def conversation_for(
-        self, owner: str, conversation_id: str | None, new_id: str, title: str
-    ) -> Conversation:
-        def run() -> Conversation:
-            db = self._w()
-            with _transaction(db):
-                if conversation_id is not None:
-                    row = db.execute(
-                        f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
-                        (conversation_id,),
-                    ).fetchone()
-                    if row is not None:
-                        if row[1] != owner:
-                            raise UnknownConversation(
-                                f"no conversation with id {conversation_id!r}"
-                            )
-                        return _conversation(row)
-                now = time.time()
-                chosen = conversation_id or new_id
-                db.execute(
-                    "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (chosen, owner, title, now, now),
-                )
-                return Conversation(chosen, owner, now, now, title)
+    async def owner_of(self, conversation_id: str) -> str | None:
+        def run() -> str | None:
+            row = (
+                self._r()
+                .execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,))
+                .fetchone()
+            )
+            return None if row is None else str(row[0])
 
-        return await self._run(self._write_limiter, run)
+        return await self._run(self._read_limiter, run)
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
@@ -227,11 +210,29 @@ class SQLiteHistoryStore:
 
         return await self._run(self._read_limiter, run)
 
-    async def start_turn(self, conversation_id: str, request_id: str, user_text: str) -> int:
+    async def begin_turn(
+        self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
+    ) -> int:
         def run() -> int:
             db = self._w()
             now = time.time()
             with _transaction(db):
+                row = db.execute(
+                    "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
+                ).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (conversation_id, owner, title, now, now),
+                    )
+                elif row[0] != owner:
+                    raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+                else:
+                    db.execute(
+                        "UPDATE conversations SET updated_at = ? WHERE id = ?",
+                        (now, conversation_id),
+                    )
                 db.execute(
                     "INSERT INTO messages (conversation_id, role, content, status, request_id, "
                     "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",
@@ -241,9 +242,6 @@ class SQLiteHistoryStore:
                     "INSERT INTO messages (conversation_id, role, content, status, request_id, "
                     "created_at) VALUES (?, 'assistant', '', 'streaming', ?, ?)",
                     (conversation_id, request_id, now),
-                )
-                db.execute(
-                    "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
                 )
             message_id = cursor.lastrowid
             assert message_id is not None

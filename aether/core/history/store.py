@@ -56,17 +56,18 @@ class HistoryStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def conversation_for(
-        self, owner: str, conversation_id: str | None, new_id: str, title: str
-    ) -> Conversation:
-        """The owner's conversation ``conversation_id``, created if it does not exist yet (as
-        ``new_id`` when no id is given). Raises UnknownConversation if another owner has it."""
+    async def owner_of(self, conversation_id: str) -> str | None:
+        """Who owns a conversation, or None if it does not exist."""
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         """The last ``limit`` finished messages of a conversation, oldest first."""
 
-    async def start_turn(self, conversation_id: str, request_id: str, user_text: str) -> int:
-        """Store the user's message and an empty ``streaming`` answer; return the answer's id."""
+    async def begin_turn(
+        self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
+    ) -> int:
+        """In one transaction: create the conversation if it does not exist, store the user's
+        message and an empty ``streaming`` answer; return the answer's id. Raises
+        UnknownConversation if another owner has the conversation."""
 
     async def save_answer(
         self,

@@ -34,7 +34,12 @@ from aether.core.errors import (
     UnknownRequest,
 )
 from aether.core.history.recorder import TurnRecorder
-from aether.core.history.store import HistoryStore, MessageStatus
+from aether.core.history.store import (
+    HistoryStore,
+    MessageStatus,
+    StoredMessage,
+    UnknownConversation,
+)
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
@@ -193,7 +198,7 @@ class RuntimeEngine:
                 await relay.announce(accepted)
                 async with trio.open_nursery() as nursery:
                     if recorder is not None:
-                        await nursery.start(recorder.run)
+                        nursery.start_soon(recorder.run)
                     send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
                     nursery.start_soon(self.streamer.stream_chat, request, provider, send)
                     async with receive:
@@ -233,23 +238,34 @@ class RuntimeEngine:
         return record
 
     async def _open_turn(self, request: ChatRequest) -> tuple[ChatRequest, TurnRecorder]:
-        """Find or create the request's conversation, load its context, prepare the recorder."""
+        """Name the request's conversation and load its context. Only reads happen here, on
+        the store's reader: the turn itself is written beside the stream by the recorder."""
         assert self._history is not None
-        conversation = await self._history.conversation_for(
-            request.owner,
-            request.conversation_id,
-            new_conversation_id(),
-            request.message[:TITLE_CHARS],
-        )
-        context = await self._history.context(
-            request.owner, conversation.id, self.settings.history_context_messages
-        )
+        conversation_id = request.conversation_id
+        context: list[StoredMessage] = []
+        if conversation_id is None:
+            conversation_id = new_conversation_id()
+        else:
+            owner = await self._history.owner_of(conversation_id)
+            if owner is not None and owner != request.owner:
+                raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+            if owner is not None:
+                context = await self._history.context(
+                    request.owner, conversation_id, self.settings.history_context_messages
+                )
         request = replace(
             request,
-            conversation_id=conversation.id,
+            conversation_id=conversation_id,
             history=tuple((m.role, m.content) for m in context),
         )
-        recorder = TurnRecorder(self._history, conversation.id, request.id, request.message)
+        recorder = TurnRecorder(
+            self._history,
+            request.owner,
+            conversation_id,
+            request.message[:TITLE_CHARS],
+            request.id,
+            request.message,
+        )
         return request, recorder
 
     def _observe(self, record: RequestRecord, relay: StreamRelay, error: Chunk | None) -> None:
