@@ -40,7 +40,7 @@ from aether.core.token_bucket import TokenBucket
 log = logging.getLogger(__name__)
 
 EXEMPT_PATHS = frozenset({"/health", "/ready"})
-CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/stream", "/ws"})
+CHAT_PATHS = frozenset({"/v1/chat", "/v1/chat/stream", "/v1/chat/completions", "/ws"})
 
 
 @dataclass(frozen=True)

@@ -253,11 +253,10 @@ class RuntimeEngine:
                 context = await self._history.context(
                     request.owner, conversation_id, self.settings.history_context_messages
                 )
-        request = replace(
-            request,
-            conversation_id=conversation_id,
-            history=tuple((m.role, m.content) for m in context),
-        )
+        # Stored context, if any; else whatever context the transport gave (OpenAI clients
+        # send the whole conversation with every request).
+        history = tuple((m.role, m.content) for m in context) if context else request.history
+        request = replace(request, conversation_id=conversation_id, history=history)
         recorder = TurnRecorder(
             self._history,
             request.owner,

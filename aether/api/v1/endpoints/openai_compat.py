@@ -1,0 +1,219 @@
+"""An OpenAI-compatible face: ``POST /v1/chat/completions``, streaming and not.
+
+Existing OpenAI clients and SDKs can use Aether as their backend: point their base URL at
+``http://HOST:PORT/v1`` and give an Aether API key as theirs. The client sends the whole
+conversation each time, as OpenAI's API expects: its earlier messages become the turn's context
+and its last user message the turn (stored as a new conversation in the history). A ``model``
+that names no configured model is served by the default one, and the response's ``model`` says
+which. Closing a stream stops the generation, as on every Aether route.
+
+@.architecture
+role: OpenAI-compatible endpoint
+jobs: [message_handling, streaming_coordination]
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import orjson
+import trio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from quart import Blueprint, Response, request
+
+from aether.api.dependencies import app_state, caller_identity
+from aether.api.responses import json_error, json_response
+from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal
+from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.request import RequestRecord
+from aether.ws.handlers import new_request_id
+
+log = logging.getLogger(__name__)
+
+blueprint = Blueprint("openai_compat", __name__)
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content if part.type == "text")
+
+
+class CompletionBody(BaseModel):
+    """The fields of OpenAI's request that Aether uses; the others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = ""
+    messages: list[_Message] = Field(min_length=1)
+    stream: bool = False
+
+
+def _served_model() -> str:
+    settings = app_state().settings
+    engine = app_state().engine
+    if engine.streamer.default_path == "http" and settings.llm_model:
+        return settings.llm_model
+    return "aether-echo"
+
+
+def _parse(body: str | bytes) -> CompletionBody | Response:
+    try:
+        parsed = CompletionBody.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return json_error(400, "invalid_request", f"{where}: {first['msg']}")
+    last = parsed.messages[-1]
+    if last.role != "user" or not last.text():
+        return json_error(400, "invalid_request", "the last message must be a user message")
+    return parsed
+
+
+def _chat_request(body: CompletionBody) -> ChatRequest:
+    context = tuple(
+        (m.role if m.role in ("user", "assistant") else "system", m.text())
+        for m in body.messages[:-1]
+        if m.text()
+    )
+    return ChatRequest(
+        id=new_request_id(),
+        owner=caller_identity(),
+        message=body.messages[-1].text(),
+        history=context,
+    )
+
+
+def _chunk(
+    request_id: str, model: str, created: int, delta: dict[str, Any], finish: str | None
+) -> bytes:
+    payload = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _content(message: Chunk) -> str | None:
+    if message.get("role") == "assistant" and message.get("type") == "message":
+        content = message.get("content")
+        return content if isinstance(content, str) else None
+    return None
+
+
+async def _stream_body(
+    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox, model: str
+) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    drained = False
+    try:
+        yield _chunk(record.id, model, created, {"role": "assistant", "content": ""}, None)
+        while True:
+            try:
+                batch = await outbox.get_batch()
+            except trio.EndOfChannel:
+                drained = True
+                break
+            parts: list[bytes] = []
+            for message in batch:
+                content = _content(message)
+                if content:
+                    parts.append(_chunk(record.id, model, created, {"content": content}, None))
+                elif message.get("type") == "error" and message.get("id") is not None:
+                    error = {"message": message["message"], "type": message["code"]}
+                    parts.append(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
+                elif message.get("type") in ("completion", "stopped"):
+                    parts.append(_chunk(record.id, model, created, {}, "stop"))
+            if parts:
+                yield b"".join(parts)
+        yield b"data: [DONE]\n\n"
+    finally:
+        if not drained and record.state == "running":
+            engine.stop_generation(record.id, record.owner, "disconnect")
+        outbox.close()
+
+
+@blueprint.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    parsed = _parse(await request.get_data(as_text=False))
+    if isinstance(parsed, Response):
+        return parsed
+    chat = _chat_request(parsed)
+    state = app_state()
+    model = _served_model()
+    outbox = Outbox(state.settings.outbox_max_bytes)
+    if parsed.stream:
+        try:
+            record = await state.engine.start_detached_chat(chat, outbox)
+        except REFUSED as exc:
+            return refusal(exc)
+        response = Response(
+            _stream_body(state.engine, record, outbox, model),
+            mimetype="text/event-stream",
+            headers={"X-Accel-Buffering": "no"},
+        )
+        response.timeout = None
+        return response
+
+    async def run(*, task_status: trio.TaskStatus[RequestRecord]) -> None:
+        try:
+            await state.engine.run_chat(chat, outbox, task_status=task_status)
+        finally:
+            outbox.finish()
+
+    text: list[str] = []
+    error: Chunk | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            await nursery.start(run)
+        except REFUSED as exc:
+            return refusal(exc)
+        while True:
+            try:
+                batch = await outbox.get_batch()
+            except trio.EndOfChannel:
+                break
+            for message in batch:
+                content = _content(message)
+                if content:
+                    text.append(content)
+                elif message.get("type") == "error" and message.get("id") is not None:
+                    error = message
+    if error is not None:
+        status = ERROR_STATUS.get(error["code"], 500)
+        return json_error(status, error["code"], error["message"], type=error["code"])
+    return json_response(
+        {
+            "id": f"chatcmpl-{chat.id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    )
