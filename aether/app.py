@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from quart import Response
+from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -24,6 +25,7 @@ from aether.api.middleware.error_handler import ErrorHandlerMiddleware
 from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
 from aether.api.middleware.security import SecurityHeadersMiddleware
 from aether.api.responses import json_error, request_id
+from aether.api.schemas import API_INFO, AetherOpenAPIProvider
 from aether.api.v1.router import register_v1
 from aether.config import Settings
 from aether.core.history.sqlite import SQLiteHistoryStore
@@ -56,7 +58,19 @@ def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio("aether")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.config["BODY_TIMEOUT"] = 30
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    QuartSchema(
+        app,
+        openapi_path="/openapi.json",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        swagger_ui_path=None,
+        info=API_INFO,
+        openapi_provider_class=AetherOpenAPIProvider,
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}}
+        if settings.auth_enabled
+        else None,
+        security=[{"bearer": []}] if settings.auth_enabled else None,
+    )
     metrics = Metrics()
     history = SQLiteHistoryStore(settings.db_path) if settings.history else None
     engine = RuntimeEngine(settings, metrics, history)
@@ -77,7 +91,11 @@ def create_app(settings: Settings) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         code = (error.name or "error").lower().replace(" ", "_")
-        return json_error(error.code or 500, code, error.description or error.name)
+        response = json_error(error.code or 500, code, error.description or error.name)
+        allowed = getattr(error, "valid_methods", None)
+        if allowed:
+            response.headers["Allow"] = ", ".join(allowed)
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected_error(error: Exception) -> Response:

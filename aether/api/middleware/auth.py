@@ -32,7 +32,7 @@ from aether.core.identity import SCOPE_IDENTITY_KEY, KeyRing
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
 
 

@@ -85,6 +85,13 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
     connection.execute("COMMIT")
 
 
+def _read(connection: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[Any]:
+    """Every row of a query. Reads must consume their cursor: a half-read cursor keeps its read
+    transaction open, and the connection keeps answering from that old snapshot (seen as a
+    conversation "not found" right after it was stored)."""
+    return connection.execute(sql, args).fetchall()
+
+
 def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
     return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
 
@@ -184,12 +191,10 @@ class SQLiteHistoryStore:
 
     async def owner_of(self, conversation_id: str) -> str | None:
         def run() -> str | None:
-            row = (
-                self._r()
-                .execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,))
-                .fetchone()
+            rows = _read(
+                self._r(), "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
             )
-            return None if row is None else str(row[0])
+            return str(rows[0][0]) if rows else None
 
         return await self._run(self._read_limiter, run)
 
@@ -286,10 +291,12 @@ class SQLiteHistoryStore:
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
             db = self._r()
-            owned = db.execute(
-                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
-            ).fetchone()
-            if owned is None:
+            owned = _read(
+                db,
+                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
+                (conversation_id, owner),
+            )
+            if not owned:
                 raise UnknownConversation(f"no conversation with id {conversation_id!r}")
             rows = db.execute(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",

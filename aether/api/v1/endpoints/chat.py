@@ -23,9 +23,11 @@ import orjson
 import trio
 from pydantic import ValidationError
 from quart import Blueprint, Response, request
+from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
+from aether.api.schemas import ChatAnswer, ChatEventStream, ChatOrError, StopAccepted, errors
 from aether.core.errors import (
     AetherError,
     DuplicateRequest,
@@ -60,7 +62,7 @@ ERROR_STATUS = {
     "upstream_http_error": 502,
     "upstream_disconnected": 502,
     "upstream_protocol_error": 502,
-    "path_unavailable": 400,
+    "path_unavailable": 404,  # this server has no such model path
 }
 
 
@@ -116,6 +118,18 @@ class AnswerCollector:
 
 
 @blueprint.post("/v1/chat")
+@document(
+    request=ChatBody,
+    responses={
+        **errors(400, 409, 413),
+        200: (ChatAnswer, None),
+        404: (ChatAnswer, None),
+        500: (ChatOrError, None),
+        502: (ChatAnswer, None),
+        503: (ChatOrError, None),
+        504: (ChatAnswer, None),
+    },
+)
 async def chat() -> Response:
     chat_request = await _chat_request()
     if isinstance(chat_request, Response):
@@ -178,6 +192,7 @@ async def _sse_body(
 
 
 @blueprint.post("/v1/chat/stream")
+@document(request=ChatBody, responses={200: (ChatEventStream, None), **errors(400, 409, 413, 503)})
 async def chat_stream() -> Response:
     chat_request = await _chat_request()
     if isinstance(chat_request, Response):
@@ -199,6 +214,7 @@ async def chat_stream() -> Response:
 
 
 @blueprint.post("/v1/chat/<request_id>/stop")
+@document(responses={202: (StopAccepted, None), **errors(404)})
 async def stop_chat(request_id: str) -> Response:
     try:
         app_state().engine.stop_generation(request_id, caller_identity())

@@ -10,9 +10,18 @@ jobs: [history_retrieval]
 from __future__ import annotations
 
 from quart import Blueprint, Response, request
+from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
+from aether.api.schemas import (
+    ConversationPage,
+    ConversationsQuery,
+    HistoryPage,
+    HistoryQuery,
+    NoContent,
+    errors,
+)
 from aether.core.history.store import (
     HistoryStore,
     StorageError,
@@ -35,6 +44,10 @@ def _store() -> HistoryStore | Response:
 
 
 @blueprint.get("/v1/conversations")
+@document(
+    querystring=ConversationsQuery,
+    responses={200: (ConversationPage, None), **errors(400, 404, 503)},
+)
 async def list_conversations() -> Response:
     store = _store()
     if isinstance(store, Response):
@@ -58,6 +71,7 @@ async def list_conversations() -> Response:
 
 
 @blueprint.get("/v1/chat/history")
+@document(querystring=HistoryQuery, responses={200: (HistoryPage, None), **errors(400, 404, 503)})
 async def chat_history() -> Response:
     store = _store()
     if isinstance(store, Response):
@@ -77,6 +91,7 @@ async def chat_history() -> Response:
 
 
 @blueprint.delete("/v1/conversations/<conversation_id>")
+@document(responses={204: (NoContent, None), **errors(404, 503)})
 async def delete_conversation(conversation_id: str) -> Response:
     store = _store()
     if isinstance(store, Response):

@@ -23,9 +23,11 @@ import orjson
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, Response, request
+from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
+from aether.api.schemas import ChatCompletion, errors
 from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal
 from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
@@ -39,13 +41,13 @@ blueprint = Blueprint("openai_compat", __name__)
 
 
 class _TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: str
     text: str | None = None
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_TextPart] | None = None
 
@@ -60,9 +62,18 @@ class _Message(BaseModel):
 class CompletionBody(BaseModel):
     """The fields of OpenAI's request that Aether uses; the others are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str = ""
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[_Message] = Field(
+        min_length=1,
+        json_schema_extra={
+            "contains": {
+                "type": "object",
+                "properties": {"role": {"const": "user"}},
+                "required": ["role"],
+            }
+        },
+    )
     stream: bool = False
 
 
@@ -81,22 +92,24 @@ def _parse(body: str | bytes) -> CompletionBody | Response:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return json_error(400, "invalid_request", f"{where}: {first['msg']}")
-    last = parsed.messages[-1]
-    if last.role != "user" or not last.text():
-        return json_error(400, "invalid_request", "the last message must be a user message")
+    if not any(message.role == "user" for message in parsed.messages):
+        return json_error(400, "invalid_request", "messages must include a user message")
     return parsed
 
 
 def _chat_request(body: CompletionBody) -> ChatRequest:
+    """The last user message is the turn; the messages before it are its context (messages
+    after it, which OpenAI's API would also accept, are not used)."""
+    last_user = max(i for i, message in enumerate(body.messages) if message.role == "user")
     context = tuple(
         (m.role if m.role in ("user", "assistant") else "system", m.text())
-        for m in body.messages[:-1]
+        for m in body.messages[:last_user]
         if m.text()
     )
     return ChatRequest(
         id=new_request_id(),
         owner=caller_identity(),
-        message=body.messages[-1].text(),
+        message=body.messages[last_user].text(),
         history=context,
     )
 
@@ -154,6 +167,10 @@ async def _stream_body(
 
 
 @blueprint.post("/v1/chat/completions")
+@document(
+    request=CompletionBody,
+    responses={200: (ChatCompletion, None), **errors(400, 413, 502, 503, 504)},
+)
 async def chat_completions() -> Response:
     parsed = _parse(await request.get_data(as_text=False))
     if isinstance(parsed, Response):

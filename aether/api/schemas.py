@@ -1,0 +1,204 @@
+"""The REST API's response shapes as Pydantic models, for the OpenAPI document.
+
+Request bodies are the models the routes validate with (``ws.protocols.ChatBody``,
+``openai_compat.CompletionBody``); these describe what comes back, errors included. A model
+with a ``media_types`` class variable is documented with those media types instead of JSON
+(server-sent event streams).
+
+@.architecture
+role: API schemas
+jobs: [schema_definition, documentation_generation]
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, RootModel
+from quart_schema import Info
+from quart_schema.openapi import OpenAPIProvider
+
+from aether import __version__
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, machine-readable error code.")
+    message: str = Field(description="What went wrong, for people.")
+    request_id: str | None = Field(description="Also in the X-Request-Id header and the log.")
+
+
+class ErrorResponse(BaseModel):
+    """An error: no traceback or internal detail, ever."""
+
+    error: ErrorDetail
+
+
+class ChatError(BaseModel):
+    code: str
+    message: str
+
+
+class ChatAnswer(BaseModel):
+    """The whole answer of a chat."""
+
+    id: str
+    status: Literal["completed", "stopped", "error"]
+    content: str
+    path: str | None = None
+    conversation_id: str | None = None
+    reason: Literal["stop", "disconnect", "shutdown"] | None = None
+    error: ChatError | None = None
+
+
+class ChatOrError(RootModel[ChatAnswer | ErrorResponse]):
+    """The chat's answer with its error, or an error before the chat could start."""
+
+
+class ChatEventStream(BaseModel):
+    """Server-sent events: each message of the WebSocket protocol as `id: <seq>` and
+    `data: <json>`, with `: keepalive` comments while idle."""
+
+    media_types: ClassVar[tuple[str, ...]] = ("text/event-stream",)
+
+
+class StopAccepted(BaseModel):
+    """The chat is being stopped; its stream ends with `stopped`."""
+
+    id: str
+    status: Literal["stopping"]
+
+
+class Health(BaseModel):
+    """The process serves."""
+
+    status: Literal["ok"]
+    version: str
+
+
+class Ready(BaseModel):
+    """Whether the engine runs (200) or not yet (503)."""
+
+    status: Literal["ready", "starting"]
+    default_path: str | None = None
+    live_requests: int | None = None
+
+
+class ConversationOut(BaseModel):
+    id: str
+    title: str
+    created_at: float
+    updated_at: float
+
+
+class ConversationPage(BaseModel):
+    """The caller's conversations, most recently updated first."""
+
+    conversations: list[ConversationOut]
+    next_before: float | None = Field(description="Pass as `before` for the next page.")
+
+
+class ConversationsQuery(BaseModel):
+    limit: int = Field(20, ge=1, le=100)
+    before: float | None = None
+
+
+class StoredMessageOut(BaseModel):
+    id: int
+    role: Literal["user", "assistant"]
+    content: str
+    status: Literal["streaming", "complete", "stopped", "error", "interrupted"]
+    request_id: str | None
+    created_at: float
+    error_code: str | None = None
+
+
+class HistoryPage(BaseModel):
+    """A conversation's messages, in order."""
+
+    conversation_id: str
+    messages: list[StoredMessageOut]
+
+
+class HistoryQuery(BaseModel):
+    conversation_id: str = Field(min_length=1)
+
+
+class NoContent(BaseModel):
+    """Done; no body."""
+
+    media_types: ClassVar[tuple[str, ...]] = ()
+
+
+class CompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    message: CompletionMessage
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's `chat.completion`, or with `stream: true` its `chat.completion.chunk` events
+    ending with `data: [DONE]`."""
+
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+
+    media_types: ClassVar[tuple[str, ...]] = ("application/json", "text/event-stream")
+
+
+def errors(*statuses: int) -> dict[int, tuple[type[BaseModel], None]]:
+    """``document(responses=...)`` entries for error statuses, plus those every route has."""
+    return dict.fromkeys({*statuses, 401, 429, 500}, (ErrorResponse, None))
+
+
+class AetherOpenAPIProvider(OpenAPIProvider):
+    """Quart-Schema's provider, completed where it leaves things out: streams and empty bodies
+    by their media types, request bodies and required query parameters marked required."""
+
+    def build_request_body(self, model: Any, source: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        body, definitions = super().build_request_body(model, source)
+        body["required"] = True
+        return body, definitions
+
+    def build_querystring_parameters(
+        self, model: Any
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        parameters, definitions = super().build_querystring_parameters(model)
+        required = {name for name, field in model.model_fields.items() if field.is_required()}
+        for parameter in parameters:
+            if parameter["name"] in required:
+                parameter["required"] = True
+        return parameters, definitions
+
+    def build_response_object(
+        self, model: Any, headers_model: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        response, definitions = super().build_response_object(model, headers_model)
+        media_types = getattr(model, "media_types", None)
+        if media_types is not None:
+            json_content = response["content"].get("application/json")
+            content: dict[str, Any] = {}
+            for media_type in media_types:
+                if media_type == "application/json" and json_content is not None:
+                    content[media_type] = json_content
+                else:
+                    content[media_type] = {"schema": {}}  # events of JSON objects
+            if content:
+                response["content"] = content
+            else:
+                del response["content"]
+        return response, definitions
+
+
+API_INFO = Info(
+    title="Aether",
+    version=__version__,
+    description="Streams LLM chat over REST/SSE (here) and WebSocket (/ws, see the README).",
+)

@@ -1,0 +1,58 @@
+"""The SQLite history store on its own: migrations, crash recovery, fresh reads."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from aether.core.history.sqlite import MIGRATIONS, SQLiteHistoryStore
+from aether.core.history.store import StorageError, UnknownConversation
+
+
+async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    try:
+        await store.begin_turn("me", "first", "t", "r1", "hello")
+        assert len(await store.messages("me", "first")) == 2
+        assert await store.owner_of("first") == "me"
+        # A later conversation must be visible at once to the same reader.
+        await store.begin_turn("me", "second", "t", "r2", "again")
+        assert await store.owner_of("second") == "me"
+        assert len(await store.messages("me", "second")) == 2
+        with pytest.raises(UnknownConversation):
+            await store.messages("someone else", "second")
+    finally:
+        await store.close()
+
+
+async def test_open_marks_streaming_answers_interrupted(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    store = SQLiteHistoryStore(path)
+    await store.open()
+    answer = await store.begin_turn("me", "c", "t", "r1", "hello")
+    await store.save_answer(answer, "partial", "streaming")
+    await store.close()  # as if the process died here
+    store = SQLiteHistoryStore(path)
+    await store.open()
+    try:
+        messages = await store.messages("me", "c")
+    finally:
+        await store.close()
+    assert [(m.status, m.content) for m in messages] == [
+        ("complete", "hello"),
+        ("interrupted", "partial"),
+    ]
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    store = SQLiteHistoryStore(path)
+    with pytest.raises(StorageError, match="newer"):
+        await store.open()
+    await store.close()
