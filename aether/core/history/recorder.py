@@ -61,6 +61,12 @@ class TurnRecorder:
                 self._user_text,
             )
         self._message_id = message_id
+        log.debug(
+            "request %s: turn stored in conversation %s",
+            self._request_id,
+            self._conversation_id,
+            extra={"request_id": self._request_id, "conversation_id": self._conversation_id},
+        )
         while True:
             await trio.sleep(FLUSH_INTERVAL_S)
             if len(self.transcript) != self._saved_parts:

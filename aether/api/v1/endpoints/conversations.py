@@ -9,6 +9,8 @@ jobs: [history_retrieval]
 
 from __future__ import annotations
 
+import logging
+
 from quart import Blueprint, Response, request
 from quart_schema import document
 
@@ -30,6 +32,7 @@ from aether.core.history.store import (
     message_json,
 )
 
+log = logging.getLogger(__name__)
 blueprint = Blueprint("conversations", __name__)
 
 DEFAULT_PAGE = 20
@@ -100,6 +103,12 @@ async def delete_conversation(conversation_id: str) -> Response:
         deleted = await store.delete_conversation(caller_identity(), conversation_id)
     except StorageError as exc:
         return json_error(503, exc.code, exc.message)
+    log.info(
+        "conversation %s %s",
+        conversation_id,
+        "deleted" if deleted else "not deleted: not found",
+        extra={"conversation_id": conversation_id},
+    )
     if not deleted:
         return json_error(
             404, UnknownConversation.code, f"no conversation with id {conversation_id!r}"
