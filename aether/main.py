@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m aether",
         description="Stream LLM chat to clients over WebSocket (/ws) and REST/SSE (/v1/chat).",
-        epilog="Every setting can also be set as AETHER_<NAME> in the environment or as <name> "
+        epilog="`python -m aether chat --help` shows the terminal client. "
+        "Every setting can also be set as AETHER_<NAME> in the environment or as <name> "
         "in the TOML file given with --config; flags win over the environment, which wins over "
         "the file. See the README's configuration table.",
     )
@@ -198,6 +199,11 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chat"]:
+        from aether.client.terminal import main as chat_main
+
+        return chat_main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides = {
         "host": args.host,

@@ -1,0 +1,100 @@
+"""`python -m aether chat` end to end: a real client process against a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import trio
+
+from tests.helpers import make_settings, running_server
+
+DEADLINE_S = 20
+
+
+def client_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+
+
+async def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "aether", "chat", *args],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=client_env(),
+    )
+
+
+async def test_one_shot_answer_and_exit_code() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(make_settings(provider="echo", echo_token_delay_s=0)) as server:
+            result = await run_client("--url", server.ws_url, "hello", "there")
+            failed = await run_client("--url", server.ws_url, "--path", "http", "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "hello there\n"
+    assert failed.returncode == 1
+    assert "path_unavailable" in failed.stderr.decode()
+
+
+async def test_interactive_turns_share_a_conversation() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(make_settings(provider="echo", echo_token_delay_s=0)) as server:
+            result = await run_client("--url", server.ws_url, stdin=b"first line\nsecond line\n")
+            store = server.state.engine.history
+            assert store is not None
+            conversations = await store.list_conversations("anonymous", 10, None)
+            messages = await store.messages("anonymous", conversations[0].id)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode() == "first line\nsecond line\n"
+    assert len(conversations) == 1
+    assert [m.content for m in messages] == ["first line"] * 2 + ["second line"] * 2
+
+
+async def test_ctrl_c_stops_the_answer_instead_of_killing_the_client() -> None:
+    settings = make_settings(provider="echo", echo_token_delay_s=0.05)
+    long_message = " ".join(f"w{i}" for i in range(400))
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "aether", "chat", "--url", server.ws_url, long_message],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=client_env(),
+            )
+            assert process.stdout is not None
+            assert process.stderr is not None
+            seen = b""
+            while b"w3" not in seen:
+                seen += await process.stdout.receive_some(4096)
+            process.send_signal(signal.SIGINT)
+            async for chunk in process.stdout:
+                seen += chunk
+            stderr = b"".join([chunk async for chunk in process.stderr])
+            code = await process.wait()
+            await server.state.engine.tracker.wait_until_idle()
+            records = [r for r in server.state.engine.tracker._recent if r.owner == "anonymous"]
+    assert code == 130
+    assert b"[stopped: stop]" in stderr
+    assert len(seen.split()) < 400
+    assert records[-1].state == "stopped"
+    assert records[-1].stop_reason == "stop"
+
+
+async def test_unreachable_and_refused_servers_exit_3() -> None:
+    settings: Any = make_settings(provider="echo", echo_token_delay_s=0, api_keys="k-0123456789")
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            refused = await run_client("--url", server.ws_url, "hi")
+            allowed = await run_client("--url", server.ws_url, "--token", "k-0123456789", "hi")
+        unreachable = await run_client("--url", "ws://127.0.0.1:9/ws", "hi")
+    assert refused.returncode == 3
+    assert "--token" in refused.stderr.decode()
+    assert allowed.returncode == 0
+    assert allowed.stdout.decode() == "hi\n"
+    assert unreachable.returncode == 3
+    assert "cannot reach" in unreachable.stderr.decode()
