@@ -39,6 +39,9 @@ async def test_metrics_follow_chats_stops_and_failures(fake_llm: FakeLLM) -> Non
                 await client.send({"type": "stop", "id": "stopped"})
                 await client.finish("stopped")
                 await client.chat("three", id="failed")
+                # A request is counted when it ends, a moment after its terminal went out
+                # (its answer is stored first).
+                await server.state.engine.tracker.wait_until_idle()
                 during = samples((await rest.get("/metrics")).text)
             await server.state.hub.wait_until_empty()
             after = samples((await rest.get("/metrics")).text)
