@@ -21,7 +21,9 @@ API_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
 )
 HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
-_REPLACED = {name for name, _ in API_HEADERS} | {b"server"}
+# Every response gets these, whatever the route set; a Content-Security-Policy set by the route
+# (the web page's) is kept, others get the API's, which allows nothing.
+_REPLACED = {name for name, _ in API_HEADERS if name != b"content-security-policy"} | {b"server"}
 _STARTS = {"http.response.start", "websocket.http.response.start"}
 
 
@@ -42,7 +44,9 @@ class SecurityHeadersMiddleware:
                     for name, value in message.get("headers", ())
                     if name.lower() not in _REPLACED
                 ]
-                message["headers"] = [*kept, *added]
+                has_csp = any(name.lower() == b"content-security-policy" for name, _ in kept)
+                extra = [h for h in added if h[0] != b"content-security-policy" or not has_csp]
+                message["headers"] = [*kept, *extra]
             await send(message)
 
         await self._app(scope, receive, send_with_headers)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from quart import Quart
 
+from aether.api import web
 from aether.api.v1.endpoints import chat, conversations, health, openai_compat
 
 
 def register_v1(app: Quart) -> None:
+    app.register_blueprint(web.blueprint)
     app.register_blueprint(health.blueprint)
     app.register_blueprint(chat.blueprint)
     app.register_blueprint(conversations.blueprint)

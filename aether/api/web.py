@@ -1,0 +1,52 @@
+"""The built-in chat page at ``/``: package data, no build step, nothing from other hosts.
+
+The page has a Content-Security-Policy of its own (scripts and styles from this server only,
+connections to this server only); the security middleware keeps it instead of the API's.
+
+@.architecture
+role: web page routes
+jobs: [static_serving]
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from quart import Blueprint, Response
+from quart_schema import hide
+
+from aether.api.responses import json_error
+
+blueprint = Blueprint("web", __name__)
+
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_STATIC = resources.files("aether.web") / "static"
+_ASSETS = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "app.css": "text/css; charset=utf-8",
+}
+_CONTENT = {name: (_STATIC / name).read_bytes() for name in _ASSETS}
+
+
+def _asset(name: str) -> Response:
+    response = Response(_CONTENT[name], content_type=_ASSETS[name])
+    response.headers["Content-Security-Policy"] = PAGE_CSP
+    return response
+
+
+@blueprint.get("/")
+@hide
+async def index() -> Response:
+    return _asset("index.html")
+
+
+@blueprint.get("/static/<name>")
+@hide
+async def static_asset(name: str) -> Response:
+    if name not in _ASSETS or name == "index.html":
+        return json_error(404, "not_found", "no such file")
+    return _asset(name)
