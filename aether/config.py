@@ -32,7 +32,7 @@ from pydantic import (
 
 ENV_PREFIX = "AETHER_"
 
-ProviderName = Literal["auto", "echo", "http"]
+ProviderName = Literal["auto", "echo", "http", "oi"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
@@ -82,6 +82,11 @@ class Settings(BaseModel):
     llm_max_connections: int = Field(
         1000, ge=1, description="Most concurrent upstream connections."
     )
+    oi_auto_run: bool = Field(
+        False, description="Run the agentic path's code without asking the client (dangerous)."
+    )
+    oi_context_window: int = Field(8000, ge=1000, description="Agentic path: model context size.")
+    oi_max_tokens: int = Field(1000, ge=16, description="Agentic path: longest model answer.")
     echo_token_delay_s: float = Field(
         0.02, ge=0, description="Pause between tokens of the built-in echo model."
     )
@@ -197,9 +202,11 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _check_provider(self) -> Settings:
-        if self.provider == "http" and not self.model_configured:
+        if self.provider in ("http", "oi") and not self.model_configured:
             missing = "llm_base_url" if self.llm_base_url is None else "llm_model"
-            raise ValueError(f"provider 'http' needs {missing} (AETHER_{missing.upper()})")
+            raise ValueError(
+                f"provider {self.provider!r} needs {missing} (AETHER_{missing.upper()})"
+            )
         if self.llm_model is not None and not self.llm_model.strip():
             raise ValueError("llm_model must not be empty")
         if self.max_message_bytes > self.max_frame_bytes:

@@ -10,6 +10,7 @@
     ├── PathUnavailable            the requested path is not configured
     ├── UnknownRequest             stop/lookup of an id that is not live for this caller
     ├── DuplicateRequest           a live request already has that id
+    ├── NoPendingConfirmation      an approval for a request that is not waiting for one
     ├── TooManyRequests            the caller already runs as many chats as it may
     └── ShuttingDown               the server is draining and starts no new chat
 
@@ -77,3 +78,7 @@ class TooManyRequests(AetherError):
 
 class ShuttingDown(AetherError):
     code = "shutting_down"
+
+
+class NoPendingConfirmation(AetherError):
+    code = "no_pending_confirmation"

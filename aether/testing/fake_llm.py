@@ -59,8 +59,24 @@ class Behaviour:
     status: int = 200
     failure: Failure | None = None
     fail_after: int = 0
+    # A fixed answer instead of "tok0 tok1 ...": a string streamed in pieces of ``piece_chars``,
+    # or a tuple of the exact pieces (as a model's tokens would split it).
+    reply: str | tuple[str, ...] | None = None
+    piece_chars: int = 8
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reply, str):
+            text = self.reply
+            pieces = tuple(
+                text[i : i + self.piece_chars] for i in range(0, len(text), self.piece_chars)
+            )
+            object.__setattr__(self, "reply", pieces)
+        if self.reply is not None:
+            object.__setattr__(self, "tokens", len(self.reply))
 
     def token(self, index: int) -> str:
+        if self.reply is not None:
+            return self.reply[index]
         return f"tok{index} "
 
 

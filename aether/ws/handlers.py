@@ -18,7 +18,13 @@ import secrets
 import trio
 
 from aether.config import Settings
-from aether.core.errors import DuplicateRequest, ShuttingDown, TooManyRequests, UnknownRequest
+from aether.core.errors import (
+    DuplicateRequest,
+    NoPendingConfirmation,
+    ShuttingDown,
+    TooManyRequests,
+    UnknownRequest,
+)
 from aether.core.history.store import StorageError, UnknownConversation, message_json
 from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
@@ -104,11 +110,10 @@ class MessageHandler:
         elif isinstance(message, PingMessage):
             self._reply(pong_message())
         elif isinstance(message, ApproveMessage):
-            self._reply_error(
-                "no_pending_confirmation",
-                "no code is waiting for approval in that request",
-                {"type": "approve", "id": message.id},
-            )
+            try:
+                self._engine.approve(message.id, self._client.owner, message.approved)
+            except (UnknownRequest, NoPendingConfirmation) as exc:
+                self._reply_error(exc.code, exc.message, {"type": "approve", "id": message.id})
         elif isinstance(message, HistoryMessage):
             await self._history(message)
 

@@ -28,6 +28,7 @@ import trio
 from aether.config import Settings
 from aether.core.errors import (
     AetherError,
+    NoPendingConfirmation,
     PathUnavailable,
     ShuttingDown,
     TooManyRequests,
@@ -42,7 +43,10 @@ from aether.core.history.store import (
 )
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
+from aether.core.providers.oi import OIProvider
+from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
+from aether.core.runtime.interpreter import InterpreterManager, oi_installed
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.relay import StreamRelay
 from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
@@ -84,6 +88,7 @@ class RuntimeEngine:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._draining = False
+        self._interpreters: InterpreterManager | None = None
 
     @property
     def started(self) -> bool:
@@ -126,15 +131,42 @@ class RuntimeEngine:
     def history(self) -> HistoryStore | None:
         return self._history
 
+    def _oi_provider(self) -> OIProvider | None:
+        if not (self.settings.model_configured and oi_installed()):
+            return None
+        self._interpreters = InterpreterManager(self.settings)
+
+        def approval_for(request: ChatRequest) -> ApprovalGate | None:
+            record = self.tracker.get_live(request.id, request.owner)
+            return None if record is None else record.approval
+
+        if self.settings.oi_auto_run:
+            log.warning(
+                "AETHER_OI_AUTO_RUN is on: code the model writes runs WITHOUT asking anyone"
+            )
+        return OIProvider(self._interpreters, approval_for)
+
+    def approve(self, request_id: str, owner: str, approved: bool) -> None:
+        """Answer a running request's code confirmation. Raises UnknownRequest or
+        NoPendingConfirmation."""
+        record = self.tracker.get_live(request_id, owner)
+        if record is None:
+            raise UnknownRequest(f"no running request with id {request_id!r}")
+        if not record.approval.answer(approved):
+            raise NoPendingConfirmation(f"request {request_id!r} is not waiting for approval")
+        record.note("code approved" if approved else "code denied")
+
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with self._http_client() as client, trio.open_nursery() as nursery:
-            self._streamer = ChatStreamer(self.settings, client)
+            self._streamer = ChatStreamer(self.settings, client, self._oi_provider())
             self._nursery = nursery
             log.info("engine started; default path: %s", self._streamer.default_path)
             task_status.started()
             await self._stopped.wait()
             nursery.cancel_scope.cancel()
         self._nursery = None
+        if self._interpreters is not None:
+            await self._interpreters.close()
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)

@@ -19,6 +19,7 @@ from typing import Literal
 import trio
 
 from aether.core.errors import DuplicateRequest, UnknownRequest
+from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import StopReason
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class RequestRecord:
     started_at: float = field(default_factory=trio.current_time)
     ended_at: float | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
+    approval: ApprovalGate = field(default_factory=ApprovalGate)
 
     def note(self, event: str) -> None:
         self.events.append((trio.current_time(), event))
@@ -126,6 +128,9 @@ class RequestTracker:
                 "duration_s": round(record.ended_at - record.started_at, 6),
             },
         )
+
+    def get_live(self, request_id: str, owner: str) -> RequestRecord | None:
+        return self._live.get((owner, request_id))
 
     def get(self, request_id: str, owner: str) -> RequestRecord | None:
         """A live request, or else the most recent finished one with that id and owner."""

@@ -26,8 +26,14 @@ log = logging.getLogger(__name__)
 
 
 class ChatStreamer:
-    def __init__(self, settings: Settings, http_client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        http_client: httpx.AsyncClient,
+        oi: Provider | None = None,
+    ) -> None:
         self._echo = EchoProvider(settings.echo_token_delay_s)
+        self._oi = oi
         self._http: HTTPProvider | None = None
         if settings.llm_base_url is not None and settings.llm_model is not None:
             key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
@@ -39,7 +45,11 @@ class ChatStreamer:
                 first_token_timeout_s=settings.llm_first_token_timeout_s,
             )
         self._default: Provider = self._echo
-        if settings.provider == "http" or (settings.provider == "auto" and self._http):
+        if settings.provider == "oi" or (settings.provider == "auto" and self._oi and self._http):
+            if self._oi is None:
+                raise PathUnavailable("provider 'oi' needs the open-interpreter extra")
+            self._default = self._oi
+        elif settings.provider == "http" or (settings.provider == "auto" and self._http):
             if self._http is None:
                 raise PathUnavailable("provider 'http' needs llm_base_url and llm_model")
             self._default = self._http
@@ -58,6 +68,8 @@ class ChatStreamer:
             return self._http
         if path == "echo":
             return self._echo
+        if path == "oi" and self._oi is not None:
+            return self._oi
         raise PathUnavailable(f"the {path} path is not available on this server")
 
     async def stream_chat(

@@ -1,0 +1,144 @@
+"""The agentic path: Open Interpreter, which writes code and (once approved) runs it.
+
+``OpenInterpreter.chat(stream=True)`` is a blocking generator, so a turn runs in
+``trio.to_thread.run_sync`` and its chunks cross back through ``trio.from_thread.run`` into the
+request's memory channel.
+
+Stop is real: when the request's scope is cancelled, a watcher closes the model's HTTP stream
+from the Trio side (closing OI's generator alone does not), the thread's read fails at once, the
+generator is closed and the thread ends; Trio waits for it (threads are never abandoned).
+
+Code never runs without approval: a ``confirmation`` chunk is relayed to the client and the
+thread waits, without holding the event loop, for ``approve`` (the code runs and its output
+streams), a denial (the turn ends), or a stop. Iterating past a confirmation is what runs the
+code, so a denied or stopped turn closes the generator instead.
+
+@.architecture
+role: Open Interpreter provider
+jobs: [stream_generation, cancellation, approval_gating]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from aether.core.errors import ProviderError, UpstreamUnavailable
+from aether.core.runtime.approval import ApprovalGate
+from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.runtime.interpreter import InterpreterManager
+
+log = logging.getLogger(__name__)
+
+_KEYS = ("role", "type", "format", "content", "start", "end")
+
+
+def lmc_chunk(chunk: dict[str, Any]) -> Chunk | None:
+    """The part of an OI chunk that goes to clients (None for internal ones)."""
+    if chunk.get("format") == "active_line" or chunk.get("type") == "review":
+        return None
+    return {key: chunk[key] for key in _KEYS if key in chunk}
+
+
+class _ModelStream:
+    """The model's current HTTP stream, so that a stop can close it from the Trio side."""
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        stream = getattr(self.stream, "completion_stream", None)
+        for target in (stream, getattr(stream, "response", None)):
+            close = getattr(target, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.debug("closing the model stream raised", exc_info=True)
+
+
+class OIProvider:
+    name = "oi"
+
+    def __init__(
+        self,
+        manager: InterpreterManager,
+        approval_for: Callable[[ChatRequest], ApprovalGate | None],
+    ) -> None:
+        self._manager = manager
+        self._approval_for = approval_for
+
+    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+        instance = await self._manager.for_conversation(request.conversation_id or request.id)
+        model_stream = _ModelStream()
+        self._track_model_stream(instance, model_stream)
+        gate = self._approval_for(request)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._close_on_cancel, model_stream)
+            await trio.to_thread.run_sync(
+                self._run_turn, instance, request.message, send, gate, model_stream
+            )
+            nursery.cancel_scope.cancel()
+
+    @staticmethod
+    async def _close_on_cancel(model_stream: _ModelStream) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            model_stream.close()
+
+    @staticmethod
+    def _track_model_stream(instance: Any, model_stream: _ModelStream) -> None:
+        """Route the instance's model calls through one that remembers the open stream."""
+        import litellm
+
+        def completions(**params: Any) -> Any:
+            params["model"] = params["model"].replace(":latest", "")
+            params["num_retries"] = 0
+            litellm.drop_params = True
+            try:
+                model_stream.stream = litellm.completion(**params)
+            except Exception as exc:
+                raise UpstreamUnavailable(f"the model failed: {exc.__class__.__name__}") from exc
+            if model_stream.closed:
+                model_stream.close()
+            yield from model_stream.stream
+
+        instance.llm.completions = completions
+
+    @staticmethod
+    def _run_turn(
+        instance: Any,
+        message: str,
+        send: trio.MemorySendChannel[Chunk],
+        gate: ApprovalGate | None,
+        model_stream: _ModelStream,
+    ) -> None:
+        turn = instance.chat(message, stream=True, display=False)
+        try:
+            for chunk in turn:
+                out = lmc_chunk(chunk)
+                if out is None:
+                    continue
+                if chunk.get("type") != "confirmation":
+                    trio.from_thread.run(send.send, out)
+                    continue
+                if gate is None:
+                    return  # nobody can approve: the code does not run
+                approved = trio.from_thread.run(gate.ask, partial(send.send, out))
+                if not approved:
+                    return  # closing the generator below skips the code
+        except ProviderError:
+            raise
+        except Exception as exc:
+            if model_stream.closed:
+                return  # stopped: the closed stream made the read fail
+            raise UpstreamUnavailable(f"the agentic turn failed: {exc.__class__.__name__}") from exc
+        finally:
+            turn.close()

@@ -1,0 +1,106 @@
+"""InterpreterManager: one Open Interpreter instance per conversation, never the global one.
+
+Instances are created lazily (importing ``interpreter`` costs about 2 s, so it happens once, in
+a worker thread), configured by server policy only, kept between the turns of a conversation,
+and terminated (``computer.terminate()``) when evicted or when the server stops. Nothing a client
+sends reaches their settings: ``auto_run`` comes from ``AETHER_OI_AUTO_RUN`` alone.
+
+@.architecture
+role: interpreter manager
+jobs: [oi_initialization, settings_configuration, cleanup]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Any
+
+import trio
+
+from aether.config import Settings
+from aether.core.errors import PathUnavailable
+
+log = logging.getLogger(__name__)
+
+# Set before the first import: litellm would otherwise fetch a cost map from the internet.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def oi_installed() -> bool:
+    """Whether the ``aether[oi]`` extra is installed (checked without importing it)."""
+    from importlib.util import find_spec
+
+    return find_spec("interpreter") is not None
+
+
+class InterpreterManager:
+    def __init__(self, settings: Settings, max_instances: int = 64) -> None:
+        self._settings = settings
+        self._max = max_instances
+        self._instances: OrderedDict[str, Any] = OrderedDict()
+        self._class: Any = None
+        self._workdir = tempfile.mkdtemp(prefix="aether-oi-")
+
+    async def _interpreter_class(self) -> Any:
+        if self._class is None:
+
+            def load() -> Any:
+                from interpreter import OpenInterpreter
+
+                return OpenInterpreter
+
+            try:
+                self._class = await trio.to_thread.run_sync(load)
+            except ImportError:
+                raise PathUnavailable(
+                    "the oi path needs the open-interpreter extra: pip install 'aether[oi]'"
+                ) from None
+        return self._class
+
+    async def for_conversation(self, conversation_id: str) -> Any:
+        """The conversation's interpreter, created on first use."""
+        instance = self._instances.get(conversation_id)
+        if instance is not None:
+            self._instances.move_to_end(conversation_id)
+            return instance
+        cls = await self._interpreter_class()
+        instance = await trio.to_thread.run_sync(self._create, cls)
+        self._instances[conversation_id] = instance
+        while len(self._instances) > self._max:
+            _, evicted = self._instances.popitem(last=False)
+            await trio.to_thread.run_sync(self._terminate, evicted)
+        return instance
+
+    def _create(self, cls: Any) -> Any:
+        s = self._settings
+        instance = cls()
+        instance.auto_run = s.oi_auto_run
+        instance.offline = True
+        instance.disable_telemetry = True
+        instance.conversation_history = False  # no files under the home directory
+        instance.verbose = False
+        instance.llm.model = f"openai/{s.llm_model}"
+        instance.llm.api_base = s.llm_base_url
+        instance.llm.api_key = s.llm_api_key.get_secret_value() if s.llm_api_key else "none"
+        instance.llm.supports_functions = False
+        instance.llm.supports_vision = False
+        instance.llm.context_window = s.oi_context_window
+        instance.llm.max_tokens = s.oi_max_tokens
+        instance.computer.import_computer_api = False
+        return instance
+
+    @staticmethod
+    def _terminate(instance: Any) -> None:
+        try:
+            instance.computer.terminate()
+        except Exception:
+            log.exception("terminating an interpreter failed")
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            while self._instances:
+                _, instance = self._instances.popitem()
+                await trio.to_thread.run_sync(self._terminate, instance)

@@ -1,0 +1,125 @@
+"""The agentic path on the real open-interpreter package, against the fake upstream."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from tests.helpers import (
+    assert_stream_invariants,
+    content_of,
+    make_settings,
+    running_server,
+    ws_client,
+)
+
+pytestmark = [
+    pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
+    # Open Interpreter runs code in a Jupyter kernel, whose libraries warn (deprecations, zmq
+    # sockets closed by the GC): warnings turned into errors would break the kernel itself.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+DEADLINE_S = 60
+# Split as a model's tokens are: the fence, the language line, the code, the closing fence.
+CODE_REPLY = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
+
+
+def oi_settings(fake: FakeLLM, **overrides: Any) -> Any:
+    return make_settings(
+        provider="oi", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
+
+
+def kinds(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["type"] for m in messages if m.get("start")]
+
+
+async def test_text_answer_streams_over_the_agentic_path(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply="Hello from the agent."))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            messages = await client.chat("hi", id="r1")
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    assert messages[0]["path"] == "oi"
+    assert content_of(messages).strip() == "Hello from the agent."
+
+
+async def test_code_runs_only_after_approval(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply=CODE_REPLY), Behaviour(reply="The answer is 42."))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+            confirmation = await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            assert len(fake_llm.streams) == 1  # waiting: nothing ran, nothing more was asked
+            await client.send({"type": "approve", "id": "r1", "approved": True})
+            messages = await client.finish("r1")
+    assert confirmation["content"]["content"].strip() == "print(6*7)"
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    console = "".join(
+        m.get("content", "") for m in messages if m["type"] == "console" and "content" in m
+    )
+    assert "42" in console
+    assert "code" in kinds(messages)
+
+
+async def test_denied_code_never_runs(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply=CODE_REPLY))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.send({"type": "approve", "id": "r1", "approved": False})
+            messages = await client.finish("r1")
+            await client.send({"type": "approve", "id": "r1", "approved": True})
+            late = await client.receive_control()
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    assert not [m for m in messages if m["type"] == "console"]
+    assert len(fake_llm.streams) == 1
+    assert late["code"] == "unknown_request"
+
+
+async def test_stop_closes_the_model_stream_and_the_loop_stays_responsive(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.script(Behaviour(reply="word " * 2000, piece_chars=5, delay_s=0.01))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "talk"})
+            await client.wait_for("r1", lambda m: m.get("content"))
+            started = trio.current_time()
+            health = await rest.get("/health")
+            probe_s = trio.current_time() - started
+            stop_at = trio.current_time()
+            await client.send({"type": "stop", "id": "r1"})
+            messages = await client.finish("r1")
+            record = fake_llm.streams[0]
+            await record.closed.wait()
+            closed_after = trio.current_time() - stop_at
+            while_stopping = await rest.get("/health")
+            await server.state.engine.tracker.wait_until_idle()
+    terminal = assert_stream_invariants(messages)
+    assert (terminal["type"], terminal["reason"]) == ("stopped", "stop")
+    assert record.outcome == "client_closed"
+    assert closed_after < 0.5
+    assert health.status_code == while_stopping.status_code == 200
+    assert probe_s < 0.5
