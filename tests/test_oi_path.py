@@ -86,6 +86,7 @@ async def test_denied_code_never_runs(fake_llm: FakeLLM) -> None:
             await client.wait_for("r1", lambda m: m["type"] == "confirmation")
             await client.send({"type": "approve", "id": "r1", "approved": False})
             messages = await client.finish("r1")
+            await server.state.engine.tracker.wait_until_idle()
             await client.send({"type": "approve", "id": "r1", "approved": True})
             late = await client.receive_control()
     assert assert_stream_invariants(messages)["type"] == "completion"
