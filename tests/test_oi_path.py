@@ -124,3 +124,63 @@ async def test_stop_closes_the_model_stream_and_the_loop_stays_responsive(
     assert closed_after < 0.5
     assert health.status_code == while_stopping.status_code == 200
     assert probe_s < 0.5
+
+
+async def test_stop_while_waiting_for_approval_ends_the_turn_without_running_code(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.script(Behaviour(reply=CODE_REPLY))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.send({"type": "stop", "id": "r1"})
+            messages = await client.finish("r1")
+            await server.state.engine.tracker.wait_until_idle()
+    terminal = assert_stream_invariants(messages)
+    assert (terminal["type"], terminal["reason"]) == ("stopped", "stop")
+    assert not [m for m in messages if m["type"] == "console"]
+    assert len(fake_llm.streams) == 1
+
+
+async def test_disconnect_while_waiting_for_approval_leaves_nothing_behind(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.script(Behaviour(reply=CODE_REPLY))
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(oi_settings(fake_llm)) as server:
+            async with ws_client(server.ws_url) as client:
+                await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+                await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await server.state.engine.tracker.wait_until_idle()
+            record = server.state.engine.tracker.get("r1", "anonymous")
+    assert record is not None
+    assert (record.state, record.stop_reason) == ("stopped", "disconnect")
+
+
+async def test_conversations_get_their_own_interpreters(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(reply="ok.")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send(
+                {"type": "chat", "id": "a1", "message": "alpha", "conversation_id": "ca"}
+            )
+            await client.send(
+                {"type": "chat", "id": "b1", "message": "bravo", "conversation_id": "cb"}
+            )
+            first = [await client.finish("a1"), await client.finish("b1")]
+            await client.chat("alpha again", id="a2", conversation_id="ca")
+    assert all(assert_stream_invariants(m)["type"] == "completion" for m in first)
+    by_last = {
+        s.request["messages"][-1]["content"]: s.request["messages"] for s in fake_llm.streams
+    }
+    later = [m["content"] for m in by_last["alpha again"] if m["role"] == "user"]
+    # The second turn of conversation "ca" carries its own first turn, and nothing of "cb".
+    assert any("alpha" in text for text in later[:-1])
+    assert not any("bravo" in str(m.get("content")) for m in by_last["alpha again"])
