@@ -16,7 +16,7 @@ jobs: [message_handling, streaming_coordination, cancellation_handling]
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -138,9 +138,24 @@ async def chat() -> Response:
     outbox = Outbox(state.settings.outbox_max_bytes)
     collector = AnswerCollector(chat_request.id)
 
+    refused = await run_to_end(state.engine, chat_request, outbox, collector.add)
+    return refused or collector.response()
+
+
+async def run_to_end(
+    engine: RuntimeEngine,
+    chat_request: ChatRequest,
+    outbox: Outbox,
+    on_message: Callable[[Chunk], None],
+) -> Response | None:
+    """Run a chat in this handler's task, giving each of its messages to ``on_message``.
+
+    Returns the refusal response if the engine would not start it. A client that disconnects
+    cancels the handler, and with it the chat (reason ``disconnect``)."""
+
     async def run(*, task_status: trio.TaskStatus[RequestRecord]) -> None:
         try:
-            await state.engine.run_chat(chat_request, outbox, task_status=task_status)
+            await engine.run_chat(chat_request, outbox, task_status=task_status)
         finally:
             outbox.finish()
 
@@ -153,10 +168,9 @@ async def chat() -> Response:
             try:
                 batch = await outbox.get_batch()
             except trio.EndOfChannel:
-                break
+                return None
             for message in batch:
-                collector.add(message)
-    return collector.response()
+                on_message(message)
 
 
 def _sse_event(message: Chunk) -> bytes:

@@ -28,7 +28,7 @@ from quart_schema import document
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, errors
-from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal
+from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal, run_to_end
 from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
@@ -192,30 +192,20 @@ async def chat_completions() -> Response:
         response.timeout = None
         return response
 
-    async def run(*, task_status: trio.TaskStatus[RequestRecord]) -> None:
-        try:
-            await state.engine.run_chat(chat, outbox, task_status=task_status)
-        finally:
-            outbox.finish()
-
     text: list[str] = []
-    error: Chunk | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run)
-        except REFUSED as exc:
-            return refusal(exc)
-        while True:
-            try:
-                batch = await outbox.get_batch()
-            except trio.EndOfChannel:
-                break
-            for message in batch:
-                content = _content(message)
-                if content:
-                    text.append(content)
-                elif message.get("type") == "error" and message.get("id") is not None:
-                    error = message
+    errors: list[Chunk] = []
+
+    def on_message(message: Chunk) -> None:
+        content = _content(message)
+        if content:
+            text.append(content)
+        elif message.get("type") == "error" and message.get("id") is not None:
+            errors.append(message)
+
+    refused = await run_to_end(state.engine, chat, outbox, on_message)
+    if refused is not None:
+        return refused
+    error = errors[0] if errors else None
     if error is not None:
         status = ERROR_STATUS.get(error["code"], 500)
         return json_error(status, error["code"], error["message"], type=error["code"])
