@@ -30,7 +30,7 @@ import trio
 
 from aether import __version__
 from aether.config import Settings
-from aether.core.identity import SCOPE_REQUEST_ID_KEY, identity_from_scope
+from aether.core.identity import SCOPE_RAW_SEND_KEY, SCOPE_REQUEST_ID_KEY, identity_from_scope
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.ws.handlers import MessageHandler
@@ -88,7 +88,8 @@ class WebSocketEndpoint:
         try:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._write, client, send)
+                # After the accept, frames go straight to the server (no middleware needs them).
+                nursery.start_soon(self._write, client, scope.get(SCOPE_RAW_SEND_KEY, send))
                 nursery.start_soon(self._watch_for_stall, client)
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))

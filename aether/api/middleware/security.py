@@ -12,6 +12,7 @@ jobs: [response_interception, header_injection]
 from __future__ import annotations
 
 from aether.api.middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from aether.core.identity import SCOPE_RAW_SEND_KEY
 
 API_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cache-control", b"no-store"),
@@ -35,6 +36,8 @@ class SecurityHeadersMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self._app(scope, receive, send)
             return
+        if scope["type"] == "websocket":
+            scope[SCOPE_RAW_SEND_KEY] = send  # this is the outermost layer: see the key's note
         added = [*API_HEADERS, HSTS] if scope.get("scheme") in ("https", "wss") else API_HEADERS
 
         async def send_with_headers(message: Message) -> None:
