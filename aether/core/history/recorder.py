@@ -17,7 +17,13 @@ import logging
 
 import trio
 
-from aether.core.history.store import HistoryStore, MessageStatus, StorageError
+from aether.core.errors import AetherError
+from aether.core.history.store import (
+    HistoryStore,
+    MessageStatus,
+    StorageError,
+    UnknownConversation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,39 +52,65 @@ class TurnRecorder:
         self.transcript: list[str] = []
         self._message_id: int | None = None
         self._saved_parts = 0
+        self.begun = trio.Event()
+        self.failure: AetherError | None = None
+        self._saving = trio.CancelScope()
 
     async def run(self) -> None:
-        """Store the turn's start, then save the answer so far every second until cancelled.
+        """Store the turn's start, then save the answer so far every second until ``finish``.
 
-        It runs beside the stream, which does not wait for it. The start is shielded: once the
-        turn exists in the store, ``finish`` must be able to give it its final status."""
-        with trio.CancelScope(shield=True):
-            message_id = await self._store.begin_turn(
-                self._owner,
-                self._conversation_id,
-                self._title,
-                self._request_id,
-                self._user_text,
-            )
-        self._message_id = message_id
+        It runs in the engine's nursery, not the request's: a stop must not wait for the store
+        (the request's ``stopped`` goes out at once; ``finish`` then waits for this task's
+        writes). The start is shielded: once the turn exists, it must get its final status."""
+        try:
+            with trio.CancelScope(shield=True):
+                message_id = await self._store.begin_turn(
+                    self._owner,
+                    self._conversation_id,
+                    self._title,
+                    self._request_id,
+                    self._user_text,
+                )
+        except (StorageError, UnknownConversation) as exc:
+            self.failure = exc
+            return
+        else:
+            self._message_id = message_id
+        finally:
+            self.begun.set()
         log.debug(
             "request %s: turn stored in conversation %s",
             self._request_id,
             self._conversation_id,
             extra={"request_id": self._request_id, "conversation_id": self._conversation_id},
         )
-        while True:
-            await trio.sleep(FLUSH_INTERVAL_S)
-            if len(self.transcript) != self._saved_parts:
-                self._saved_parts = len(self.transcript)
-                await self._store.save_answer(message_id, "".join(self.transcript), "streaming")
+        with self._saving:
+            while True:
+                await trio.sleep(FLUSH_INTERVAL_S)
+                if len(self.transcript) != self._saved_parts:
+                    self._saved_parts = len(self.transcript)
+                    try:
+                        await self._store.save_answer(
+                            message_id, "".join(self.transcript), "streaming"
+                        )
+                    except StorageError:
+                        log.error("request %s: answer so far not saved", self._request_id)
+
+    async def check_start(self) -> None:
+        """In the request's nursery: raise the start's failure, if any, to end the request
+        with that error (cancellable, so a stop never waits on the store)."""
+        await self.begun.wait()
+        if self.failure is not None:
+            raise self.failure
 
     async def finish(self, status: MessageStatus, error_code: str | None = None) -> None:
         """Save the final text and status; safe to call while the caller is being cancelled."""
-        if self._message_id is None:
-            return  # the start was never stored: nothing to finish
+        self._saving.cancel()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FINAL_SAVE_TIMEOUT_S
+            await self.begun.wait()
+            if self._message_id is None:
+                return  # the start was never stored: nothing to finish
             try:
                 await self._store.save_answer(
                     self._message_id, "".join(self.transcript), status, error_code

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import httpx
@@ -230,12 +231,13 @@ class RuntimeEngine:
                 await relay.announce(accepted)
                 async with trio.open_nursery() as nursery:
                     if recorder is not None:
-                        nursery.start_soon(recorder.run)
+                        self._spawn(recorder.run)
+                        nursery.start_soon(recorder.check_start)
                     send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
                     nursery.start_soon(self.streamer.stream_chat, request, provider, send)
                     async with receive:
                         await relay.relay_stream(receive)
-                    nursery.cancel_scope.cancel()  # the recorder's periodic saves
+                    nursery.cancel_scope.cancel()  # the recorder's start check
                 state = "error" if relay.error is not None else "completed"
         except* trio.BrokenResourceError:
             # The client's writer is gone: the client left while this request streamed.
@@ -314,6 +316,12 @@ class RuntimeEngine:
             code = str(error.get("code", ""))
             if code.startswith("upstream_"):
                 metrics.upstream_errors.labels(code).inc()
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a helper of a request in the engine's nursery (it outlives the request's)."""
+        if self._nursery is None:
+            raise RuntimeError("the engine is not started")
+        self._nursery.start_soon(fn)
 
     async def start_detached_chat(self, request: ChatRequest, outbox: Outbox) -> RequestRecord:
         """Run a chat in the engine's nursery, for a transport whose handler must return first
