@@ -184,3 +184,24 @@ async def test_conversations_get_their_own_interpreters(fake_llm: FakeLLM) -> No
     # The second turn of conversation "ca" carries its own first turn, and nothing of "cb".
     assert any("alpha" in text for text in later[:-1])
     assert not any("bravo" in str(m.get("content")) for m in by_last["alpha again"])
+
+
+async def test_tool_catalog_says_what_the_server_offers(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            catalog = (await rest.get("/v1/tools")).json()
+        echo_only = make_settings(provider="echo")
+        async with (
+            running_server(echo_only) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            plain = (await rest.get("/v1/tools")).json()
+    assert catalog["paths"] == ["auto", "echo", "http", "oi"]
+    assert catalog["default_path"] == "oi"
+    assert catalog["code_execution"] == {"available": True, "requires_approval": True}
+    assert catalog["web_search"]["available"] is False
+    assert plain["paths"] == ["auto", "echo"]
+    assert plain["code_execution"]["available"] is False

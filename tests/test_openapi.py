@@ -35,6 +35,7 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/chat/history",
         "/v1/conversations",
         "/v1/conversations/{conversation_id}",
+        "/v1/tools",
     }
     chat = paths["/v1/chat"]["post"]
     assert chat["requestBody"]["required"] is True

@@ -153,6 +153,26 @@ class ChatCompletion(BaseModel):
     media_types: ClassVar[tuple[str, ...]] = ("application/json", "text/event-stream")
 
 
+class Capability(BaseModel):
+    available: bool
+    reason: str | None = None
+
+
+class CodeExecution(BaseModel):
+    available: bool
+    requires_approval: bool
+
+
+class ToolCatalog(BaseModel):
+    """What this server offers."""
+
+    paths: list[str]
+    default_path: str
+    code_execution: CodeExecution
+    web_search: Capability
+    file_chat: Capability
+
+
 def errors(*statuses: int) -> dict[int, tuple[type[BaseModel], None]]:
     """``document(responses=...)`` entries for error statuses, plus those every route has."""
     return dict.fromkeys({*statuses, 401, 429, 500}, (ErrorResponse, None))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from quart import Quart
 
 from aether.api import web
-from aether.api.v1.endpoints import chat, conversations, health, openai_compat
+from aether.api.v1.endpoints import chat, conversations, health, openai_compat, tools
 
 
 def register_v1(app: Quart) -> None:
@@ -19,3 +19,4 @@ def register_v1(app: Quart) -> None:
     app.register_blueprint(chat.blueprint)
     app.register_blueprint(conversations.blueprint)
     app.register_blueprint(openai_compat.blueprint)
+    app.register_blueprint(tools.blueprint)

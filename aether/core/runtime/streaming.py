@@ -58,6 +58,16 @@ class ChatStreamer:
     def default_path(self) -> str:
         return self._default.name
 
+    @property
+    def available_paths(self) -> list[str]:
+        """The paths a chat can ask for (``auto`` always: it takes ``default_path``)."""
+        paths = ["auto", "echo"]
+        if self._http is not None:
+            paths.append("http")
+        if self._oi is not None:
+            paths.append("oi")
+        return paths
+
     def select_provider(self, path: PathName) -> Provider:
         """The provider for a requested path. Raises PathUnavailable when it is not configured."""
         if path == "auto":

@@ -1,0 +1,41 @@
+"""``GET /v1/tools``: what this server offers (the seed's tool catalog).
+
+Model paths and which one ``auto`` takes; whether code can run and whether it needs approval;
+web search and file chat (not offered yet, and said so).
+
+@.architecture
+role: tool catalog endpoint
+jobs: [tool_catalog_generation]
+"""
+
+from __future__ import annotations
+
+from quart import Blueprint, Response
+from quart_schema import document
+
+from aether.api.dependencies import app_state
+from aether.api.responses import json_response
+from aether.api.schemas import ToolCatalog, errors
+
+blueprint = Blueprint("tools", __name__)
+
+
+@blueprint.get("/v1/tools")
+@document(responses={200: (ToolCatalog, None), **errors()})
+async def tools() -> Response:
+    state = app_state()
+    streamer = state.engine.streamer
+    paths = streamer.available_paths
+    code = "oi" in paths
+    return json_response(
+        {
+            "paths": paths,
+            "default_path": streamer.default_path,
+            "code_execution": {
+                "available": code,
+                "requires_approval": code and not state.settings.oi_auto_run,
+            },
+            "web_search": {"available": False, "reason": "no search backend is configured"},
+            "file_chat": {"available": False, "reason": "file uploads are not offered yet"},
+        }
+    )
