@@ -312,3 +312,49 @@ class RawWebSocket:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+class AetherProcess:
+    """A real ``python -m aether --port 0`` process, its stderr log and its URLs."""
+
+    def __init__(self, process: trio.Process, log: bytes, base_url: str) -> None:
+        self.process = process
+        self.log = log
+        self.base_url = base_url
+        self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
+
+    async def read_log_to_end(self) -> bytes:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.log += chunk
+        return self.log
+
+
+@asynccontextmanager
+async def aether_process(
+    env: dict[str, str], ready_marker: bytes = b"serving on"
+) -> AsyncIterator[AetherProcess]:
+    """Start Aether as a process on a free port; wait for ``ready_marker`` in its log; on exit,
+    kill it if it is still running."""
+    import re
+    import subprocess
+    import sys
+
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "aether", "--port", "0"], stderr=subprocess.PIPE, env=env
+    )
+    assert process.stderr is not None
+    try:
+        log = b""
+        while ready_marker not in log or b"serving on" not in log:
+            chunk = await process.stderr.receive_some(4096)
+            assert chunk, log.decode()
+            log += chunk
+        match = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)
+        assert match is not None, log.decode()
+        yield AetherProcess(process, log, match.group(1).decode())
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await process.stderr.aclose()

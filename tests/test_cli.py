@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import sys
 import httpx
 import trio
 
-from tests.helpers import fresh_db_path, ws_client
+from tests.helpers import aether_process, fresh_db_path, ws_client
 
 
 def aether_env(**extra: str) -> dict[str, str]:
@@ -45,66 +44,28 @@ def test_invalid_setting_fails_with_one_line() -> None:
 
 
 async def test_serves_echo_then_exits_cleanly_on_sigterm() -> None:
+    env = aether_env(AETHER_ECHO_TOKEN_DELAY_S="0")
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "aether", "--port", "0"],
-            stderr=subprocess.PIPE,
-            env=aether_env(AETHER_ECHO_TOKEN_DELAY_S="0"),
-        )
-        assert process.stderr is not None
-        log = b""
-        try:
-            while b"built-in echo model" not in log:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            match = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)
-            assert match is not None, log.decode()
-            base_url = match.group(1).decode()
-            async with httpx.AsyncClient(base_url=base_url) as client:
+        async with aether_process(env, b"built-in echo model") as server:
+            async with httpx.AsyncClient(base_url=server.base_url) as client:
                 assert (await client.get("/ready")).json()["default_path"] == "echo"
-            ws_url = base_url.replace("http", "ws", 1) + "/ws"
-            async with ws_client(ws_url) as client:
+            async with ws_client(server.ws_url) as client:
                 messages = await client.chat("hello echo", id="r1")
             assert "".join(m.get("content", "") for m in messages) == "hello echo"
-            process.send_signal(signal.SIGTERM)
-            assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
 
 
 async def test_json_logs_carry_ids_and_never_message_content() -> None:
     secret = "my-private-words-4711"
+    env = aether_env(AETHER_ECHO_TOKEN_DELAY_S="0", AETHER_LOG_FORMAT="json")
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "aether", "--port", "0"],
-            stderr=subprocess.PIPE,
-            env=aether_env(AETHER_ECHO_TOKEN_DELAY_S="0", AETHER_LOG_FORMAT="json"),
-        )
-        assert process.stderr is not None
-        log = b""
-        try:
-            while b"built-in echo model" not in log:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            match = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)
-            assert match is not None
-            ws_url = match.group(1).decode().replace("http", "ws", 1) + "/ws"
-            async with ws_client(ws_url) as client:
+        async with aether_process(env) as server:
+            async with ws_client(server.ws_url) as client:
                 await client.chat(secret, id="r-json")
-            process.send_signal(signal.SIGTERM)
-            async for chunk in process.stderr:
-                log += chunk
-            assert await process.wait() == 0
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
+            server.process.send_signal(signal.SIGTERM)
+            log = await server.read_log_to_end()
+            assert await server.process.wait() == 0
     events = [json.loads(line) for line in log.decode().splitlines()]
     assert all({"ts", "level", "logger", "message"} <= event.keys() for event in events)
     started = [e for e in events if e.get("request_id") == "r-json" and "started" in e["message"]]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
+    aether_process,
     assert_stream_invariants,
     content_of,
     fresh_db_path,
@@ -208,31 +206,15 @@ async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_
         AETHER_LLM_MODEL="fake-model",
     )
     with trio.fail_after(30):
-        process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "aether", "--port", "0"], stderr=subprocess.PIPE, env=env
-        )
-        assert process.stderr is not None
-        try:
-            log = b""
-            while (match := re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)) is None:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, log.decode()
-                log += chunk
-            ws_url = match.group(1).decode().replace("http", "ws", 1) + "/ws"
-            async with ws_client(ws_url) as client:
-                await client.chat("finished", id="r1", conversation_id="crash")
-                await client.send(
-                    {"type": "chat", "id": "r2", "message": "long", "conversation_id": "crash"}
-                )
-                # Wait until a periodic save has stored part of the answer, then kill -9.
-                await client.wait_for("r2", lambda m: "tok150 " in m.get("content", ""))
-                process.send_signal(signal.SIGKILL)
-                assert await process.wait() == -signal.SIGKILL
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-            await process.stderr.aclose()
+        async with aether_process(env) as server, ws_client(server.ws_url) as client:
+            await client.chat("finished", id="r1", conversation_id="crash")
+            await client.send(
+                {"type": "chat", "id": "r2", "message": "long", "conversation_id": "crash"}
+            )
+            # Wait until a periodic save has stored part of the answer, then kill -9.
+            await client.wait_for("r2", lambda m: "tok150 " in m.get("content", ""))
+            server.process.send_signal(signal.SIGKILL)
+            assert await server.process.wait() == -signal.SIGKILL
         settings = make_settings(provider="echo", db_path=str(db_path))
         async with (
             running_server(settings) as server,

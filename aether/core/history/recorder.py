@@ -35,6 +35,7 @@ FINAL_SAVE_TIMEOUT_S = 5.0
 class TurnRecorder:
     def __init__(
         self,
+        saved: trio.Event,
         store: HistoryStore,
         owner: str,
         conversation_id: str,
@@ -46,6 +47,8 @@ class TurnRecorder:
         self._owner = owner
         self._title = title
         self._conversation_id = conversation_id
+        # Set once the final answer is saved (or could not be): the next turn waits for it.
+        self.saved = saved
         self._request_id = request_id
         self._user_text = user_text
         # The relay appends each assistant text delta here (one list append per delta).
@@ -103,8 +106,18 @@ class TurnRecorder:
         if self.failure is not None:
             raise self.failure
 
+    @property
+    def conversation_id(self) -> str:
+        return self._conversation_id
+
     async def finish(self, status: MessageStatus, error_code: str | None = None) -> None:
         """Save the final text and status; safe to call while the caller is being cancelled."""
+        try:
+            await self._finish(status, error_code)
+        finally:
+            self.saved.set()
+
+    async def _finish(self, status: MessageStatus, error_code: str | None) -> None:
         self._saving.cancel()
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + FINAL_SAVE_TIMEOUT_S

@@ -90,6 +90,8 @@ class RuntimeEngine:
         self._stopped = trio.Event()
         self._draining = False
         self._interpreters: InterpreterManager | None = None
+        # conversation id -> set when the latest turn's answer is finally saved
+        self._saving_turns: dict[str, trio.Event] = {}
 
     @property
     def started(self) -> bool:
@@ -266,6 +268,8 @@ class RuntimeEngine:
             if recorder is not None:
                 error_code = (failure or relay.error or {}).get("code")
                 await recorder.finish(ANSWER_STATUS[state], error_code)
+                if self._saving_turns.get(recorder.conversation_id) is recorder.saved:
+                    del self._saving_turns[recorder.conversation_id]
             self.tracker.end_request(record, state)
             in_flight.dec()
             self._observe(record, relay, failure or relay.error)
@@ -280,6 +284,11 @@ class RuntimeEngine:
         if conversation_id is None:
             conversation_id = new_conversation_id()
         else:
+            # A follow-up sent the moment the previous answer's terminal arrived must see that
+            # answer: wait (cancellably) until its final save is done.
+            previous = self._saving_turns.get(conversation_id)
+            if previous is not None:
+                await previous.wait()
             owner = await self._history.owner_of(conversation_id)
             if owner is not None and owner != request.owner:
                 raise UnknownConversation(f"no conversation with id {conversation_id!r}")
@@ -291,7 +300,9 @@ class RuntimeEngine:
         # send the whole conversation with every request).
         history = tuple((m.role, m.content) for m in context) if context else request.history
         request = replace(request, conversation_id=conversation_id, history=history)
+        self._saving_turns[conversation_id] = recorder_saved = trio.Event()
         recorder = TurnRecorder(
+            recorder_saved,
             self._history,
             request.owner,
             conversation_id,
