@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+from wsproto.events import Message
 
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import create_app
@@ -203,29 +204,18 @@ async def raw_websocket_close_code(ws_url: str, frame: str) -> int:
     A bare client, because trio-websocket's leaks its socket when the server closes first
     with 1009; here the test owns and closes the socket itself.
     """
-    from urllib.parse import urlsplit
+    from wsproto.events import CloseConnection
 
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, CloseConnection, Message, Request
-
-    parts = urlsplit(ws_url)
-    assert parts.hostname is not None
-    assert parts.port is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
-    async with stream:
-        ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host=parts.netloc, target=parts.path)))
-        sent = False
+    client = await RawWebSocket.connect(ws_url)
+    async with client.stream:
+        await client.stream.send_all(client.ws.send(Message(data=frame)))
         while True:
-            data = await stream.receive_some(65536)
+            data = await client.stream.receive_some(65536)
             if not data:
                 raise AssertionError("the server closed the TCP stream without a close frame")
-            ws.receive_data(data)
-            for event in ws.events():
-                if isinstance(event, AcceptConnection) and not sent:
-                    await stream.send_all(ws.send(Message(data=frame)))
-                    sent = True
-                elif isinstance(event, CloseConnection):
+            client.ws.receive_data(data)
+            for event in client.ws.events():
+                if isinstance(event, CloseConnection):
                     return event.code
 
 
