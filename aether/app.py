@@ -23,6 +23,7 @@ from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
 from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
+from aether.api.middleware.response_end import ResponseEndMiddleware
 from aether.api.middleware.security import SecurityHeadersMiddleware
 from aether.api.responses import json_error, request_id
 from aether.api.schemas import API_INFO, AetherOpenAPIProvider
@@ -116,7 +117,8 @@ def create_app(settings: Settings) -> QuartTrio:
 
 
 def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics) -> ASGIApp:
-    """Outermost first: security headers, request ids and errors, rate limits, authentication."""
+    """Outermost first: the shielded response end, security headers, request ids and errors,
+    rate limits, authentication."""
     public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
     authenticated = AuthMiddleware(app, keys, settings.allowed_origins, frozenset(public))
     limited = RateLimitMiddleware(
@@ -127,4 +129,4 @@ def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: M
         exempt_ips=frozenset(settings.rate_limit_exempt_ips),
         metrics=metrics,
     )
-    return SecurityHeadersMiddleware(ErrorHandlerMiddleware(limited))
+    return ResponseEndMiddleware(SecurityHeadersMiddleware(ErrorHandlerMiddleware(limited)))

@@ -51,6 +51,30 @@ async def test_follow_up_turns_send_the_conversation_as_context(fake_llm: FakeLL
     ]
 
 
+async def test_a_turn_does_not_wait_for_another_still_streaming_in_its_conversation(
+    fake_llm: FakeLLM,
+) -> None:
+    # The first answer never ends by itself; the second must stream regardless.
+    fake_llm.script(Behaviour(tokens=10_000, delay_s=0.05), Behaviour(tokens=2))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send(
+                {"type": "chat", "id": "long", "message": "one", "conversation_id": "conv-c"}
+            )
+            await client.wait_for("long", lambda m: m.get("content"))
+            second = await client.chat("two", id="short", conversation_id="conv-c")
+            assert "long" in [r.id for r in server.state.engine.tracker.live()]
+            await client.send({"type": "stop", "id": "long"})
+            stopped = await client.finish("long")
+    assert assert_stream_invariants(second)["type"] == "completion"
+    assert assert_stream_invariants(stopped)["type"] == "stopped"
+    # The second turn's context holds the first question but no answer still being written.
+    assert fake_llm.streams[1].request["messages"][-1] == {"role": "user", "content": "two"}
+
+
 async def test_each_answer_is_stored_with_its_status(fake_llm: FakeLLM) -> None:
     fake_llm.script(
         Behaviour(tokens=3), Behaviour(tokens=10_000, delay_s=0.01), Behaviour(status=503)

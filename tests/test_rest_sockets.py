@@ -154,3 +154,48 @@ async def test_health_and_ready(fake_llm: FakeLLM) -> None:
     assert ready.json()["status"] == "ready"
     assert ready.json()["default_path"] == "http"
     assert "server" not in health.headers
+
+
+async def read_http_response(stream: trio.SocketStream) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length: (status line, body)."""
+    buffer = b""
+    while b"\r\n\r\n" not in buffer:
+        data = await stream.receive_some()
+        assert data, f"connection closed mid-response after {buffer!r}"
+        buffer += data
+    head, _, body = buffer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = next(
+        int(v)
+        for k, _, v in (line.partition(b":") for line in lines[1:])
+        if k.lower() == b"content-length"
+    )
+    while len(body) < length:
+        body += await stream.receive_some()
+    return lines[0], body
+
+
+async def test_a_response_sent_before_the_request_body_closes_the_connection() -> None:
+    # A 405 leaves before the request's body arrives, so the connection cannot be kept for
+    # another request: the server must close it, not leave the client's next request unanswered.
+    body = b'{"message": "hi"}'
+    head = (
+        b"PUT /v1/chat HTTP/1.1\r\nHost: aether\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(make_settings(provider="echo")) as server:
+            host, port = server.base_url.removeprefix("http://").rsplit(":", 1)
+            async with await trio.open_tcp_stream(host, int(port)) as early:
+                await early.send_all(head)
+                status, _ = await read_http_response(early)
+                assert await early.receive_some() == b""
+            # With the body sent at once, the same connection serves the next request.
+            async with await trio.open_tcp_stream(host, int(port)) as whole:
+                await whole.send_all(head + body)
+                assert (await read_http_response(whole))[0] == status
+                await whole.send_all(b"GET /health HTTP/1.1\r\nHost: aether\r\n\r\n")
+                health_status, health = await read_http_response(whole)
+    assert status == b"HTTP/1.1 405 "
+    assert health_status == b"HTTP/1.1 200 "
+    assert json.loads(health)["status"] == "ok"

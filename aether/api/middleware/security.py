@@ -37,7 +37,9 @@ class SecurityHeadersMiddleware:
             await self._app(scope, receive, send)
             return
         if scope["type"] == "websocket":
-            scope[SCOPE_RAW_SEND_KEY] = send  # this is the outermost layer: see the key's note
+            scope[SCOPE_RAW_SEND_KEY] = (
+                send  # the outermost layer for WebSockets: see the key's note
+            )
         added = [*API_HEADERS, HSTS] if scope.get("scheme") in ("https", "wss") else API_HEADERS
 
         async def send_with_headers(message: Message) -> None:

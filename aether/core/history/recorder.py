@@ -35,7 +35,6 @@ FINAL_SAVE_TIMEOUT_S = 5.0
 class TurnRecorder:
     def __init__(
         self,
-        saved: trio.Event,
         store: HistoryStore,
         owner: str,
         conversation_id: str,
@@ -48,7 +47,7 @@ class TurnRecorder:
         self._title = title
         self._conversation_id = conversation_id
         # Set once the final answer is saved (or could not be): the next turn waits for it.
-        self.saved = saved
+        self.saved = trio.Event()
         self._request_id = request_id
         self._user_text = user_text
         # The relay appends each assistant text delta here (one list append per delta).

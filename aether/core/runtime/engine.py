@@ -257,6 +257,11 @@ class RuntimeEngine:
                 AetherError.code, "the server failed while streaming this request"
             )
         finally:
+            if recorder is not None:
+                # Published before the terminal is queued: a follow-up the client sends on
+                # seeing it then waits for this answer's save. A turn still streaming is not
+                # waited for (its answer is not part of a concurrent turn's context).
+                self._saving_turns[recorder.conversation_id] = recorder.saved
             if state == "completed":
                 relay.finish({"role": "server", "type": "completion"})
             elif state == "error":
@@ -300,9 +305,7 @@ class RuntimeEngine:
         # send the whole conversation with every request).
         history = tuple((m.role, m.content) for m in context) if context else request.history
         request = replace(request, conversation_id=conversation_id, history=history)
-        self._saving_turns[conversation_id] = recorder_saved = trio.Event()
         recorder = TurnRecorder(
-            recorder_saved,
             self._history,
             request.owner,
             conversation_id,

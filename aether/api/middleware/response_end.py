@@ -1,0 +1,45 @@
+"""The last send of an HTTP response runs shielded, so its connection is always recycled or closed.
+
+Hypercorn does its end-of-response work inside the application's final ``send``: it ends the
+message, tells the application ``http.disconnect``, then keeps the connection for the next
+request or closes it. Quart-Trio cancels its request nursery the moment that disconnect arrives,
+and the cancellation lands in the middle of the same call. When the response was sent before
+the request's body had arrived (a 405 or 413 to a request with a body), Hypercorn must close
+the connection, and the cancelled close left it open and deaf: the client's next request on it
+waited forever. Shielding the final send lets that work finish; Hypercorn already shields its
+socket writes, and a deadline bounds the rest.
+
+@.architecture
+role: response end middleware
+jobs: [response_interception, cleanup]
+"""
+
+from __future__ import annotations
+
+import trio
+
+from aether.api.middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+
+FINAL_SEND_TIMEOUT_S = 10.0
+
+
+class ResponseEndMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            # WebSocket frames skip this layer (they are the hot path); a refused handshake's
+            # response needs no recycling, the connection closes after it.
+            await self._app(scope, receive, send)
+            return
+
+        async def send_final_shielded(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True) as shield:
+                    shield.relative_deadline = FINAL_SEND_TIMEOUT_S
+                    await send(message)
+                return
+            await send(message)
+
+        await self._app(scope, receive, send_final_shielded)
