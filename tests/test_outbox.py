@@ -41,6 +41,36 @@ async def test_deltas_coalesce_while_the_writer_lags() -> None:
     assert assert_stream_invariants(messages)["type"] == "completion"
 
 
+async def test_chunks_ready_together_reach_an_eager_writer_as_one_frame() -> None:
+    # The writer takes each message the moment it can; deltas that were already waiting in the
+    # channel together must still leave as one frame, not one scheduler round each.
+    outbox = Outbox(max_bytes=1 << 20)
+    relay = StreamRelay("r1", outbox)
+    send, receive = trio.open_memory_channel[dict[str, Any]](8)
+    frames: list[list[dict[str, Any]]] = []
+
+    async def writer() -> None:
+        while True:
+            try:
+                frames.append(await outbox.get_batch())
+            except trio.EndOfChannel:
+                return
+
+    async def relay_then_finish() -> None:
+        await relay.relay_stream(receive)
+        outbox.finish()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        nursery.start_soon(relay_then_finish)
+        send.send_nowait(block_start())
+        await trio.testing.wait_all_tasks_blocked()  # the writer has sent the block's start
+        for token in ["a", "b", "c", "d"]:
+            send.send_nowait(block_delta(token))
+        send.close()
+    assert [[m.get("content") for m in batch] for batch in frames] == [[None], ["abcd"]]
+
+
 async def test_a_delta_already_taken_is_not_extended() -> None:
     outbox = Outbox(max_bytes=1 << 20)
     relay = StreamRelay("r1", outbox)

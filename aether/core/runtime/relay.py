@@ -66,6 +66,16 @@ class StreamRelay:
         """Relay until the producer closes its channel. An error chunk is kept for ``finish``."""
         async for chunk in chunks:
             await self.relay_chunk(chunk)
+            # Take what else is ready without a scheduler round each: consecutive deltas then
+            # merge in the outbox before the writer runs.
+            while True:
+                try:
+                    chunk = chunks.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except trio.EndOfChannel:
+                    return
+                await self.relay_chunk(chunk)
 
     async def relay_chunk(self, chunk: Chunk) -> None:
         role = chunk.get("role", "assistant")
