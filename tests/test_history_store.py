@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import trio
 
 from aether.core.history.sqlite import MIGRATIONS, SQLiteHistoryStore
 from aether.core.history.store import StorageError, UnknownConversation
@@ -56,3 +57,41 @@ async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="newer"):
         await store.open()
     await store.close()
+
+
+async def test_writes_waiting_together_share_one_transaction_and_fail_alone(
+    tmp_path: Path,
+) -> None:
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    try:
+        await store.begin_turn("someone else", "theirs", "t", "r0", "mine, not yours")
+        batches_before = store.write_batches
+        outcomes: dict[str, int | Exception] = {}
+
+        async def begin(conversation_id: str) -> None:
+            try:
+                outcomes[conversation_id] = await store.begin_turn(
+                    "me", conversation_id, "t", f"r-{conversation_id}", "hello"
+                )
+            except UnknownConversation as exc:
+                outcomes[conversation_id] = exc
+
+        async with trio.open_nursery() as nursery:
+            for conversation_id in ["a", "b", "theirs", "c", "d"]:
+                nursery.start_soon(begin, conversation_id)
+        # All five were waiting when the first took the writer: one transaction ran them all.
+        assert store.write_batches - batches_before == 1
+        assert isinstance(outcomes.pop("theirs"), UnknownConversation)
+        for conversation_id in outcomes:
+            messages = await store.messages("me", conversation_id)
+            assert [(m.role, m.status) for m in messages] == [
+                ("user", "complete"),
+                ("assistant", "streaming"),
+            ]
+        assert [m.content for m in await store.messages("someone else", "theirs")] == [
+            "mine, not yours",
+            "",
+        ]
+    finally:
+        await store.close()

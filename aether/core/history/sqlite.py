@@ -5,6 +5,11 @@ Resource handling: two connections, a writer and a reader, each used by one thre
 (WAL lets readers and the writer work at once). Threads are never abandoned: a cancelled caller
 waits for its statement to finish, so a transaction is never left half-done by Trio.
 
+Writes are batched: every write that is waiting when the writer becomes free runs in the same
+thread call and transaction, each in a savepoint of its own (one write's failure undoes only
+that write). Fifty chats stopped at once then cost one commit and one thread hop, not fifty
+back to back, which kept the event loop (and so every ``stopped``) waiting on the GIL.
+
 Error handling: every ``sqlite3.Error`` becomes ``StorageError`` (logged with its detail); a
 failed transaction is rolled back, so what was stored before stays intact.
 
@@ -21,8 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
+import outcome
 import trio
 
 from aether.core.history.store import (
@@ -79,10 +85,38 @@ def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
     connection.execute("BEGIN IMMEDIATE")
     try:
         yield
+        connection.execute("COMMIT")
     except BaseException:
-        connection.execute("ROLLBACK")
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
         raise
-    connection.execute("COMMIT")
+
+
+class _WriteJob(Generic[T]):
+    """One write waiting for the writer; ``result`` is set once it ran (or its batch failed)."""
+
+    __slots__ = ("fn", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], T]) -> None:
+        self.fn = fn
+        self.result: outcome.Outcome[T] | None = None
+
+
+def _run_batch(writer: Callable[[], sqlite3.Connection], jobs: list[_WriteJob[Any]]) -> None:
+    """Run every job in one transaction, each in its own savepoint (in a worker thread)."""
+    connection = writer()
+    try:
+        with _transaction(connection):
+            for job in jobs:
+                connection.execute("SAVEPOINT job")
+                job.result = outcome.capture(job.fn, connection)
+                if isinstance(job.result, outcome.Error):
+                    connection.execute("ROLLBACK TO job")
+                connection.execute("RELEASE job")
+    except sqlite3.Error as exc:
+        # The commit failed: nothing of the batch is stored, whatever each job returned.
+        for job in jobs:
+            job.result = outcome.Error(exc)
 
 
 def _read(connection: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[Any]:
@@ -120,6 +154,9 @@ class SQLiteHistoryStore:
         self._reader: sqlite3.Connection | None = None
         self._write_limiter = trio.CapacityLimiter(1)
         self._read_limiter = trio.CapacityLimiter(1)
+        self._pending_writes: list[_WriteJob[Any]] = []
+        self._batch_lock = trio.Lock()
+        self.write_batches = 0  # thread calls that ran writes (each one transaction)
 
     async def _run(self, limiter: trio.CapacityLimiter, fn: Callable[[], T]) -> T:
         def guarded() -> T:
@@ -133,6 +170,35 @@ class SQLiteHistoryStore:
         except StorageError as exc:
             log.error("history store %s: %r", self.path, exc.__cause__)
             raise
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction of its own (a savepoint of a shared batch)."""
+        job: _WriteJob[T] = _WriteJob(fn)
+        self._pending_writes.append(job)
+        try:
+            async with self._batch_lock:
+                if job.result is None:  # no earlier batch took it: run all that wait
+                    jobs, self._pending_writes = self._pending_writes, []
+                    self.write_batches += 1
+                    try:
+                        await trio.to_thread.run_sync(
+                            _run_batch, self._w, jobs, limiter=self._write_limiter
+                        )
+                    finally:
+                        for taken in jobs:
+                            if taken.result is None:  # the batch never ran (store closed)
+                                taken.result = outcome.Error(
+                                    sqlite3.ProgrammingError("the history store is not open")
+                                )
+        finally:
+            if job.result is None and job in self._pending_writes:
+                self._pending_writes.remove(job)  # cancelled before any batch took it
+        assert job.result is not None
+        try:
+            return job.result.unwrap()
+        except sqlite3.Error as exc:
+            log.error("history store %s: %r", self.path, exc)
+            raise StorageError("the history store failed; the answer was not stored") from exc
 
     def _w(self) -> sqlite3.Connection:
         if self._writer is None:
@@ -218,41 +284,39 @@ class SQLiteHistoryStore:
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:
-        def run() -> int:
-            db = self._w()
+        def run(db: sqlite3.Connection) -> int:
             now = time.time()
-            with _transaction(db):
-                row = db.execute(
-                    "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
-                ).fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (conversation_id, owner, title, now, now),
-                    )
-                elif row[0] != owner:
-                    raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-                else:
-                    db.execute(
-                        "UPDATE conversations SET updated_at = ? WHERE id = ?",
-                        (now, conversation_id),
-                    )
+            row = db.execute(
+                "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+            if row is None:
                 db.execute(
-                    "INSERT INTO messages (conversation_id, role, content, status, request_id, "
-                    "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",
-                    (conversation_id, user_text, request_id, now),
+                    "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, owner, title, now, now),
                 )
-                cursor = db.execute(
-                    "INSERT INTO messages (conversation_id, role, content, status, request_id, "
-                    "created_at) VALUES (?, 'assistant', '', 'streaming', ?, ?)",
-                    (conversation_id, request_id, now),
+            elif row[0] != owner:
+                raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+            else:
+                db.execute(
+                    "UPDATE conversations SET updated_at = ? WHERE id = ?",
+                    (now, conversation_id),
                 )
+            db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, request_id, "
+                "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",
+                (conversation_id, user_text, request_id, now),
+            )
+            cursor = db.execute(
+                "INSERT INTO messages (conversation_id, role, content, status, request_id, "
+                "created_at) VALUES (?, 'assistant', '', 'streaming', ?, ?)",
+                (conversation_id, request_id, now),
+            )
             message_id = cursor.lastrowid
             assert message_id is not None
             return message_id
 
-        return await self._run(self._write_limiter, run)
+        return await self._write(run)
 
     async def save_answer(
         self,
@@ -261,15 +325,13 @@ class SQLiteHistoryStore:
         status: MessageStatus,
         error_code: str | None = None,
     ) -> None:
-        def run() -> None:
-            db = self._w()
-            with _transaction(db):
-                db.execute(
-                    "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
-                    (content, status, error_code, message_id),
-                )
+        def run(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
+                (content, status, error_code, message_id),
+            )
 
-        await self._run(self._write_limiter, run)
+        await self._write(run)
 
     async def list_conversations(
         self, owner: str, limit: int, before: float | None
@@ -307,12 +369,10 @@ class SQLiteHistoryStore:
         return await self._run(self._read_limiter, run)
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
-        def run() -> bool:
-            db = self._w()
-            with _transaction(db):
-                cursor = db.execute(
-                    "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
-                )
+        def run(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+            )
             return cursor.rowcount > 0
 
-        return await self._run(self._write_limiter, run)
+        return await self._write(run)
