@@ -10,10 +10,15 @@ absolute figures and ratios against the baselines measured in the same run:
 - ``fastapi-uvicorn``: the same relay on FastAPI + uvicorn (``scripts/bench/fastapi_relay.py``);
 - ``direct``: this process reading the upstream itself (the limit of relaying).
 
-Workloads: ``capacity`` (upstream delay 0: deltas/s, server CPU per delta, peak RSS, time to
-first token), ``paced`` (every stream at a steady pace: time to first token and the delay the
-server adds between tokens) and ``stop`` (a stop mid-stream on every stream at once: stop ->
-``stopped`` latency, chunks after ``stopped``, stop -> upstream connection closed).
+Workloads:
+- ``capacity``: upstream delay 0, all streams at once: deltas/s, server CPU per delta, peak RSS,
+  time to first token;
+- ``paced``: every stream at a steady pace, arrivals spread over ``--paced-stagger-s``: time to
+  first token (also as added over the upstream's own, read directly) and the gaps between tokens;
+- ``stop``: a stop mid-stream on every stream at once: stop -> ``stopped`` latency, chunks after
+  ``stopped``, stop -> upstream connection closed;
+- ``idle``: connections that said hello and wait: server memory per connection.
+Stream counts of 1000 and more run for Aether only.
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200 --json out.json
@@ -57,6 +62,10 @@ SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct")
 # Also measurable: Aether without conversation history (the cost of storing every answer).
 OPTIONAL_SERVERS = ("aether-no-history",)
 DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
+# How long idle connections sit before the server's memory is read (let buffers settle).
+IDLE_SETTLE_S = 1.0
+# Stream counts from this one up are measured for Aether alone (the baselines stop at 500).
+AETHER_ONLY_FROM = 1000
 
 
 def free_port() -> int:
@@ -173,9 +182,17 @@ class StreamResult:
 class Workload:
     """One client stream: connect, wait for the start signal, chat, maybe stop, read to end."""
 
-    def __init__(self, stop_after_tokens: int | None, linger_s: float) -> None:
+    def __init__(self, stop_after_tokens: int | None, linger_s: float, stagger_s: float) -> None:
         self.stop_after_tokens = stop_after_tokens
         self.linger_s = linger_s
+        # Streams start spread evenly over this long after the signal (0: all at once).
+        self.stagger_s = stagger_s
+        self.streams = 1
+
+    async def wait_turn(self, tag: str, go: trio.Event) -> None:
+        await go.wait()
+        if self.stagger_s:
+            await trio.sleep(self.stagger_s * int(tag[1:]) / self.streams)
 
     async def ws_stream(
         self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
@@ -185,7 +202,7 @@ class Workload:
             async with open_websocket_url(url, max_message_size=1 << 22) as ws:
                 await ws.get_message()  # hello
                 connected()
-                await go.wait()
+                await self.wait_turn(tag, go)
                 result.sent_at = now()
                 await ws.send_message(json.dumps({"type": "chat", "id": tag, "message": tag}))
                 await self._read(ws, tag, result)
@@ -244,7 +261,7 @@ class Workload:
     ) -> StreamResult:
         result = StreamResult()
         connected()
-        await go.wait()
+        await self.wait_turn(tag, go)
         result.sent_at = now()
         body = {"model": "m", "messages": [{"role": "user", "content": tag}], "stream": True}
         async with client.stream("POST", url + "/chat/completions", json=body) as response:
@@ -266,6 +283,7 @@ async def run_streams(
     server: str, url: str, streams: int, workload: Workload
 ) -> tuple[list[StreamResult], float]:
     """Connect every stream, start them together, wait for all; returns results and wall time."""
+    workload.streams = streams
     results: list[StreamResult] = []
     ready = 0
     all_connected = trio.Event()
@@ -340,6 +358,43 @@ async def measure(
     return summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
 
 
+async def measure_idle(server: str, upstream: Process, connections: int) -> dict[str, Any]:
+    """Open ``connections`` WebSockets that wait after ``hello``; the server's RSS per one."""
+    process = await start_server(server, f"http://127.0.0.1:{upstream.port}/v1")
+    url = f"ws://127.0.0.1:{process.port}/ws"
+    try:
+        before = process.psutil.memory_info().rss
+        opened = 0
+        all_open = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def hold() -> None:
+                nonlocal opened
+                async with open_websocket_url(url) as ws:
+                    await ws.get_message()  # hello
+                    opened += 1
+                    if opened == connections:
+                        all_open.set()
+                    await trio.sleep_forever()
+
+            for _ in range(connections):
+                nursery.start_soon(hold)
+            with trio.fail_after(120):
+                await all_open.wait()
+            await trio.sleep(IDLE_SETTLE_S)
+            after = process.psutil.memory_info().rss
+            nursery.cancel_scope.cancel()
+    finally:
+        await process.stop()
+    return {
+        "streams": connections,
+        "rss_before_mib": before / 2**20,
+        "rss_after_mib": after / 2**20,
+        "rss_per_connection_kib": (after - before) / 1024 / connections,
+        "terminals": {"open": connections},
+    }
+
+
 def summarize(
     results: list[StreamResult],
     wall: float,
@@ -406,6 +461,7 @@ class Case:
     delay_ms: float
     stop_after_tokens: int | None = None
     linger_s: float = 0.0
+    stagger_s: float = 0.0
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
@@ -416,9 +472,14 @@ def cases(args: argparse.Namespace) -> list[Case]:
             chosen.append(Case("capacity", streams, tokens, 0.0))
     if "paced" in args.workloads:
         delay = 1000 / args.paced_rate
-        chosen.append(Case("paced", args.paced_streams, args.paced_tokens, delay))
+        for streams in args.paced_streams:
+            chosen.append(
+                Case("paced", streams, args.paced_tokens, delay, stagger_s=args.paced_stagger_s)
+            )
     if "stop" in args.workloads:
         chosen.append(Case("stop", args.stop_streams, 2000, 10.0, 10, 0.2))
+    if "idle" in args.workloads:
+        chosen.append(Case("idle", args.idle_connections, 1, 0.0))
     return chosen
 
 
@@ -439,6 +500,8 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
     "paced": [
         ("ttft p50 ms", "ttft_p50_ms", 1),
         ("ttft p99 ms", "ttft_p99_ms", 1),
+        ("ttft added p50 ms", "ttft_added_p50_ms", 1),
+        ("ttft added p99 ms", "ttft_added_p99_ms", 1),
         ("gap p50 ms", "gap_p50_ms", 1),
         ("gap p99 ms", "gap_p99_ms", 1),
         ("gap max ms", "gap_max_ms", 1),
@@ -451,8 +514,39 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
         ("chunks after stopped", "chunks_after_terminal", 0),
     ],
+    "idle": [
+        ("RSS before MiB", "rss_before_mib", 1),
+        ("RSS after MiB", "rss_after_mib", 1),
+        ("RSS/connection KiB", "rss_per_connection_kib", 1),
+    ],
 }
-RATIO_KEY = {"capacity": "deltas_per_s", "paced": "ttft_p99_ms", "stop": "stop_p99_ms"}
+RATIO_KEY = {
+    "capacity": "deltas_per_s",
+    "paced": "ttft_p99_ms",
+    "stop": "stop_p99_ms",
+    "idle": "rss_per_connection_kib",
+}
+
+
+def add_ttft_over_direct(rows: list[dict[str, Any]]) -> None:
+    """Paced rows get the time to first token they add over reading the upstream directly
+    (the upstream's own), at the same number of streams in the same run."""
+    for row in rows:
+        if row["workload"] != "paced":
+            continue
+        direct = next(
+            (
+                r
+                for r in rows
+                if r["workload"] == "paced"
+                and r["server"] == "direct"
+                and r["streams"] == row["streams"]
+            ),
+            None,
+        )
+        for q in ("p50", "p99"):
+            added = math.nan if direct is None else row[f"ttft_{q}_ms"] - direct[f"ttft_{q}_ms"]
+            row[f"ttft_added_{q}_ms"] = added
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -485,15 +579,21 @@ async def main(args: argparse.Namespace) -> None:
         upstream = await start_upstream(case.tokens, case.delay_ms)
         try:
             for server in args.servers:
-                if case.workload == "stop" and server == "direct":
+                if case.workload in ("stop", "idle") and server == "direct":
                     continue
-                workload = Workload(case.stop_after_tokens, case.linger_s)
+                if case.streams >= AETHER_ONLY_FROM and not server.startswith("aether"):
+                    continue
                 print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
-                summary = await measure(server, upstream, case.streams, workload)
+                if case.workload == "idle":
+                    summary = await measure_idle(server, upstream, case.streams)
+                else:
+                    workload = Workload(case.stop_after_tokens, case.linger_s, case.stagger_s)
+                    summary = await measure(server, upstream, case.streams, workload)
                 rows.append({"workload": case.workload, "server": server, **summary})
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
         finally:
             await upstream.stop()
+    add_ttft_over_direct(rows)
     table = render(rows)
     machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"# bench_stream ({machine})\n{table}")
@@ -513,15 +613,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated, from {', '.join(SERVERS + OPTIONAL_SERVERS)}",
     )
     parser.add_argument(
-        "--workloads", type=lambda t: t.split(","), default=["capacity", "paced", "stop"]
+        "--workloads",
+        type=lambda t: t.split(","),
+        default=["capacity", "paced", "stop", "idle"],
     )
     parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
     parser.add_argument("--capacity-tokens-many", type=int, default=200, help="per stream, > 50")
-    parser.add_argument("--paced-streams", type=int, default=500)
+    parser.add_argument("--paced-streams", type=ints, default=[50, 500, 1000])
     parser.add_argument("--paced-rate", type=float, default=20.0, help="tokens/s per stream")
     parser.add_argument("--paced-tokens", type=int, default=60)
+    parser.add_argument(
+        "--paced-stagger-s",
+        type=float,
+        default=1.0,
+        help="paced streams start spread over this many seconds (0: all at once)",
+    )
     parser.add_argument("--stop-streams", type=int, default=50)
+    parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser.parse_args(argv)
 
