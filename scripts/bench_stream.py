@@ -18,7 +18,7 @@ Workloads:
 - ``stop``: a stop mid-stream on every stream at once: stop -> ``stopped`` latency, chunks after
   ``stopped``, stop -> upstream connection closed;
 - ``idle``: connections that said hello and wait: server memory per connection.
-Stream counts of 1000 and more run for Aether only.
+Stream counts of 1000 and more run for Aether only (idle connections excepted).
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200 --json out.json
@@ -581,7 +581,8 @@ async def main(args: argparse.Namespace) -> None:
             for server in args.servers:
                 if case.workload in ("stop", "idle") and server == "direct":
                     continue
-                if case.streams >= AETHER_ONLY_FROM and not server.startswith("aether"):
+                aether_only = case.workload != "idle" and case.streams >= AETHER_ONLY_FROM
+                if aether_only and not server.startswith("aether"):
                     continue
                 print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
                 if case.workload == "idle":
