@@ -18,6 +18,7 @@ from quart_schema import QuartSchema
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from aether.api.body_limits import BODY_LIMITS_KEY, BodyLimitedHTTPConnection, upload_body_limit
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
@@ -57,7 +58,9 @@ class WebSocketMount:
 
 def create_app(settings: Settings) -> QuartTrio:
     app = QuartTrio("aether")
+    app.asgi_http_class = BodyLimitedHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.config[BODY_LIMITS_KEY] = upload_body_limit(settings.max_file_bytes)
     app.config["BODY_TIMEOUT"] = 30
     QuartSchema(
         app,

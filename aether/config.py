@@ -40,6 +40,12 @@ class ConfigError(Exception):
     """A setting is missing, malformed or unknown. The message is one line naming the setting."""
 
 
+# Documents, data, code and images a model can work on; no executables.
+_FILE_TYPES = ".txt .md .csv .tsv .json .jsonl .xml .yaml .yml .toml .ini .log .py .js .ts .html "
+_FILE_TYPES += ".css .sql .pdf .png .jpg .jpeg .gif .webp .xlsx .xls .docx .pptx .zip"
+DEFAULT_FILE_TYPES = tuple(_FILE_TYPES.split())
+
+
 def default_db_path() -> Path:
     """``$XDG_DATA_HOME/aether/history.sqlite3``, else under ``~/.local/share``."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -139,6 +145,21 @@ class Settings(BaseModel):
     history_context_messages: int = Field(
         40, ge=0, description="Earlier messages of a conversation sent to the model as context."
     )
+    files_dir: Path | None = Field(
+        None,
+        description="Where uploaded files are kept, per conversation (default: 'files' beside "
+        "db_path).",
+    )
+    max_file_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, description="Largest file a client may upload for file chat."
+    )
+    max_files_per_conversation: int = Field(
+        20, ge=1, description="Most files one conversation may hold."
+    )
+    file_types: tuple[str, ...] = Field(
+        DEFAULT_FILE_TYPES,
+        description="File name extensions accepted for upload (comma-separated).",
+    )
 
     api_keys: tuple[SecretStr, ...] = Field(
         (), description="API keys (comma-separated): callers must present one as a Bearer token."
@@ -167,7 +188,9 @@ class Settings(BaseModel):
         10_000, ge=100, description="Most client IPs tracked at once (least recent forgotten)."
     )
 
-    @field_validator("api_keys", "allowed_origins", "rate_limit_exempt_ips", mode="before")
+    @field_validator(
+        "api_keys", "allowed_origins", "rate_limit_exempt_ips", "file_types", mode="before"
+    )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -182,6 +205,18 @@ class Settings(BaseModel):
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
                 raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
         return tuple(origin.lower() for origin in value)
+
+    @field_validator("file_types")
+    @classmethod
+    def _check_file_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for extension in value:
+            if not extension.startswith(".") or len(extension) < 2 or "/" in extension:
+                raise ValueError(f"{extension!r} is not a file name extension like .csv")
+        return tuple(extension.lower() for extension in value)
+
+    @property
+    def files_root(self) -> Path:
+        return self.files_dir if self.files_dir is not None else self.db_path.parent / "files"
 
     @field_validator("llm_base_url")
     @classmethod

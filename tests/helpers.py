@@ -38,11 +38,13 @@ def fresh_db_path() -> Path:
 
 
 def make_settings(**overrides: Any) -> Settings:
+    db_path = fresh_db_path()
     base: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
         "log_level": "DEBUG",
-        "db_path": str(fresh_db_path()),
+        "db_path": str(db_path),
+        "files_dir": str(db_path.with_name(db_path.stem + "-files")),
     }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)

@@ -35,6 +35,7 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/chat/history",
         "/v1/conversations",
         "/v1/conversations/{conversation_id}",
+        "/v1/conversations/{conversation_id}/files",
         "/v1/tools",
     }
     chat = paths["/v1/chat"]["post"]
@@ -56,6 +57,8 @@ async def test_schemathesis_finds_nothing() -> None:
             result = await trio.run_process(
                 [
                     SCHEMATHESIS,
+                    "--config-file",
+                    str(Path(__file__).with_name("schemathesis.toml")),
                     "run",
                     f"{server.base_url}/openapi.json",
                     "--checks",

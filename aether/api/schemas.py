@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, Field, RootModel
 from quart_schema import Info
 from quart_schema.openapi import OpenAPIProvider
+from quart_schema.pydantic import File
 
 from aether import __version__
 
@@ -163,6 +164,12 @@ class CodeExecution(BaseModel):
     requires_approval: bool
 
 
+class FileChatCapability(Capability):
+    max_file_bytes: int
+    max_files_per_conversation: int
+    file_types: list[str]
+
+
 class ToolCatalog(BaseModel):
     """What this server offers."""
 
@@ -170,7 +177,26 @@ class ToolCatalog(BaseModel):
     default_path: str
     code_execution: CodeExecution
     web_search: Capability
-    file_chat: Capability
+    file_chat: FileChatCapability
+
+
+class StoredFileOut(BaseModel):
+    name: str = Field(description="The file's name as stored (cleaned of any path).")
+    size: int
+
+
+class ConversationFiles(BaseModel):
+    """The files of a conversation, which its agentic turns can open."""
+
+    conversation_id: str
+    files: list[StoredFileOut]
+
+
+class FileUpload(BaseModel):
+    """One or more parts named ``file``; each part's file name must have an accepted
+    extension (see ``GET /v1/tools``)."""
+
+    file: File
 
 
 def errors(*statuses: int) -> dict[int, tuple[type[BaseModel], None]]:

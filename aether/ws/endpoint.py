@@ -85,6 +85,7 @@ class WebSocketEndpoint:
             remote=f"{host}:{port}",
         )
         self._hub.register(client)
+        handler: MessageHandler | None = None
         try:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
@@ -98,6 +99,8 @@ class WebSocketEndpoint:
                 handler.stop_all()
                 nursery.cancel_scope.cancel()
         finally:
+            if handler is not None:
+                await handler.files.abort()  # a file left half-sent is dropped
             client.outbox.close()
             self._hub.unregister(client)
 
@@ -111,7 +114,7 @@ class WebSocketEndpoint:
                 if text is not None:
                     await handler.handle_text(text)
                 else:
-                    handler.handle_binary(event.get("bytes") or b"")
+                    await handler.handle_binary(event.get("bytes") or b"")
             elif kind == "websocket.disconnect":
                 return
 

@@ -19,6 +19,7 @@ import trio
 
 from aether.config import Settings
 from aether.core.errors import (
+    AetherError,
     DuplicateRequest,
     NoPendingConfirmation,
     ShuttingDown,
@@ -34,6 +35,7 @@ from aether.ws.hub import CLOSE_POLICY_VIOLATION, ClientConnection
 from aether.ws.protocols import (
     ApproveMessage,
     ChatMessage,
+    FileMessage,
     HistoryMessage,
     PingMessage,
     ProtocolError,
@@ -42,6 +44,7 @@ from aether.ws.protocols import (
     parse_client_message,
     pong_message,
 )
+from aether.ws.uploads import FileReceiver
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ class MessageHandler:
         self._settings = settings
         rate = settings.max_messages_per_second
         self._messages = TokenBucket(2 * rate, 2.0, trio.current_time())
+        self.files = FileReceiver(engine.file_chat, client.owner)
 
     def _reply(self, message: dict[str, object]) -> None:
         if not self._client.outbox.put_control(message):
@@ -116,6 +120,17 @@ class MessageHandler:
                 self._reply_error(exc.code, exc.message, {"type": "approve", "id": message.id})
         elif isinstance(message, HistoryMessage):
             await self._history(message)
+        elif isinstance(message, FileMessage):
+            await self._file(message)
+
+    async def _file(self, message: FileMessage) -> None:
+        try:
+            reply = await self.files.begin(message)
+        except AetherError as exc:
+            self._reply_error(exc.code, exc.message, {"type": "file", "name": message.name[:64]})
+            return
+        if reply is not None:
+            self._reply(reply)
 
     async def _history(self, message: HistoryMessage) -> None:
         store = self._engine.history
@@ -138,10 +153,17 @@ class MessageHandler:
             }
         )
 
-    def handle_binary(self, data: bytes) -> None:
-        if not self._within_rate():
+    async def handle_binary(self, data: bytes) -> None:
+        # A file's frames are bounded by its announced size; other binary frames are rate limited.
+        if not self.files.receiving and not self._within_rate():
             return
-        self._reply_error("binary_not_supported", "send JSON text frames", {"type": "binary"})
+        try:
+            reply = await self.files.receive(data)
+        except AetherError as exc:
+            self._reply_error(exc.code, exc.message, {"type": "binary"})
+            return
+        if reply is not None:
+            self._reply(reply)
 
     async def _start_chat(self, message: ChatMessage) -> None:
         client = self._client

@@ -67,11 +67,32 @@ class HistoryMessage(_Message):
     conversation_id: ConversationId
 
 
+class FileMessage(_Message):
+    """Announces a file for file chat: exactly ``size`` bytes follow, in binary frames."""
+
+    type: Literal["file"]
+    name: str = Field(min_length=1, max_length=255)
+    size: int = Field(ge=0)
+    conversation_id: ConversationId | None = None
+
+
 ClientMessage = Annotated[
-    ChatMessage | StopMessage | ApproveMessage | PingMessage | HistoryMessage,
+    ChatMessage | StopMessage | ApproveMessage | PingMessage | HistoryMessage | FileMessage,
     Field(discriminator="type"),
 ]
 _client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+_conversation_id: TypeAdapter[str] = TypeAdapter(ConversationId)
+
+
+def valid_conversation_id(value: str) -> bool:
+    """Whether ``value`` may name a conversation (the rule the protocol's fields follow)."""
+    try:
+        _conversation_id.validate_python(value)
+    except ValidationError:
+        return False
+    return True
 
 
 class ProtocolError(Exception):

@@ -9,6 +9,10 @@ the connection, and the cancelled close left it open and deaf: the client's next
 waited forever. Shielding the final send lets that work finish; Hypercorn already shields its
 socket writes, and a deadline bounds the rest.
 
+Such a response (one that starts before the request's body was read to its end: an
+authentication failure, a 405, a 413) also says ``Connection: close``, so that a client does not
+send its next request on a connection the server is about to close.
+
 @.architecture
 role: response end middleware
 jobs: [response_interception, cleanup]
@@ -34,7 +38,19 @@ class ResponseEndMiddleware:
             await self._app(scope, receive, send)
             return
 
+        body_expected = _has_body(scope)
+        body_read = not body_expected
+
+        async def receive_tracking_body() -> Message:
+            nonlocal body_read
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read = True
+            return message
+
         async def send_final_shielded(message: Message) -> None:
+            if message["type"] == "http.response.start" and not body_read:
+                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.CancelScope(shield=True) as shield:
                     shield.relative_deadline = FINAL_SEND_TIMEOUT_S
@@ -42,4 +58,12 @@ class ResponseEndMiddleware:
                 return
             await send(message)
 
-        await self._app(scope, receive, send_final_shielded)
+        await self._app(scope, receive_tracking_body, send_final_shielded)
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        name = name.lower()
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return True
+    return False

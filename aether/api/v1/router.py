@@ -10,7 +10,7 @@ from __future__ import annotations
 from quart import Quart
 
 from aether.api import web
-from aether.api.v1.endpoints import chat, conversations, health, openai_compat, tools
+from aether.api.v1.endpoints import chat, conversations, files, health, openai_compat, tools
 
 
 def register_v1(app: Quart) -> None:
@@ -18,5 +18,6 @@ def register_v1(app: Quart) -> None:
     app.register_blueprint(health.blueprint)
     app.register_blueprint(chat.blueprint)
     app.register_blueprint(conversations.blueprint)
+    app.register_blueprint(files.blueprint)
     app.register_blueprint(openai_compat.blueprint)
     app.register_blueprint(tools.blueprint)

@@ -126,6 +126,28 @@ def _read(connection: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> li
     return connection.execute(sql, args).fetchall()
 
 
+def _claim(
+    db: sqlite3.Connection, owner: str, conversation_id: str, title: str, now: float
+) -> None:
+    """Create the conversation for ``owner``, or touch it if it is theirs already."""
+    row = db.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+    if row is None:
+        db.execute(
+            "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (conversation_id, owner, title, now, now),
+        )
+    elif row[0] != owner:
+        raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+    else:
+        # A conversation claimed by a file upload gets its title from its first message.
+        db.execute(
+            "UPDATE conversations SET updated_at = ?, "
+            "title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
+            (now, title, conversation_id),
+        )
+
+
 def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
     return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
 
@@ -281,27 +303,15 @@ class SQLiteHistoryStore:
 
         return await self._run(self._read_limiter, run)
 
+    async def claim_conversation(self, owner: str, conversation_id: str, title: str) -> None:
+        await self._write(lambda db: _claim(db, owner, conversation_id, title, time.time()))
+
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:
         def run(db: sqlite3.Connection) -> int:
             now = time.time()
-            row = db.execute(
-                "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (conversation_id, owner, title, now, now),
-                )
-            elif row[0] != owner:
-                raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-            else:
-                db.execute(
-                    "UPDATE conversations SET updated_at = ? WHERE id = ?",
-                    (now, conversation_id),
-                )
+            _claim(db, owner, conversation_id, title, now)
             db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, request_id, "
                 "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",

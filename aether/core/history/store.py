@@ -62,6 +62,10 @@ class HistoryStore(Protocol):
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         """The last ``limit`` finished messages of a conversation, oldest first."""
 
+    async def claim_conversation(self, owner: str, conversation_id: str, title: str) -> None:
+        """Create the conversation for ``owner`` if it does not exist (e.g. before a file is
+        uploaded to it). Raises UnknownConversation if another owner has it."""
+
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:

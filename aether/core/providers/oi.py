@@ -28,8 +28,10 @@ from typing import Any
 import trio
 
 from aether.core.errors import ProviderError, UpstreamUnavailable
+from aether.core.files import ConversationFiles
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.runtime.file_chat import describe_files
 from aether.core.runtime.interpreter import InterpreterManager
 
 log = logging.getLogger(__name__)
@@ -70,19 +72,25 @@ class OIProvider:
         self,
         manager: InterpreterManager,
         approval_for: Callable[[ChatRequest], ApprovalGate | None],
+        files: ConversationFiles | None = None,
     ) -> None:
         self._manager = manager
         self._approval_for = approval_for
+        self._files = files
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
         instance = await self._manager.for_conversation(request.conversation_id or request.id)
+        message = request.message
+        if self._files is not None and request.conversation_id is not None:
+            stored = await self._files.stored(request.owner, request.conversation_id)
+            message = describe_files(stored, message)
         model_stream = _ModelStream()
         self._track_model_stream(instance, model_stream)
         gate = self._approval_for(request)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._close_on_cancel, model_stream)
             await trio.to_thread.run_sync(
-                self._run_turn, instance, request.message, send, gate, model_stream
+                self._run_turn, instance, message, send, gate, model_stream
             )
             nursery.cancel_scope.cancel()
 

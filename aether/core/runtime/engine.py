@@ -35,6 +35,7 @@ from aether.core.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from aether.core.files import ConversationFiles
 from aether.core.history.recorder import TurnRecorder
 from aether.core.history.store import (
     HistoryStore,
@@ -47,6 +48,7 @@ from aether.core.providers.base import Provider
 from aether.core.providers.oi import OIProvider
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
+from aether.core.runtime.file_chat import FileChat
 from aether.core.runtime.interpreter import InterpreterManager, oi_installed
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.relay import StreamRelay
@@ -92,6 +94,20 @@ class RuntimeEngine:
         self._interpreters: InterpreterManager | None = None
         # conversation id -> set when the latest turn's answer is finally saved
         self._saving_turns: dict[str, trio.Event] = {}
+        files = ConversationFiles(
+            settings.files_root,
+            max_bytes=settings.max_file_bytes,
+            max_files=settings.max_files_per_conversation,
+            extensions=settings.file_types,
+        )
+        self.file_chat = FileChat(
+            files,
+            history,
+            lambda: "oi" in (self._streamer.available_paths if self._streamer else ()),
+        )
+
+    def _agentic_path_available(self) -> bool:
+        return self._streamer is not None and "oi" in self._streamer.available_paths
 
     @property
     def started(self) -> bool:
@@ -147,7 +163,8 @@ class RuntimeEngine:
             log.warning(
                 "AETHER_OI_AUTO_RUN is on: code the model writes runs WITHOUT asking anyone"
             )
-        return OIProvider(self._interpreters, approval_for)
+        files = self.file_chat.files if self._history is not None else None
+        return OIProvider(self._interpreters, approval_for, files)
 
     def approve(self, request_id: str, owner: str, approved: bool) -> None:
         """Answer a running request's code confirmation. Raises UnknownRequest or

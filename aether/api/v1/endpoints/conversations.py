@@ -1,4 +1,5 @@
-"""Conversation history over REST: list the caller's conversations, read one, delete one.
+"""Conversation history over REST: list the caller's conversations, read one, delete one (with
+its files).
 
 A conversation of another caller answers exactly like one that does not exist (404).
 
@@ -24,6 +25,7 @@ from aether.api.schemas import (
     NoContent,
     errors,
 )
+from aether.core.errors import AetherError
 from aether.core.history.store import (
     HistoryStore,
     StorageError,
@@ -113,4 +115,10 @@ async def delete_conversation(conversation_id: str) -> Response:
         return json_error(
             404, UnknownConversation.code, f"no conversation with id {conversation_id!r}"
         )
+    try:
+        await app_state().engine.file_chat.files.delete_conversation(
+            caller_identity(), conversation_id
+        )
+    except AetherError as exc:
+        log.error("conversation %s: its files were not deleted: %s", conversation_id, exc)
     return Response(b"", status=204)

@@ -1,7 +1,7 @@
 """``GET /v1/tools``: what this server offers (the seed's tool catalog).
 
 Model paths and which one ``auto`` takes; whether code can run and whether it needs approval;
-web search and file chat (not offered yet, and said so).
+file chat and its limits; web search (not offered yet, and said so).
 
 @.architecture
 role: tool catalog endpoint
@@ -27,6 +27,8 @@ async def tools() -> Response:
     streamer = state.engine.streamer
     paths = streamer.available_paths
     code = "oi" in paths
+    settings = state.settings
+    file_reason = state.engine.file_chat.unavailable_reason
     return json_response(
         {
             "paths": paths,
@@ -36,6 +38,12 @@ async def tools() -> Response:
                 "requires_approval": code and not state.settings.oi_auto_run,
             },
             "web_search": {"available": False, "reason": "no search backend is configured"},
-            "file_chat": {"available": False, "reason": "file uploads are not offered yet"},
+            "file_chat": {
+                "available": file_reason is None,
+                "reason": file_reason,
+                "max_file_bytes": settings.max_file_bytes,
+                "max_files_per_conversation": settings.max_files_per_conversation,
+                "file_types": list(settings.file_types),
+            },
         }
     )

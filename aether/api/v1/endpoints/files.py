@@ -1,0 +1,106 @@
+"""File chat over REST: upload files to a conversation (``multipart/form-data``) and list them.
+
+``POST /v1/conversations/<id>/files`` stores each part named ``file`` in the conversation (a new
+id creates the conversation for the caller); the next chat in that conversation on the agentic
+path is told where they are. ``GET`` lists them. Another caller's conversation answers 404.
+
+@.architecture
+role: file chat REST endpoints
+jobs: [file_storage, response_formatting]
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from quart import Blueprint, Response, request
+from quart_schema import DataSource, document
+from werkzeug.datastructures import FileStorage
+
+from aether.api.dependencies import app_state, caller_identity
+from aether.api.responses import json_error, json_response
+from aether.api.schemas import ConversationFiles, FileUpload, errors
+from aether.core.errors import AetherError
+from aether.core.files import (
+    FileStorageFailed,
+    FileTooLarge,
+    FileTypeNotAllowed,
+    StoredFile,
+    TooManyFiles,
+    file_json,
+)
+from aether.core.history.store import StorageError, UnknownConversation
+from aether.core.runtime.file_chat import FilesUnavailable
+from aether.ws.protocols import valid_conversation_id
+
+log = logging.getLogger(__name__)
+blueprint = Blueprint("files", __name__)
+
+COPY_CHUNK_BYTES = 256 * 1024
+STATUS: dict[type[AetherError], int] = {
+    FilesUnavailable: 404,
+    UnknownConversation: 404,
+    FileTooLarge: 413,
+    FileTypeNotAllowed: 415,
+    TooManyFiles: 409,
+    FileStorageFailed: 503,
+    StorageError: 503,
+}
+
+
+def _error(exc: AetherError) -> Response:
+    status = next((s for kind, s in STATUS.items() if isinstance(exc, kind)), 400)
+    return json_error(status, exc.code, exc.message)
+
+
+@blueprint.post("/v1/conversations/<conversation_id>/files")
+@document(
+    request=FileUpload,
+    request_source=DataSource.FORM_MULTIPART,
+    responses={201: (ConversationFiles, None), **errors(400, 404, 409, 413, 415, 503)},
+)
+async def upload_files(conversation_id: str) -> Response:
+    if not valid_conversation_id(conversation_id):
+        return json_error(400, "invalid_request", "not a valid conversation id")
+    if request.mimetype != "multipart/form-data":
+        return json_error(
+            400, "invalid_request", "send the files as multipart/form-data, in parts named 'file'"
+        )
+    parts = (await request.files).getlist("file")
+    if not parts:
+        return json_error(400, "invalid_request", "no part named 'file' in the form")
+    stored: list[StoredFile] = []
+    try:
+        for part in parts:
+            stored.append(await _store(conversation_id, part))
+    except AetherError as exc:
+        return _error(exc)
+    return json_response(
+        {"conversation_id": conversation_id, "files": [file_json(f) for f in stored]}, 201
+    )
+
+
+async def _store(conversation_id: str, part: FileStorage) -> StoredFile:
+    file_chat = app_state().engine.file_chat
+    owner = caller_identity()
+    upload = await file_chat.open_upload(owner, conversation_id, part.filename or "")
+    try:
+        while data := await trio.to_thread.run_sync(part.stream.read, COPY_CHUNK_BYTES):
+            await upload.write(data)
+    except BaseException:
+        await upload.abort()
+        raise
+    return await file_chat.finish_upload(owner, conversation_id, upload)
+
+
+@blueprint.get("/v1/conversations/<conversation_id>/files")
+@document(responses={200: (ConversationFiles, None), **errors(404, 503)})
+async def list_files(conversation_id: str) -> Response:
+    try:
+        stored = await app_state().engine.file_chat.stored(caller_identity(), conversation_id)
+    except AetherError as exc:
+        return _error(exc)
+    return json_response(
+        {"conversation_id": conversation_id, "files": [file_json(f) for f in stored]}
+    )

@@ -1,0 +1,207 @@
+"""Files a client uploads for file chat, kept per conversation.
+
+Each conversation of each caller has a directory of its own under ``files_root``, named by a hash
+of both: no client-chosen string becomes a path component except the file's own name, which is
+reduced to a plain name first. A file is written as a hidden ``.part`` and renamed into place once
+whole, so a failed or abandoned upload leaves nothing behind and a reader never sees half a file.
+Limits: bytes per file, files per conversation, and accepted name extensions. Disk work runs in
+worker threads.
+
+@.architecture
+role: conversation file store
+jobs: [file_storage, validation, cleanup]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TypeVar
+
+import trio
+
+from aether.core.errors import AetherError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_NAME_CHARS = 100
+_UNSAFE = re.compile(r"[^A-Za-z0-9 ._()+\-]")
+
+
+class FileError(AetherError):
+    code = "invalid_file"
+
+
+class FileTooLarge(FileError):
+    code = "file_too_large"
+
+
+class FileTypeNotAllowed(FileError):
+    code = "file_type_not_allowed"
+
+
+class TooManyFiles(FileError):
+    code = "too_many_files"
+
+
+class FileStorageFailed(FileError):
+    code = "storage_error"
+
+
+async def _on_disk(fn: Callable[[], T]) -> T:
+    """Run disk work in a thread; an OS error is logged and becomes FileStorageFailed."""
+    try:
+        return await trio.to_thread.run_sync(fn)
+    except OSError as exc:
+        log.error("file store: %r", exc)
+        raise FileStorageFailed("the file could not be stored") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    name: str
+    size: int
+    path: Path
+
+
+def file_json(stored: StoredFile) -> dict[str, object]:
+    """What a client is told of a stored file (never the server's path)."""
+    return {"name": stored.name, "size": stored.size}
+
+
+def clean_file_name(name: str) -> str:
+    """A client's file name as a plain name: its last path part, unusual characters replaced,
+    no leading dots. Raises FileError when nothing usable is left."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    base = _UNSAFE.sub("_", base).lstrip(". ")
+    if len(base) > MAX_NAME_CHARS:
+        stem, dot, extension = base.rpartition(".")
+        keep = MAX_NAME_CHARS - len(dot + extension)
+        base = stem[:keep] + dot + extension if dot and keep > 0 else base[:MAX_NAME_CHARS]
+    if not base:
+        raise FileError(f"{name[:64]!r} is not a usable file name")
+    return base
+
+
+class ConversationFiles:
+    def __init__(
+        self, root: Path, *, max_bytes: int, max_files: int, extensions: tuple[str, ...]
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.extensions = frozenset(extensions)
+
+    def directory(self, owner: str, conversation_id: str) -> Path:
+        digest = hashlib.sha256(f"{owner}\0{conversation_id}".encode()).hexdigest()[:32]
+        return self.root / digest
+
+    def check(self, name: str, size: int | None = None) -> str:
+        """The cleaned name, if a file of that name (and size, when known) may be uploaded."""
+        cleaned = clean_file_name(name)
+        extension = Path(cleaned).suffix.lower()
+        if extension not in self.extensions:
+            allowed = ", ".join(sorted(self.extensions))
+            raise FileTypeNotAllowed(
+                f"files of type {extension or '(none)'!r} are not accepted; accepted: {allowed}"
+            )
+        if size is not None and size > self.max_bytes:
+            raise FileTooLarge(f"files are limited to {self.max_bytes} bytes")
+        return cleaned
+
+    async def stored(self, owner: str, conversation_id: str) -> list[StoredFile]:
+        directory = self.directory(owner, conversation_id)
+        return await _on_disk(lambda: self._list(directory))
+
+    @staticmethod
+    def _list(directory: Path) -> list[StoredFile]:
+        if not directory.is_dir():
+            return []
+        return sorted(
+            (
+                StoredFile(path.name, path.stat().st_size, path)
+                for path in directory.iterdir()
+                if path.is_file() and not path.name.startswith(".")
+            ),
+            key=lambda stored: stored.name,
+        )
+
+    async def open_upload(self, owner: str, conversation_id: str, name: str) -> Upload:
+        """Start writing a file; ``Upload.finish`` puts it in place, ``abort`` drops it."""
+        cleaned = self.check(name)
+        directory = self.directory(owner, conversation_id)
+        existing = await _on_disk(lambda: self._list(directory))
+        if len(existing) >= self.max_files and cleaned not in {f.name for f in existing}:
+            raise TooManyFiles(f"a conversation may hold at most {self.max_files} files")
+        part = directory / f".{secrets.token_hex(8)}.part"
+
+        def create() -> BinaryIO:
+            directory.mkdir(parents=True, exist_ok=True)
+            return part.open("wb")
+
+        handle = await _on_disk(create)
+        return Upload(handle, part, directory / cleaned, self.max_bytes)
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        directory = self.directory(owner, conversation_id)
+        await _on_disk(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+class Upload:
+    """One file being written. Not safe for concurrent use: one writer at a time."""
+
+    def __init__(self, handle: BinaryIO, part: Path, target: Path, max_bytes: int) -> None:
+        self._handle = handle
+        self._part = part
+        self.target = target
+        self._max_bytes = max_bytes
+        self.received = 0
+        self._done = False
+
+    @property
+    def name(self) -> str:
+        return self.target.name
+
+    async def write(self, data: bytes) -> None:
+        if self.received + len(data) > self._max_bytes:
+            raise FileTooLarge(f"files are limited to {self._max_bytes} bytes")
+        self.received += len(data)
+        await _on_disk(lambda: self._handle.write(data))
+
+    async def finish(self) -> StoredFile:
+        def rename() -> None:
+            self._handle.close()
+            self._part.replace(self.target)  # a file of that name is replaced
+
+        try:
+            with trio.CancelScope(shield=True):
+                await _on_disk(rename)
+        except FileStorageFailed:
+            await self.abort()
+            raise
+        self._done = True
+        log.info("stored %s (%d bytes)", self.target, self.received)
+        return StoredFile(self.target.name, self.received, self.target)
+
+    async def abort(self) -> None:
+        """Drop what was written (safe to call more than once, and after ``finish``)."""
+        if self._done:
+            return
+        self._done = True
+
+        def remove() -> None:
+            self._handle.close()
+            self._part.unlink(missing_ok=True)
+
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(remove)
+            except OSError:
+                log.warning("could not remove %s", self._part, exc_info=True)

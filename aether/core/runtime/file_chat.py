@@ -1,0 +1,93 @@
+"""File chat: a caller uploads files to a conversation, then chats about them on the agentic path.
+
+The rules both transports share live here: file chat needs the agentic path (only Open
+Interpreter can open a file) and conversation history (which records who owns a conversation);
+a caller may add files only to its own conversations or to a new one, which the upload creates;
+files are listed and deleted with their conversation. Open Interpreter learns of them in the
+turn's message (see ``describe_files``).
+
+@.architecture
+role: file chat service
+jobs: [file_storage, authorization]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aether.core.errors import AetherError
+from aether.core.files import ConversationFiles, StoredFile, Upload
+from aether.core.history.store import HistoryStore, UnknownConversation
+
+
+class FilesUnavailable(AetherError):
+    code = "files_unavailable"
+
+
+def describe_files(files: list[StoredFile], message: str) -> str:
+    """The user's message, preceded by where the conversation's files are, for the model."""
+    if not files:
+        return message
+    directory = files[0].path.parent
+    listing = ", ".join(f"{f.name} ({f.size} bytes)" for f in files)
+    return (
+        f"[The user uploaded these files to this conversation; they are in the directory "
+        f"{directory}: {listing}. Open them from there.]\n\n{message}"
+    )
+
+
+class FileChat:
+    def __init__(
+        self,
+        files: ConversationFiles,
+        history: HistoryStore | None,
+        agentic_path_available: Callable[[], bool],
+    ) -> None:
+        self.files = files
+        self._history = history
+        self._agentic = agentic_path_available
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self._history is None:
+            return "file chat needs conversation history (AETHER_HISTORY)"
+        if not self._agentic():
+            return "file chat needs the agentic path (the open-interpreter extra and a model)"
+        return None
+
+    def _require(self) -> HistoryStore:
+        reason = self.unavailable_reason
+        if reason is not None or self._history is None:
+            raise FilesUnavailable(reason or "file chat is not available")
+        return self._history
+
+    async def _check_owner(self, owner: str, conversation_id: str) -> HistoryStore:
+        history = self._require()
+        found = await history.owner_of(conversation_id)
+        if found is not None and found != owner:
+            raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+        return history
+
+    async def open_upload(
+        self, owner: str, conversation_id: str, name: str, size: int | None = None
+    ) -> Upload:
+        """Check the caller, name and size, and start writing the file."""
+        await self._check_owner(owner, conversation_id)
+        self.files.check(name, size)
+        return await self.files.open_upload(owner, conversation_id, name)
+
+    async def finish_upload(self, owner: str, conversation_id: str, upload: Upload) -> StoredFile:
+        """Put the file in place; the conversation becomes the caller's if it was new."""
+        history = self._require()
+        try:
+            await history.claim_conversation(owner, conversation_id, "")
+        except BaseException:
+            await upload.abort()
+            raise
+        return await upload.finish()
+
+    async def stored(self, owner: str, conversation_id: str) -> list[StoredFile]:
+        history = self._require()
+        if await history.owner_of(conversation_id) != owner:
+            raise UnknownConversation(f"no conversation with id {conversation_id!r}")
+        return await self.files.stored(owner, conversation_id)

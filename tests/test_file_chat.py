@@ -1,0 +1,227 @@
+"""File chat: files uploaded over the WebSocket or REST, kept per conversation, for the agent."""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from aether.core.identity import ANONYMOUS
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from tests.helpers import (
+    WSClient,
+    assert_stream_invariants,
+    make_settings,
+    running_server,
+    ws_client,
+)
+
+pytestmark = [
+    pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+DEADLINE_S = 60
+DATA = b"city,population\nLyon,522250\nNantes,320732\n"
+
+
+def oi_settings(fake: FakeLLM, **overrides: Any) -> Any:
+    return make_settings(
+        provider="oi", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
+
+
+async def send_file(
+    client: WSClient, name: str, data: bytes, frames: int = 2, **fields: Any
+) -> dict[str, Any]:
+    await client.send({"type": "file", "name": name, "size": len(data), **fields})
+    step = max(1, -(-len(data) // frames))
+    for start in range(0, len(data), step):
+        await client.ws.send_message(data[start : start + step])
+    return await client.receive_control()
+
+
+async def test_a_file_sent_over_the_websocket_is_opened_by_the_agent(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            stored = await send_file(client, "../../etc/cities.csv", DATA, conversation_id="c-f1")
+            files = server.state.engine.file_chat.files
+            path = (await files.stored(ANONYMOUS, "c-f1"))[0].path
+            code = f"print(open({str(path)!r}).read().splitlines()[1])\n"
+            fake_llm.script(
+                Behaviour(reply=("Reading it.\n", "```", "python\n", code, "```", "\n")),
+                Behaviour(reply="Lyon comes first."),
+            )
+            await client.send(
+                {"type": "chat", "id": "r1", "message": "first city?", "conversation_id": "c-f1"}
+            )
+            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.send({"type": "approve", "id": "r1", "approved": True})
+            messages = await client.finish("r1")
+    assert stored == {
+        "role": "server",
+        "type": "file",
+        "id": None,
+        "conversation_id": "c-f1",
+        "name": "cities.csv",  # the path the client gave is not kept
+        "size": len(DATA),
+    }
+    assert path.read_bytes() == DATA
+    assert path.name == "cities.csv"
+    told = fake_llm.streams[0].request["messages"][-1]["content"]
+    assert str(path.parent) in told
+    assert "cities.csv" in told
+    assert told.endswith("first city?")
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    console = "".join(str(m.get("content", "")) for m in messages if m["type"] == "console")
+    assert "Lyon,522250" in console
+
+
+async def test_upload_limits_give_clear_errors_and_the_connection_lives_on(
+    fake_llm: FakeLLM,
+) -> None:
+    settings = oi_settings(fake_llm, max_file_bytes=1024, max_files_per_conversation=2)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.ws.send_message(b"stray bytes")
+            stray = await client.receive_control()
+            await client.send({"type": "file", "name": "big.csv", "size": 4096})
+            too_large = await client.receive_control()
+            await client.send({"type": "file", "name": "tool.exe", "size": 10})
+            wrong_type = await client.receive_control()
+            await client.ws.send_message(b"0123456789")  # the refused file's bytes: dropped
+            await client.send({"type": "file", "name": "a.txt", "size": 3, "conversation_id": "x"})
+            await client.ws.send_message(b"abcdef")  # more than announced
+            overflow = await client.receive_control()
+            for name in ("a.txt", "b.txt"):
+                assert (await send_file(client, name, b"ok", conversation_id="x"))["type"] == "file"
+            third = await send_file(client, "c.txt", b"no", frames=1, conversation_id="x")
+            replaced = await send_file(client, "a.txt", b"new", frames=1, conversation_id="x")
+            await client.send({"type": "ping"})
+            pong = await client.receive_control()
+            listed = await server.state.engine.file_chat.stored(ANONYMOUS, "x")
+    assert too_large["code"] == "file_too_large"
+    assert too_large["ref"] == {"type": "file", "name": "big.csv"}
+    assert wrong_type["code"] == "file_type_not_allowed"
+    assert ".csv" in wrong_type["message"]
+    assert stray["code"] == "binary_not_supported"
+    assert overflow["code"] == "upload_size_mismatch"
+    assert third["code"] == "too_many_files"
+    assert (replaced["type"], replaced["size"]) == ("file", 3)
+    assert pong["type"] == "pong"
+    assert [(f.name, f.size) for f in listed] == [("a.txt", 3), ("b.txt", 2)]
+
+
+async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) -> None:
+    keys = "k-alice-0123456789,k-bob-0123456789"
+    alice = {"Authorization": "Bearer k-alice-0123456789"}
+    bob = {"Authorization": "Bearer k-bob-0123456789"}
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm, api_keys=keys)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            upload = await rest.post(
+                "/v1/conversations/c-alice/files",
+                files=[("file", ("notes.txt", b"secret plans")), ("file", ("b.md", b"# b"))],
+                headers=alice,
+            )
+            mine = await rest.get("/v1/conversations/c-alice/files", headers=alice)
+            other_conversation = await rest.post(
+                "/v1/conversations/c-alice-2/files",
+                files=[("file", ("x.txt", b"x"))],
+                headers=alice,
+            )
+            theirs = await rest.get("/v1/conversations/c-alice/files", headers=bob)
+            intrude = await rest.post(
+                "/v1/conversations/c-alice/files",
+                files=[("file", ("evil.txt", b"x"))],
+                headers=bob,
+            )
+            second = await rest.get("/v1/conversations/c-alice-2/files", headers=alice)
+            deleted = await rest.delete("/v1/conversations/c-alice", headers=alice)
+            files = server.state.engine.file_chat.files
+            left = [p.name for p in files.root.rglob("*") if p.is_file()]
+    assert upload.status_code == 201
+    assert upload.json() == {
+        "conversation_id": "c-alice",
+        "files": [{"name": "notes.txt", "size": 12}, {"name": "b.md", "size": 3}],
+    }
+    assert mine.json()["files"] == [{"name": "b.md", "size": 3}, {"name": "notes.txt", "size": 12}]
+    assert other_conversation.status_code == 201
+    assert second.json()["files"] == [{"name": "x.txt", "size": 1}]
+    assert (theirs.status_code, theirs.json()["error"]["code"]) == (404, "unknown_conversation")
+    assert intrude.status_code == 404
+    assert deleted.status_code == 204
+    assert left == ["x.txt"]  # the deleted conversation's files went with it
+
+
+async def test_rest_upload_limits(fake_llm: FakeLLM) -> None:
+    settings = oi_settings(fake_llm, max_file_bytes=1024)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            url = "/v1/conversations/c-1/files"
+            over = await rest.post(url, files=[("file", ("a.txt", b"x" * 2000))])
+            far_over = await rest.post(url, files=[("file", ("a.txt", b"x" * 200_000))])
+            wrong_type = await rest.post(url, files=[("file", ("run.sh.exe", b"x"))])
+            not_multipart = await rest.post(url, json={"file": "a.txt"})
+            nothing = await rest.post(url, files=[("other", ("a.txt", b"x"))])
+            listed = await rest.get(url)
+    assert (over.status_code, over.json()["error"]["code"]) == (413, "file_too_large")
+    assert far_over.status_code == 413
+    assert (wrong_type.status_code, wrong_type.json()["error"]["code"]) == (
+        415,
+        "file_type_not_allowed",
+    )
+    assert not_multipart.status_code == 400
+    assert "multipart" in not_multipart.text
+    assert nothing.status_code == 400
+    assert listed.status_code == 404  # nothing was stored, so no conversation was created
+
+
+async def test_a_connection_closed_mid_upload_leaves_no_file(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(oi_settings(fake_llm)) as server:
+            async with ws_client(server.ws_url) as client:
+                await client.send(
+                    {"type": "file", "name": "half.csv", "size": 100, "conversation_id": "c-h"}
+                )
+                await client.ws.send_message(b"only part of it")
+                await client.send({"type": "ping"})
+                await client.receive_control()  # the frame was taken before the pong
+            await server.state.hub.wait_until_empty()  # the connection's clean-up is over
+            root = server.state.engine.file_chat.files.root
+            leftovers = [p.name for p in root.rglob("*") if p.is_file()]
+            history = await server.state.engine.history.owner_of("c-h")  # type: ignore[union-attr]
+    assert leftovers == []
+    assert history is None
+
+
+async def test_file_chat_needs_the_agentic_path() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(make_settings(provider="echo")) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            await client.send({"type": "file", "name": "a.txt", "size": 1})
+            refused = await client.receive_control()
+            catalog = (await rest.get("/v1/tools")).json()
+    assert refused["code"] == "files_unavailable"
+    assert "agentic" in refused["message"]
+    assert catalog["file_chat"]["available"] is False
+    assert json.dumps(catalog["file_chat"]["reason"])
