@@ -93,6 +93,12 @@ class Settings(BaseModel):
     )
     oi_context_window: int = Field(8000, ge=1000, description="Agentic path: model context size.")
     oi_max_tokens: int = Field(1000, ge=16, description="Agentic path: longest model answer.")
+    search_url: str | None = Field(
+        None,
+        description="Agentic path: a SearxNG-style search API (GET ?q=...&format=json) that "
+        "gives Open Interpreter a web_search() function.",
+    )
+    search_results: int = Field(5, ge=1, le=50, description="Results web_search() returns.")
     echo_token_delay_s: float = Field(
         0.02, ge=0, description="Pause between tokens of the built-in echo model."
     )
@@ -218,7 +224,7 @@ class Settings(BaseModel):
     def files_root(self) -> Path:
         return self.files_dir if self.files_dir is not None else self.db_path.parent / "files"
 
-    @field_validator("llm_base_url")
+    @field_validator("llm_base_url", "search_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
         if value is None:

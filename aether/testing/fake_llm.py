@@ -15,6 +15,9 @@ and **when the client closed it**, so a test can assert that a stop reached the 
     record = await fake.wait_for_stream(0)
     await record.closed.wait()
 
+It also answers ``GET /search?q=...&format=json`` as a SearxNG-style search API would (with
+``search_results``, recording each query in ``searches``), for the agentic path's web search.
+
 Run standalone: ``python -m aether.testing.fake_llm --port 9000 --tokens 200 --delay-ms 20``.
 ``GET /_fake/streams`` returns the records as JSON for out-of-process callers.
 
@@ -34,6 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
 import h11
 import orjson
@@ -128,12 +132,19 @@ class FakeLLM:
         self.requests_seen = 0
         self._scripted: deque[Behaviour] = deque()
         self._stream_started = trio.lowlevel.ParkingLot()
+        # The SearxNG-style search API it also serves: what it answers, and the queries it got.
+        self.search_results: list[dict[str, str]] = []
+        self.searches: list[str] = []
 
     @property
     def base_url(self) -> str:
         if self.port is None:
             raise RuntimeError("the fake LLM is not serving yet")
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def search_url(self) -> str:
+        return self.base_url.removesuffix("/v1") + "/search"
 
     def script(self, *behaviours: Behaviour) -> None:
         """Queue behaviours for the next requests, in order; then the default applies again."""
@@ -222,6 +233,12 @@ class FakeLLM:
         if method == "GET" and target == "/v1/models":
             models = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
             await self._send_json(connection, stream, 200, models)
+            return True
+        if method == "GET" and target == "/search":
+            query = parse_qs(request.target.decode().partition("?")[2])
+            self.searches.append(query.get("q", [""])[0])
+            answer = {"query": self.searches[-1], "results": self.search_results}
+            await self._send_json(connection, stream, 200, answer)
             return True
         if method == "GET" and target == "/_fake/streams":
             await self._send_json(connection, stream, 200, [s.as_json() for s in self.streams])

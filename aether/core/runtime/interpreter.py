@@ -22,6 +22,8 @@ import trio
 
 from aether.config import Settings
 from aether.core.errors import PathUnavailable
+from aether.core.runtime.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
+from aether.core.runtime.web_search import web_search_code
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,10 @@ class InterpreterManager:
         instance.llm.context_window = s.oi_context_window
         instance.llm.max_tokens = s.oi_max_tokens
         instance.computer.import_computer_api = False
+        search = web_search_code(s)
+        if search is not None:
+            instance.custom_instructions = SEARCH_INSTRUCTIONS
+            instance.computer.run("python", search)
         return instance
 
     @staticmethod

@@ -1,7 +1,7 @@
 """``GET /v1/tools``: what this server offers (the seed's tool catalog).
 
 Model paths and which one ``auto`` takes; whether code can run and whether it needs approval;
-file chat and its limits; web search (not offered yet, and said so).
+file chat and its limits; web search. What is absent says why.
 
 @.architecture
 role: tool catalog endpoint
@@ -16,6 +16,7 @@ from quart_schema import document
 from aether.api.dependencies import app_state
 from aether.api.responses import json_response
 from aether.api.schemas import ToolCatalog, errors
+from aether.core.runtime import web_search
 
 blueprint = Blueprint("tools", __name__)
 
@@ -29,6 +30,7 @@ async def tools() -> Response:
     code = "oi" in paths
     settings = state.settings
     file_reason = state.engine.file_chat.unavailable_reason
+    search_reason = web_search.unavailable_reason(settings, code)
     return json_response(
         {
             "paths": paths,
@@ -37,7 +39,7 @@ async def tools() -> Response:
                 "available": code,
                 "requires_approval": code and not state.settings.oi_auto_run,
             },
-            "web_search": {"available": False, "reason": "no search backend is configured"},
+            "web_search": {"available": search_reason is None, "reason": search_reason},
             "file_chat": {
                 "available": file_reason is None,
                 "reason": file_reason,
