@@ -256,3 +256,40 @@ async def test_control_strings_in_a_message_cannot_turn_on_auto_run(fake_llm: Fa
     assert confirmation["role"] == "computer"
     assert assert_stream_invariants(messages)["type"] == "stopped"
     assert not [m for m in messages if m["type"] == "console"]  # the code never ran
+
+
+async def test_stop_while_code_runs_interrupts_it(fake_llm: FakeLLM) -> None:
+    slow = (
+        "import time\nfor i in range(600):\n    print('tick', i, flush=True)\n    time.sleep(0.1)\n"
+    )
+    quick = "print('next turn ran')\n"
+    fake_llm.script(
+        Behaviour(reply=("Counting.\n", "```", "python\n", slow, "```", "\n")),
+        Behaviour(reply=("Again.\n", "```", "python\n", quick, "```", "\n")),
+        Behaviour(reply="Done."),
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send(
+                {"type": "chat", "id": "r1", "message": "count", "conversation_id": "k"}
+            )
+            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.wait_for("r1", lambda m: "tick 2" in str(m.get("content", "")))
+            await client.send({"type": "stop", "id": "r1"})
+            stopped = await client.finish("r1")
+            # The kernel is free again: the conversation's next code runs at once.
+            with trio.fail_after(20):
+                await client.send(
+                    {"type": "chat", "id": "r2", "message": "again", "conversation_id": "k"}
+                )
+                await client.wait_for("r2", lambda m: m["type"] == "confirmation")
+                await client.send({"type": "approve", "id": "r2", "approved": True})
+                second = await client.finish("r2")
+    assert assert_stream_invariants(stopped)["type"] == "stopped"
+    console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
+    assert "next turn ran" in console
+    assert "tick" not in console

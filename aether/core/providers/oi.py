@@ -5,8 +5,9 @@
 request's memory channel.
 
 Stop is real: when the request's scope is cancelled, a watcher closes the model's HTTP stream
-from the Trio side (closing OI's generator alone does not), the thread's read fails at once, the
-generator is closed and the thread ends; Trio waits for it (threads are never abandoned).
+from the Trio side (closing OI's generator alone does not) and interrupts code the kernel is
+running; the thread's read fails at once, the generator is closed and the thread ends; Trio
+waits for it (threads are never abandoned).
 
 Code never runs without approval: a ``confirmation`` chunk is relayed to the client and the
 thread waits, without holding the event loop, for ``approve`` (the code runs and its output
@@ -21,6 +22,7 @@ jobs: [stream_generation, cancellation, approval_gating]
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -29,6 +31,7 @@ import trio
 
 from aether.core.errors import ProviderError, UpstreamUnavailable
 from aether.core.files import ConversationFiles
+from aether.core.providers.oi_kernel import interrupt_running_code, settle_kernels
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.file_chat import describe_files
@@ -77,6 +80,8 @@ class OIProvider:
         self._manager = manager
         self._approval_for = approval_for
         self._files = files
+        # Interpreters whose last turn was stopped: the next turn first lets the kernel settle.
+        self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
         instance = await self._manager.for_conversation(request.conversation_id or request.id)
@@ -88,18 +93,26 @@ class OIProvider:
         self._track_model_stream(instance, model_stream)
         gate = self._approval_for(request)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._close_on_cancel, model_stream)
+            nursery.start_soon(self._stop_on_cancel, instance, model_stream)
+            settle = instance in self._interrupted
+            self._interrupted.discard(instance)
             await trio.to_thread.run_sync(
-                self._run_turn, instance, message, send, gate, model_stream
+                self._run_turn, instance, message, send, gate, model_stream, settle
             )
             nursery.cancel_scope.cancel()
 
-    @staticmethod
-    async def _close_on_cancel(model_stream: _ModelStream) -> None:
+    async def _stop_on_cancel(self, instance: Any, model_stream: _ModelStream) -> None:
+        """On a stop: close the model's stream and interrupt code the kernel may be running
+        (closing the turn's generator alone would leave the code running)."""
         try:
             await trio.sleep_forever()
         finally:
             model_stream.close()
+            self._interrupted.add(instance)
+            try:
+                interrupt_running_code(instance)
+            except Exception:
+                log.debug("interrupting the interpreter's code raised", exc_info=True)
 
     @staticmethod
     def _track_model_stream(instance: Any, model_stream: _ModelStream) -> None:
@@ -127,7 +140,10 @@ class OIProvider:
         send: trio.MemorySendChannel[Chunk],
         gate: ApprovalGate | None,
         model_stream: _ModelStream,
+        settle: bool,
     ) -> None:
+        if settle:
+            settle_kernels(instance)
         turn = instance.chat(message, stream=True, display=False)
         try:
             for chunk in turn:
