@@ -93,6 +93,12 @@ class Settings(BaseModel):
     )
     oi_context_window: int = Field(8000, ge=1000, description="Agentic path: model context size.")
     oi_max_tokens: int = Field(1000, ge=16, description="Agentic path: longest model answer.")
+    oi_max_interpreters: int = Field(
+        16,
+        ge=1,
+        description="Agentic path: interpreters kept at once (one per conversation; each that "
+        "ran code holds a Python kernel process of about 110 MiB); the least recent is closed.",
+    )
     search_url: str | None = Field(
         None,
         description="Agentic path: a SearxNG-style search API (GET ?q=...&format=json) that "

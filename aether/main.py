@@ -18,6 +18,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -28,7 +29,7 @@ from quart_trio import QuartTrio
 from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
-from aether.config import ConfigError, Settings, load_settings
+from aether.config import ConfigError, ProviderName, Settings, load_settings
 from aether.logs import configure_logging
 from aether.ws.hub import CLOSE_GOING_AWAY
 
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="TCP port (default 8000; 0 picks a free one)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML settings file")
     parser.add_argument(
-        "--provider", choices=["auto", "echo", "http"], help="model path (default auto)"
+        "--provider", choices=get_args(ProviderName), help="model path (default auto)"
     )
     parser.add_argument("--llm-base-url", help="OpenAI-compatible base URL, e.g. .../v1")
     parser.add_argument("--llm-model", help="model name sent upstream")

@@ -293,3 +293,20 @@ async def test_stop_while_code_runs_interrupts_it(fake_llm: FakeLLM) -> None:
     console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
     assert "next turn ran" in console
     assert "tick" not in console
+
+
+async def test_a_closed_interpreter_comes_back_with_the_stored_conversation(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.default = Behaviour(reply="ok.")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm, oi_max_interpreters=1)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.chat("alpha", id="a1", conversation_id="ca")
+            await client.chat("bravo", id="b1", conversation_id="cb")  # closes ca's interpreter
+            await client.chat("alpha again", id="a2", conversation_id="ca")
+    sent = fake_llm.streams[-1].request["messages"]
+    turns = [(m["role"], m["content"].strip()) for m in sent if m["role"] != "system"]
+    assert turns == [("user", "alpha"), ("assistant", "ok."), ("user", "alpha again")]

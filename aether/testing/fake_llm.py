@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=20, help="tokens per answer")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="pause between tokens")
     parser.add_argument("--first-token-delay-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--reply-piece",
+        action="append",
+        help="answer with these pieces, in order, instead of tokens (repeat the flag)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     fake = FakeLLM(
@@ -403,6 +408,7 @@ def main(argv: list[str] | None = None) -> None:
             tokens=args.tokens,
             delay_s=args.delay_ms / 1000,
             first_token_delay_s=args.first_token_delay_ms / 1000,
+            reply=tuple(args.reply_piece) if args.reply_piece else None,
         )
     )
     with contextlib.suppress(KeyboardInterrupt):

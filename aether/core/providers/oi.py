@@ -84,7 +84,9 @@ class OIProvider:
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
-        instance = await self._manager.for_conversation(request.conversation_id or request.id)
+        instance = await self._manager.for_conversation(
+            request.conversation_id or request.id, request.history
+        )
         message = request.message
         if self._files is not None and request.conversation_id is not None:
             stored = await self._files.stored(request.owner, request.conversation_id)

@@ -39,9 +39,9 @@ def oi_installed() -> bool:
 
 
 class InterpreterManager:
-    def __init__(self, settings: Settings, max_instances: int = 64) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._max = max_instances
+        self._max = settings.oi_max_interpreters
         self._instances: OrderedDict[str, Any] = OrderedDict()
         self._class: Any = None
         self._workdir = tempfile.mkdtemp(prefix="aether-oi-")
@@ -62,19 +62,27 @@ class InterpreterManager:
                 ) from None
         return self._class
 
-    async def for_conversation(self, conversation_id: str) -> Any:
-        """The conversation's interpreter, created on first use."""
+    async def for_conversation(
+        self, conversation_id: str, history: tuple[tuple[str, str], ...] = ()
+    ) -> Any:
+        """The conversation's interpreter, created on first use. A new one starts from the
+        conversation's stored ``history`` (after a restart, or once an idle one was closed)."""
         instance = self._instances.get(conversation_id)
         if instance is not None:
             self._instances.move_to_end(conversation_id)
             return instance
         cls = await self._interpreter_class()
-        instance = await trio.to_thread.run_sync(self._create, cls)
-        self._instances[conversation_id] = instance
+        created: Any = await trio.to_thread.run_sync(self._create, cls)
+        created.messages = [
+            {"role": role, "type": "message", "content": content}
+            for role, content in history
+            if role in ("user", "assistant")
+        ]
+        self._instances[conversation_id] = created
         while len(self._instances) > self._max:
             _, evicted = self._instances.popitem(last=False)
             await trio.to_thread.run_sync(self._terminate, evicted)
-        return instance
+        return created
 
     def _create(self, cls: Any) -> Any:
         s = self._settings

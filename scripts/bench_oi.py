@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""The agentic path's costs: stop latency and memory per Open Interpreter instance.
+
+Starts the fake upstream and ``python -m aether --provider oi`` as processes on loopback, then:
+
+- ``stop``: in each of ``--stops`` new conversations, a chat streams slowly; once its first
+  token arrives the client sends ``stop``. Reports stop -> ``stopped`` and stop -> upstream
+  connection closed (the fake upstream records when the model stream's client went away), as
+  p50/max, against the same figures on the HTTP path of the same server (the baseline);
+- ``memory``: ``--conversations`` conversations each get one text turn (an interpreter each, no
+  code run) and then one approved ``print`` (a Python kernel each); reports the server's RSS
+  growth per interpreter and the kernels' RSS (separate processes) per conversation.
+
+    python scripts/bench_oi.py                 # about a minute on 2 cores
+
+Needs the ``oi`` and ``bench`` extras.
+
+@.architecture
+role: agentic path benchmark
+jobs: [benchmarking]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import trio
+from trio_websocket import open_websocket_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stream import DB_DIR, PY, Process, free_port, start_process
+
+# As a model's tokens split it: OI needs the fences as tokens of their own.
+CODE_REPLY = ("Here.\n", "```", "python\n", "print('ok')\n", "```", "\n")
+
+
+async def start_aether(upstream_url: str) -> Process:
+    port = free_port()
+    argv = [PY, "-m", "aether", "--port", str(port), "--provider", "oi"]
+    argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model", "--log-level", "WARNING"]
+    env = {
+        "AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
+        "AETHER_DB_PATH": str(DB_DIR / f"oi-{port}.sqlite3"),
+        "AETHER_OI_AUTO_RUN": "false",
+    }
+    return await start_process("aether-oi", argv, port, env)
+
+
+async def stop_once(ws: Any, conversation: str, path: str) -> tuple[float, float]:
+    """One chat stopped after its first token: (stop -> stopped, stop at monotonic)."""
+    chat_message = {"type": "chat", "id": conversation, "message": conversation, "path": path}
+    await ws.send_message(json.dumps({**chat_message, "conversation_id": conversation}))
+    while True:
+        message = json.loads(await ws.get_message())
+        if message.get("id") == conversation and message.get("content"):
+            break
+    sent = time.monotonic()
+    await ws.send_message(json.dumps({"type": "stop", "id": conversation}))
+    while True:
+        message = json.loads(await ws.get_message())
+        if message.get("id") == conversation and message.get("type") == "stopped":
+            return time.monotonic() - sent, sent
+
+
+async def measure_stops(aether: Process, upstream: Process, stops: int) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    async with open_websocket_url(f"ws://127.0.0.1:{aether.port}/ws") as ws:
+        await ws.get_message()  # hello
+        for path in ("http", "oi"):
+            latencies, sent_at = [], {}
+            print(f"stop     {path}: {stops} chats", file=sys.stderr)
+            for index in range(stops):
+                conversation = f"stop-{path}-{index}"
+                latency, sent = await stop_once(ws, conversation, path)
+                latencies.append(latency * 1000)
+                sent_at[conversation] = sent
+            async with httpx.AsyncClient() as client:
+                url = f"http://127.0.0.1:{upstream.port}/_fake/streams"
+                records = (await client.get(url)).json()
+            closed = [
+                (r["client_closed_monotonic"] - sent_at[r["last_user_message"]]) * 1000
+                for r in records
+                if r.get("last_user_message") in sent_at and r.get("client_closed_monotonic")
+            ]
+            rows[path] = {
+                "stop_p50_ms": statistics.median(latencies),
+                "stop_max_ms": max(latencies),
+                "upstream_closed_p50_ms": statistics.median(closed) if closed else float("nan"),
+                "upstream_closed_max_ms": max(closed) if closed else float("nan"),
+                "upstream_closed_count": len(closed),
+            }
+    return rows
+
+
+def kernels_rss(process: psutil.Process) -> tuple[int, int]:
+    children = [c for c in process.children(recursive=True) if "ipykernel" in " ".join(c.cmdline())]
+    return len(children), sum(c.memory_info().rss for c in children)
+
+
+async def chat(ws: Any, conversation: str, message: str, run_code: bool) -> None:
+    """One turn. The fake model proposes code every time: the first proposal is approved when
+    ``run_code`` (its output goes back to the model, which proposes again), the rest denied."""
+    request_id = f"{conversation}-{message}"
+    await ws.send_message(
+        json.dumps(
+            {
+                "type": "chat",
+                "id": request_id,
+                "message": message,
+                "path": "oi",
+                "conversation_id": conversation,
+            }
+        )
+    )
+    approve = run_code
+    while True:
+        reply = json.loads(await ws.get_message())
+        if reply.get("id") != request_id:
+            continue
+        if reply.get("type") == "confirmation":
+            await ws.send_message(
+                json.dumps({"type": "approve", "id": request_id, "approved": approve})
+            )
+            approve = False
+        if reply.get("type") in ("completion", "stopped", "error"):
+            return
+
+
+async def measure_memory(aether: Process, conversations: int) -> dict[str, Any]:
+    handle = aether.psutil
+    async with open_websocket_url(f"ws://127.0.0.1:{aether.port}/ws") as ws:
+        await ws.get_message()
+        await chat(ws, "warm-up", "hello", run_code=False)  # imports OI once
+        await chat(ws, "warm-up", "run", run_code=True)  # and starts one kernel
+        print(f"memory   {conversations} conversations", file=sys.stderr)
+        before = handle.memory_info().rss
+        kernels_before, kernel_rss_before = kernels_rss(handle)
+        for index in range(conversations):
+            await chat(ws, f"mem-{index}", "hello", run_code=False)
+        after_text = handle.memory_info().rss
+        for index in range(conversations):
+            await chat(ws, f"mem-{index}", "run", run_code=True)
+        after_code = handle.memory_info().rss
+        kernels_after, kernel_rss_after = kernels_rss(handle)
+    return {
+        "conversations": conversations,
+        "server_kib_per_interpreter": (after_text - before) / 1024 / conversations,
+        "server_kib_per_interpreter_with_kernel": (after_code - before) / 1024 / conversations,
+        "kernels_started": kernels_after - kernels_before,
+        "kernel_mib_each": (kernel_rss_after - kernel_rss_before)
+        / 2**20
+        / max(1, kernels_after - kernels_before),
+    }
+
+
+async def start_upstream(*extra: str) -> Process:
+    port = free_port()
+    argv = [PY, "-m", "aether.testing.fake_llm", "--port", str(port), *extra]
+    return await start_process("upstream", argv, port, {})
+
+
+async def main(args: argparse.Namespace) -> None:
+    # Stops: a long, slow answer. Memory: every answer proposes code (see ``chat``).
+    upstream = await start_upstream("--tokens", "2000", "--delay-ms", "20")
+    try:
+        aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1")
+        try:
+            stops = await measure_stops(aether, upstream, args.stops)
+        finally:
+            await aether.stop()
+    finally:
+        await upstream.stop()
+    upstream = await start_upstream(*(f"--reply-piece={piece}" for piece in CODE_REPLY))
+    try:
+        aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1")
+        try:
+            memory = await measure_memory(aether, args.conversations)
+        finally:
+            await aether.stop()
+    finally:
+        await upstream.stop()
+    machine = f"{platform.node()}: {psutil.cpu_count()} cores, Python {platform.python_version()}"
+    print(f"# bench_oi ({machine})\n")
+    print("| path | stop p50 ms | stop max ms | upstream closed p50 ms | upstream closed max ms |")
+    print("|---|---|---|---|---|")
+    for path, row in stops.items():
+        print(
+            f"| {path} | {row['stop_p50_ms']:.1f} | {row['stop_max_ms']:.1f} | "
+            f"{row['upstream_closed_p50_ms']:.1f} | {row['upstream_closed_max_ms']:.1f} |"
+        )
+    print(
+        f"\nmemory, {memory['conversations']} conversations: server "
+        f"{memory['server_kib_per_interpreter']:,.0f} KiB per interpreter (text turns), "
+        f"{memory['server_kib_per_interpreter_with_kernel']:,.0f} KiB once each ran code; "
+        f"{memory['kernels_started']} Python kernels, {memory['kernel_mib_each']:.1f} MiB each"
+    )
+    if args.json:
+        await trio.Path(args.json).write_text(
+            json.dumps({"stops": stops, "memory": memory}, indent=2)
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stops", type=int, default=10)
+    parser.add_argument("--conversations", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures as JSON to this file")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())
