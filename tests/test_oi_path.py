@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.util import find_spec
 from typing import Any
 
@@ -310,3 +311,36 @@ async def test_a_closed_interpreter_comes_back_with_the_stored_conversation(
     sent = fake_llm.streams[-1].request["messages"]
     turns = [(m["role"], m["content"].strip()) for m in sent if m["role"] != "system"]
     assert turns == [("user", "alpha"), ("assistant", "ok."), ("user", "alpha again")]
+
+
+async def test_sse_streams_the_agentic_path_and_rest_approves_its_code(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply=CODE_REPLY), Behaviour(reply="The answer is 42."))
+    events: list[dict[str, Any]] = []
+    answers: dict[str, httpx.Response] = {}
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE_S) as rest,
+        ):
+            body = {"message": "what is 6*7?", "id": "s1", "path": "oi"}
+            async with rest.stream("POST", "/v1/chat/stream", json=body) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(json.loads(line[6:]))
+                    if events[-1]["type"] == "confirmation":
+                        url = "/v1/chat/s1/approve"
+                        answers["bad"] = await rest.post(url, json={"approved": "yes"})
+                        answers["ok"] = await rest.post(url, json={"approved": True})
+                        answers["again"] = await rest.post(url, json={"approved": True})
+                        answers["unknown"] = await rest.post(
+                            "/v1/chat/nope/approve", json={"approved": True}
+                        )
+    assert answers["bad"].status_code == 400
+    assert answers["ok"].status_code == 202
+    assert answers["ok"].json() == {"id": "s1", "approved": True}
+    assert answers["again"].json()["error"]["code"] == "no_pending_confirmation"
+    assert answers["unknown"].status_code == 404
+    assert assert_stream_invariants(events)["type"] == "completion"
+    console = "".join(str(e.get("content", "")) for e in events if e["type"] == "console")
+    assert "42" in console

@@ -31,6 +31,7 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/chat",
         "/v1/chat/stream",
         "/v1/chat/{request_id}/stop",
+        "/v1/chat/{request_id}/approve",
         "/v1/chat/completions",
         "/v1/chat/history",
         "/v1/conversations",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, RootModel
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 from quart_schema import Info
 from quart_schema.openapi import OpenAPIProvider
 from quart_schema.pydantic import File
@@ -67,6 +67,21 @@ class StopAccepted(BaseModel):
 
     id: str
     status: Literal["stopping"]
+
+
+class ApproveBody(BaseModel):
+    """The answer to a chat's code ``confirmation``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    approved: bool = Field(description="true runs the code; false ends the turn without it.")
+
+
+class ApprovalAccepted(BaseModel):
+    """The waiting turn goes on: the code runs (its output streams) or the turn ends."""
+
+    id: str
+    approved: bool
 
 
 class Health(BaseModel):

@@ -17,20 +17,29 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import trio
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, request
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.responses import json_error, json_response
-from aether.api.schemas import ChatAnswer, ChatEventStream, ChatOrError, StopAccepted, errors
+from aether.api.schemas import (
+    ApprovalAccepted,
+    ApproveBody,
+    ChatAnswer,
+    ChatEventStream,
+    ChatOrError,
+    StopAccepted,
+    errors,
+)
 from aether.core.errors import (
     AetherError,
     DuplicateRequest,
+    NoPendingConfirmation,
     ShuttingDown,
     TooManyRequests,
     UnknownRequest,
@@ -43,6 +52,7 @@ from aether.ws.handlers import new_request_id
 from aether.ws.protocols import ChatBody
 
 log = logging.getLogger(__name__)
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 blueprint = Blueprint("chat", __name__)
 
@@ -66,14 +76,20 @@ ERROR_STATUS = {
 }
 
 
-async def _chat_request() -> ChatRequest | Response:
-    body = await request.get_data(as_text=False)
+async def _json_body(model: type[BodyT]) -> BodyT | Response:
+    """The request's JSON body as ``model``, or a 400 naming the first field at fault."""
     try:
-        fields = ChatBody.model_validate_json(body)
+        return model.model_validate_json(await request.get_data(as_text=False))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "body"
         return json_error(400, "invalid_request", f"{where}: {first['msg']}")
+
+
+async def _chat_request() -> ChatRequest | Response:
+    fields = await _json_body(ChatBody)
+    if isinstance(fields, Response):
+        return fields
     return ChatRequest(
         id=fields.id or new_request_id(),
         owner=caller_identity(),
@@ -235,3 +251,21 @@ async def stop_chat(request_id: str) -> Response:
     except UnknownRequest as exc:
         return json_error(404, exc.code, exc.message)
     return json_response({"id": request_id, "status": "stopping"}, 202)
+
+
+@blueprint.post("/v1/chat/<request_id>/approve")
+@document(
+    request=ApproveBody,
+    responses={202: (ApprovalAccepted, None), **errors(400, 404, 409)},
+)
+async def approve_chat(request_id: str) -> Response:
+    body = await _json_body(ApproveBody)
+    if isinstance(body, Response):
+        return body
+    try:
+        app_state().engine.approve(request_id, caller_identity(), body.approved)
+    except UnknownRequest as exc:
+        return json_error(404, exc.code, exc.message)
+    except NoPendingConfirmation as exc:
+        return json_error(409, exc.code, exc.message)
+    return json_response({"id": request_id, "approved": body.approved}, 202)
