@@ -10,6 +10,7 @@ import httpx
 import pytest
 import trio
 
+from aether.core.identity import ANONYMOUS
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     assert_stream_invariants,
@@ -29,6 +30,8 @@ pytestmark = [
 ]
 DEADLINE_S = 60
 # Split as a model's tokens are: the fence, the language line, the code, the closing fence.
+# Prints a line every 0.1 s for a minute: code that is still running when a turn ends.
+SLOW_CODE = "import time\nfor i in range(600):\n    print('tick', i)\n    time.sleep(0.1)\n"
 CODE_REPLY = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
 
 
@@ -344,3 +347,66 @@ async def test_sse_streams_the_agentic_path_and_rest_approves_its_code(fake_llm:
     assert assert_stream_invariants(events)["type"] == "completion"
     console = "".join(str(e.get("content", "")) for e in events if e["type"] == "console")
     assert "42" in console
+
+
+async def test_stop_before_the_first_token_closes_the_model_stream(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply="late", first_token_delay_s=30))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "hi"})
+            record = await fake_llm.wait_for_stream(0)
+            await client.send({"type": "stop", "id": "r1"})
+            messages = await client.finish("r1")
+            await record.closed.wait()
+            await server.state.engine.tracker.wait_until_idle()
+    assert assert_stream_invariants(messages)["type"] == "stopped"
+    assert record.tokens_sent == 0
+    assert record.outcome == "client_closed"
+
+
+@pytest.mark.parametrize("state", ["before_first_token", "mid_text", "code_running"])
+async def test_a_client_that_leaves_stops_its_turn_in_any_state(
+    fake_llm: FakeLLM, state: str
+) -> None:
+    first = {
+        "before_first_token": Behaviour(reply="late", first_token_delay_s=30),
+        "mid_text": Behaviour(reply="word " * 2000, piece_chars=5, delay_s=0.01),
+        "code_running": Behaviour(reply=("Counting.\n", "```", "python\n", SLOW_CODE, "```")),
+    }[state]
+    quick = "print('next turn ran')\n"
+    fake_llm.script(
+        first,
+        Behaviour(reply=("Again.\n", "```", "python\n", quick, "```", "\n")),
+        Behaviour(reply="Done."),
+    )
+    chat = {"type": "chat", "id": "r1", "message": "go", "conversation_id": "k"}
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(oi_settings(fake_llm)) as server:
+            async with ws_client(server.ws_url) as client:
+                await client.send(chat)
+                if state == "before_first_token":
+                    await fake_llm.wait_for_stream(0)
+                elif state == "mid_text":
+                    await client.wait_for("r1", lambda m: m.get("content"))
+                else:
+                    await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+                    await client.send({"type": "approve", "id": "r1", "approved": True})
+                    await client.wait_for("r1", lambda m: "tick 2" in str(m.get("content", "")))
+            await fake_llm.streams[0].closed.wait()
+            await server.state.engine.tracker.wait_until_idle()
+            record = server.state.engine.tracker.get("r1", ANONYMOUS)
+            # The conversation goes on from a new connection, its kernel free at once.
+            async with ws_client(server.ws_url) as client:
+                with trio.fail_after(20):
+                    await client.send({**chat, "id": "r2", "message": "again"})
+                    await client.wait_for("r2", lambda m: m["type"] == "confirmation")
+                    await client.send({"type": "approve", "id": "r2", "approved": True})
+                    second = await client.finish("r2")
+    assert record is not None
+    assert (record.state, record.stop_reason) == ("stopped", "disconnect")
+    console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
+    assert "next turn ran" in console
+    assert "tick" not in console

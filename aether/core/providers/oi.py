@@ -21,7 +21,9 @@ jobs: [stream_generation, cancellation, approval_gating]
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -59,13 +61,27 @@ class _ModelStream:
     def close(self) -> None:
         self.closed = True
         stream = getattr(self.stream, "completion_stream", None)
-        for target in (stream, getattr(stream, "response", None)):
+        response = getattr(stream, "response", None)
+        _shut_down_socket(response)
+        for target in (stream, response):
             close = getattr(target, "close", None)
             if close is not None:
                 try:
                     close()
                 except Exception:
                     log.debug("closing the model stream raised", exc_info=True)
+
+
+def _shut_down_socket(response: Any) -> None:
+    """Shut the response's socket down. OI's thread may be blocked reading it (before the
+    first token, say); closing a socket does not wake a read blocked in another thread, a
+    shutdown does, and the upstream sees the connection end at once."""
+    extensions = getattr(response, "extensions", None) or {}
+    network_stream = extensions.get("network_stream")
+    sock = network_stream.get_extra_info("socket") if network_stream is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class OIProvider:
@@ -122,6 +138,9 @@ class OIProvider:
         import litellm
 
         def completions(**params: Any) -> Any:
+            if model_stream.closed:
+                # Stopped: OI would still ask the model about the interrupted code's output.
+                raise UpstreamUnavailable("the turn was stopped")
             params["model"] = params["model"].replace(":latest", "")
             params["num_retries"] = 0
             litellm.drop_params = True
