@@ -7,6 +7,7 @@ the `dev` extra (Playwright) enable it. Screenshots are kept in `artifacts/`.
 from __future__ import annotations
 
 import shutil
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import trio
 
+from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import make_settings, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -106,3 +108,87 @@ async def test_page_is_served_with_its_own_strict_policy() -> None:
     assert "unsafe" not in csp
     assert script.headers["content-type"].startswith("text/javascript")
     assert missing.status_code == 404
+
+
+@pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: FakeLLM) -> None:
+    code = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
+    fake_llm.script(Behaviour(reply=code), Behaviour(reply="The answer is 42."))
+    width = 360
+
+    from playwright.sync_api import expect
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.set_viewport_size({"width": width, "height": 740})
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.focus("#message")
+        page.keyboard.type("what is 6*7?")
+        page.keyboard.press("Enter")
+        approve = page.locator(".confirm button", has_text="Approve")
+        expect(approve).to_be_focused()  # the question takes the focus: Enter answers it
+        proposed = page.locator("article.assistant pre.code").all_inner_texts()
+        page.keyboard.press("Enter")
+        page.wait_for_selector("article.assistant[data-state='done']")
+        console = page.inner_text("article.assistant pre.console")
+        answer = page.inner_text("article.assistant")
+        texts = page.locator("article.assistant .body").all_inner_texts()
+        boxes = [
+            page.locator(selector).first.bounding_box()
+            for selector in ("#message", "#stop", "article.assistant", "header")
+        ]
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-approve-narrow.png"), full_page=True)
+        return {
+            "proposed": proposed,
+            "console": console,
+            "answer": answer,
+            "texts": texts,
+            "boxes": boxes,
+        }
+
+    settings = make_settings(provider="oi", llm_base_url=fake_llm.base_url, llm_model="fake-model")
+    with trio.fail_after(60):
+        async with running_server(settings) as server:
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+            await server.state.engine.tracker.wait_until_idle()
+    # The code is shown once, from its first line.
+    assert [text.rstrip("\n") for text in result["proposed"]] == ["print(6*7)"]
+    # The answer reads in the order it was written: text, code, output, text.
+    assert [text.strip() for text in result["texts"]] == ["Let me compute it.", "The answer is 42."]
+    assert "42" in result["console"]
+    assert "(approved)" in result["answer"]
+    assert "The answer is 42." in result["answer"]
+    for box in result["boxes"]:  # nothing runs off a narrow screen
+        assert box is not None
+        assert box["x"] >= 0
+        assert box["x"] + box["width"] <= width
+    assert errors == []
+
+
+async def test_the_page_says_it_lost_the_connection_and_reconnects() -> None:
+    from playwright.sync_api import expect
+
+    settings = make_settings(provider="echo", echo_token_delay_s=0)
+    with trio.fail_after(60):
+        async with running_server(settings) as server:
+
+            def scenario(page: Any) -> dict[str, Any]:
+                status = page.locator("#status")
+                expect(status).to_have_text("Connected")
+                # The server drops every WebSocket, as a restart would.
+                trio.from_thread.run_sync(server.state.hub.close_all, 1012, "restarting")
+                expect(status).to_contain_text("reconnecting in")
+                lost = status.inner_text()
+                expect(status).to_have_text("Connected", timeout=10_000)
+                page.fill("#message", "still there?")
+                page.keyboard.press("Enter")
+                page.wait_for_selector("article.assistant[data-state='done']")
+                return {"lost": lost, "answer": page.inner_text("article.assistant .body")}
+
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+    assert result["lost"].startswith("Disconnected")
+    assert result["answer"] == "still there?"
+    assert errors == []

@@ -79,9 +79,25 @@ function finishTurn(text, isError) {
 }
 
 function appendText(turn, text) {
-  const target = turn.block || turn.el.querySelector(".body");
-  target.textContent += text;
+  const bodies = turn.el.querySelectorAll(".body");
+  const target = turn.block || bodies[bodies.length - 1];
+  // A code or output block starts at its first line, not at the newline before it.
+  target.textContent += target.textContent ? text : text.replace(/^\n+/, "");
   turn.el.scrollIntoView({ block: "end" });
+}
+
+function startTextBlock(turn) {
+  // The first text block fills the turn's empty body; a later one (after code or output)
+  // gets its own, so the answer reads in the order it was written.
+  const first = turn.el.querySelector(".body");
+  if (first === turn.el.lastElementChild && !first.textContent) {
+    turn.block = first;
+    return;
+  }
+  const body = document.createElement("div");
+  body.className = "body";
+  turn.el.appendChild(body);
+  turn.block = body;
 }
 
 function handle(message) {
@@ -111,6 +127,8 @@ function handle(message) {
     state.conversationId = message.conversation_id || state.conversationId;
   } else if (type === "confirmation") {
     askApproval(turn, message);
+  } else if (message.start && type === "message") {
+    startTextBlock(turn);
   } else if (message.start && (type === "code" || type === "console")) {
     const pre = document.createElement("pre");
     pre.className = type;
@@ -149,7 +167,9 @@ function askApproval(turn, message) {
   };
   yes.onclick = () => answer(true);
   no.onclick = () => answer(false);
-  if (code) {
+  const shown = turn.el.querySelectorAll("pre.code");
+  const streamed = shown.length && shown[shown.length - 1].textContent.trim() === code.trim();
+  if (code && !streamed) {
     const pre = document.createElement("pre");
     pre.className = "code";
     pre.textContent = code;
