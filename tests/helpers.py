@@ -10,9 +10,11 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto.events import Message
@@ -21,6 +23,7 @@ from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import create_app
 from aether.config import Settings, load_settings
 from aether.main import serve
+from aether.testing.fake_llm import FakeLLM
 
 TERMINALS = {"completion", "stopped", "error"}
 
@@ -35,6 +38,32 @@ def fresh_db_path() -> Path:
         _DB_DIR = Path(tempfile.mkdtemp(prefix="aether-tests-"))
         atexit.register(shutil.rmtree, _DB_DIR, True)
     return _DB_DIR / f"{uuid.uuid4().hex}.sqlite3"
+
+
+# Tests of the agentic path run the real open-interpreter package, whose Jupyter kernel libraries
+# warn (deprecations, zmq sockets closed by the GC): warnings turned into errors would break the
+# kernel itself.
+OI_MARKS = (
+    pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+)
+T = TypeVar("T")
+
+
+def needs_oi(test: T) -> T:
+    """Mark one test as a test of the agentic path (see ``OI_MARKS``)."""
+    for mark in OI_MARKS:
+        test = mark(test)
+    return test
+
+
+def oi_settings(fake: FakeLLM, **overrides: Any) -> Settings:
+    """Settings for the agentic path against the fake upstream."""
+    return make_settings(
+        provider="oi", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
 
 
 def make_settings(**overrides: Any) -> Settings:

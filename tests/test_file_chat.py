@@ -3,37 +3,26 @@
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from typing import Any
 
 import httpx
-import pytest
 import trio
 
 from aether.core.identity import ANONYMOUS
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
+    OI_MARKS,
     WSClient,
     assert_stream_invariants,
     make_settings,
+    oi_settings,
     running_server,
     ws_client,
 )
 
-pytestmark = [
-    pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = list(OI_MARKS)
 DEADLINE_S = 60
 DATA = b"city,population\nLyon,522250\nNantes,320732\n"
-
-
-def oi_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="oi", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 async def send_file(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from importlib.util import find_spec
 from typing import Any
 
 import httpx
@@ -13,32 +12,21 @@ import trio
 from aether.core.identity import ANONYMOUS
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
+    OI_MARKS,
     assert_stream_invariants,
     content_of,
     make_settings,
+    oi_settings,
     running_server,
     ws_client,
 )
 
-pytestmark = [
-    pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
-    # Open Interpreter runs code in a Jupyter kernel, whose libraries warn (deprecations, zmq
-    # sockets closed by the GC): warnings turned into errors would break the kernel itself.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = list(OI_MARKS)
 DEADLINE_S = 60
 # Split as a model's tokens are: the fence, the language line, the code, the closing fence.
 # Prints a line every 0.1 s for a minute: code that is still running when a turn ends.
 SLOW_CODE = "import time\nfor i in range(600):\n    print('tick', i)\n    time.sleep(0.1)\n"
 CODE_REPLY = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
-
-
-def oi_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="oi", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 def kinds(messages: list[dict[str, Any]]) -> list[str]:

@@ -6,14 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-from importlib.util import find_spec
 from typing import Any
 
-import pytest
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
-from tests.helpers import make_settings, running_server
+from tests.helpers import make_settings, needs_oi, oi_settings, running_server
 
 DEADLINE_S = 20
 
@@ -103,16 +101,12 @@ async def test_unreachable_and_refused_servers_exit_3() -> None:
     assert "cannot reach" in unreachable.stderr.decode()
 
 
-@pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@needs_oi
 async def test_the_client_asks_before_code_runs(fake_llm: FakeLLM) -> None:
     code = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
     fake_llm.script(Behaviour(reply=code), Behaviour(reply="It is 42."), Behaviour(reply=code))
-    settings = make_settings(provider="oi", llm_base_url=fake_llm.base_url, llm_model="fake-model")
     with trio.fail_after(60):
-        async with running_server(settings) as server:
+        async with running_server(oi_settings(fake_llm)) as server:
             yes = await run_client("--url", server.ws_url, "6*7?", stdin=b"y\n")
             no = await run_client("--url", server.ws_url, "6*7 again?", stdin=b"n\n")
     assert yes.returncode == 0, yes.stderr

@@ -7,7 +7,6 @@ the `dev` extra (Playwright) enable it. Screenshots are kept in `artifacts/`.
 from __future__ import annotations
 
 import shutil
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
-from tests.helpers import make_settings, running_server
+from tests.helpers import make_settings, needs_oi, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
@@ -110,10 +109,7 @@ async def test_page_is_served_with_its_own_strict_policy() -> None:
     assert missing.status_code == 404
 
 
-@pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed")
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@needs_oi
 async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: FakeLLM) -> None:
     code = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
     fake_llm.script(Behaviour(reply=code), Behaviour(reply="The answer is 42."))
