@@ -100,11 +100,7 @@ class RuntimeEngine:
             max_files=settings.max_files_per_conversation,
             extensions=settings.file_types,
         )
-        self.file_chat = FileChat(
-            files,
-            history,
-            lambda: "oi" in (self._streamer.available_paths if self._streamer else ()),
-        )
+        self.file_chat = FileChat(files, history, self._agentic_path_available)
 
     def _agentic_path_available(self) -> bool:
         return self._streamer is not None and "oi" in self._streamer.available_paths
