@@ -252,7 +252,8 @@ class RuntimeEngine:
                     nursery.start_soon(self.streamer.stream_chat, request, provider, send)
                     async with receive:
                         await relay.relay_stream(receive)
-                    nursery.cancel_scope.cancel()  # the recorder's start check
+                    # The nursery also waits for the recorder's start check: an answer that
+                    # outran a failed start still ends with storage_error, never "completion".
                 state = "error" if relay.error is not None else "completed"
         except* trio.BrokenResourceError:
             # The client's writer is gone: the client left while this request streamed.
