@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import trio
@@ -14,3 +15,15 @@ async def fake_llm(nursery: trio.Nursery) -> AsyncIterator[FakeLLM]:
     fake = FakeLLM(Behaviour(tokens=20, delay_s=0.01))
     await nursery.start(fake.serve)
     return fake
+
+
+@pytest.fixture
+def collect_garbage_after() -> Iterator[None]:
+    """Leave no garbage for the next test (used by the agentic path's tests). After Open
+    Interpreter's tests, the next test's app creation (Werkzeug compiles routes with
+    ``ast.parse``) failed now and then with CPython 3.11.7's "AST constructor recursion depth
+    mismatch" SystemError: about one run in two of those two files together, none in six with
+    a collection in between. The likely cause is the collector running their finalizers in the
+    middle of ``ast.parse``."""
+    yield
+    gc.collect()

@@ -48,6 +48,7 @@ OI_MARKS = (
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.usefixtures("collect_garbage_after"),
 )
 T = TypeVar("T")
 

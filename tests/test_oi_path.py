@@ -398,3 +398,58 @@ async def test_a_client_that_leaves_stops_its_turn_in_any_state(
     console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
     assert "next turn ran" in console
     assert "tick" not in console
+
+
+async def test_turns_of_one_conversation_take_its_interpreter_one_at_a_time(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.default = Behaviour(reply="ok.")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            for request_id in ("t1", "t2"):
+                await client.send(
+                    {
+                        "type": "chat",
+                        "id": request_id,
+                        "message": request_id,
+                        "conversation_id": "k",
+                    }
+                )
+            done = [await client.finish("t1"), await client.finish("t2")]
+            manager = server.state.engine._interpreters
+            assert manager is not None
+            created = manager.created
+    assert [assert_stream_invariants(m)["type"] for m in done] == ["completion", "completion"]
+    assert created == 1
+    # The second turn ran after the first, on the same interpreter: it carries the first.
+    second = [(m["role"], m["content"].strip()) for m in fake_llm.streams[1].request["messages"]]
+    assert second[1:] == [("user", "t1"), ("assistant", "ok."), ("user", "t2")]
+
+
+async def test_an_interpreter_in_use_is_not_closed_to_make_room(fake_llm: FakeLLM) -> None:
+    fake_llm.script(
+        Behaviour(reply=("Counting.\n", "```", "python\n", SLOW_CODE, "```", "\n")),
+        Behaviour(reply="ok."),
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm, oi_max_interpreters=1)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            long_chat = {"type": "chat", "id": "a", "message": "count", "conversation_id": "A"}
+            await client.send(long_chat)
+            await client.wait_for("a", lambda m: m["type"] == "confirmation")
+            await client.send({"type": "approve", "id": "a", "approved": True})
+            await client.wait_for("a", lambda m: "tick 1" in str(m.get("content", "")))
+            other = await client.chat("short", id="b", conversation_id="B")  # over the cap
+            ticks = "".join(str(m.get("content", "")) for m in client.messages.by_request["a"])
+            after = ticks.count("tick") + 3
+            # A's code still runs: its kernel was not closed to make room for B's interpreter.
+            await client.wait_for("a", lambda m: f"tick {after}" in str(m.get("content", "")))
+            await client.send({"type": "stop", "id": "a"})
+            stopped = await client.finish("a")
+    assert assert_stream_invariants(other)["type"] == "completion"
+    assert assert_stream_invariants(stopped)["type"] == "stopped"

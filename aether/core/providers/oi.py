@@ -100,9 +100,13 @@ class OIProvider:
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
-        instance = await self._manager.for_conversation(
-            request.conversation_id or request.id, request.history
-        )
+        conversation_id = request.conversation_id or request.id
+        async with self._manager.turn(conversation_id, request.history) as instance:
+            await self._turn(instance, request, send)
+
+    async def _turn(
+        self, instance: Any, request: ChatRequest, send: trio.MemorySendChannel[Chunk]
+    ) -> None:
         message = request.message
         if self._files is not None and request.conversation_id is not None:
             stored = await self._files.stored(request.owner, request.conversation_id)

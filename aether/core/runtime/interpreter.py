@@ -16,6 +16,8 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -44,6 +46,8 @@ class InterpreterManager:
         self._max = settings.oi_max_interpreters
         self._instances: OrderedDict[str, Any] = OrderedDict()
         self._class: Any = None
+        self._turns: dict[str, trio.Lock] = {}  # held by the turn running in a conversation
+        self.created = 0  # interpreters made so far
         self._workdir = tempfile.mkdtemp(prefix="aether-oi-")
 
     async def _interpreter_class(self) -> Any:
@@ -62,26 +66,49 @@ class InterpreterManager:
                 ) from None
         return self._class
 
-    async def for_conversation(
+    @asynccontextmanager
+    async def turn(
         self, conversation_id: str, history: tuple[tuple[str, str], ...] = ()
+    ) -> AsyncIterator[Any]:
+        """The conversation's interpreter, for one turn: created on first use (from the
+        conversation's stored ``history``, after a restart or once an idle one was closed).
+
+        An interpreter is not safe for two turns at once, so a conversation's turns take it one
+        at a time: a turn that starts while another runs waits (cancellably) for it to end."""
+        lock = self._turns.setdefault(conversation_id, trio.Lock())
+        try:
+            async with lock:
+                yield await self._get_or_create(conversation_id, history)
+        finally:
+            if not lock.locked():
+                del self._turns[conversation_id]
+
+    def _in_use(self, conversation_id: str) -> bool:
+        lock = self._turns.get(conversation_id)
+        return lock is not None and lock.locked()
+
+    async def _get_or_create(
+        self, conversation_id: str, history: tuple[tuple[str, str], ...]
     ) -> Any:
-        """The conversation's interpreter, created on first use. A new one starts from the
-        conversation's stored ``history`` (after a restart, or once an idle one was closed)."""
         instance = self._instances.get(conversation_id)
         if instance is not None:
             self._instances.move_to_end(conversation_id)
             return instance
         cls = await self._interpreter_class()
         created: Any = await trio.to_thread.run_sync(self._create, cls)
+        self.created += 1
         created.messages = [
             {"role": role, "type": "message", "content": content}
             for role, content in history
             if role in ("user", "assistant")
         ]
         self._instances[conversation_id] = created
-        while len(self._instances) > self._max:
-            _, evicted = self._instances.popitem(last=False)
-            await trio.to_thread.run_sync(self._terminate, evicted)
+        # Close the least recently used beyond the cap, but never one a turn is using: the cap
+        # is then exceeded until those turns end and a later creation closes them.
+        idle = [cid for cid in self._instances if not self._in_use(cid)]
+        for cid in idle[: max(0, len(self._instances) - self._max)]:
+            if cid != conversation_id:
+                await trio.to_thread.run_sync(self._terminate, self._instances.pop(cid))
         return created
 
     def _create(self, cls: Any) -> Any:
