@@ -80,6 +80,11 @@ def make_settings(**overrides: Any) -> Settings:
     return load_settings(environ={}, overrides=base)
 
 
+def console_of(messages: list[dict[str, Any]]) -> str:
+    """The output the request's code printed (its ``console`` blocks' text)."""
+    return "".join(str(m.get("content", "")) for m in messages if m["type"] == "console")
+
+
 def assert_stream_invariants(messages: list[dict[str, Any]]) -> dict[str, Any]:
     """One request's messages: ids match, seq rises by one from 0, blocks are closed before the
     single terminal, and nothing follows it. Returns the terminal."""
@@ -173,6 +178,12 @@ class WSClient:
         while not self.messages.finished(request_id):
             await self.receive()
         return self.messages.by_request[request_id]
+
+    async def approve_when_asked(self, request_id: str) -> dict[str, Any]:
+        """Wait for the request's code ``confirmation``, approve it, and return it."""
+        confirmation = await self.wait_for(request_id, lambda m: m["type"] == "confirmation")
+        await self.send({"type": "approve", "id": request_id, "approved": True})
+        return confirmation
 
     async def chat(self, message: str, **fields: Any) -> list[dict[str, Any]]:
         request_id = fields.setdefault("id", f"t{id(fields)}")

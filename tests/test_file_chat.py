@@ -14,6 +14,7 @@ from tests.helpers import (
     OI_MARKS,
     WSClient,
     assert_stream_invariants,
+    console_of,
     make_settings,
     oi_settings,
     running_server,
@@ -52,8 +53,7 @@ async def test_a_file_sent_over_the_websocket_is_opened_by_the_agent(fake_llm: F
             await client.send(
                 {"type": "chat", "id": "r1", "message": "first city?", "conversation_id": "c-f1"}
             )
-            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
-            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.approve_when_asked("r1")
             messages = await client.finish("r1")
     assert stored == {
         "role": "server",
@@ -70,7 +70,7 @@ async def test_a_file_sent_over_the_websocket_is_opened_by_the_agent(fake_llm: F
     assert "cities.csv" in told
     assert told.endswith("first city?")
     assert assert_stream_invariants(messages)["type"] == "completion"
-    console = "".join(str(m.get("content", "")) for m in messages if m["type"] == "console")
+    console = console_of(messages)
     assert "Lyon,522250" in console
 
 

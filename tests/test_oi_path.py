@@ -14,6 +14,7 @@ from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     OI_MARKS,
     assert_stream_invariants,
+    console_of,
     content_of,
     make_settings,
     oi_settings,
@@ -220,15 +221,14 @@ async def test_web_search_is_a_function_the_agent_can_call(fake_llm: FakeLLM) ->
         ):
             catalog = (await rest.get("/v1/tools")).json()
             await client.send({"type": "chat", "id": "r1", "message": "search it"})
-            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
-            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.approve_when_asked("r1")
             messages = await client.finish("r1")
     assert catalog["web_search"] == {"available": True, "reason": None}
     system = fake_llm.streams[0].request["messages"][0]
     assert system["role"] == "system"
     assert "web_search(query)" in system["content"]
     assert fake_llm.searches == ["structured concurrency"]
-    console = "".join(str(m.get("content", "")) for m in messages if m["type"] == "console")
+    console = console_of(messages)
     assert "Notes on structured concurrency" in console
     assert assert_stream_invariants(messages)["type"] == "completion"
 
@@ -268,8 +268,7 @@ async def test_stop_while_code_runs_interrupts_it(fake_llm: FakeLLM) -> None:
             await client.send(
                 {"type": "chat", "id": "r1", "message": "count", "conversation_id": "k"}
             )
-            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
-            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.approve_when_asked("r1")
             await client.wait_for("r1", lambda m: "tick 2" in str(m.get("content", "")))
             await client.send({"type": "stop", "id": "r1"})
             stopped = await client.finish("r1")
@@ -278,11 +277,10 @@ async def test_stop_while_code_runs_interrupts_it(fake_llm: FakeLLM) -> None:
                 await client.send(
                     {"type": "chat", "id": "r2", "message": "again", "conversation_id": "k"}
                 )
-                await client.wait_for("r2", lambda m: m["type"] == "confirmation")
-                await client.send({"type": "approve", "id": "r2", "approved": True})
+                await client.approve_when_asked("r2")
                 second = await client.finish("r2")
     assert assert_stream_invariants(stopped)["type"] == "stopped"
-    console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
+    console = console_of(second)
     assert "next turn ran" in console
     assert "tick" not in console
 
@@ -380,8 +378,7 @@ async def test_a_client_that_leaves_stops_its_turn_in_any_state(
                 elif state == "mid_text":
                     await client.wait_for("r1", lambda m: m.get("content"))
                 else:
-                    await client.wait_for("r1", lambda m: m["type"] == "confirmation")
-                    await client.send({"type": "approve", "id": "r1", "approved": True})
+                    await client.approve_when_asked("r1")
                     await client.wait_for("r1", lambda m: "tick 2" in str(m.get("content", "")))
             await fake_llm.streams[0].closed.wait()
             await server.state.engine.tracker.wait_until_idle()
@@ -390,12 +387,11 @@ async def test_a_client_that_leaves_stops_its_turn_in_any_state(
             async with ws_client(server.ws_url) as client:
                 with trio.fail_after(20):
                     await client.send({**chat, "id": "r2", "message": "again"})
-                    await client.wait_for("r2", lambda m: m["type"] == "confirmation")
-                    await client.send({"type": "approve", "id": "r2", "approved": True})
+                    await client.approve_when_asked("r2")
                     second = await client.finish("r2")
     assert record is not None
     assert (record.state, record.stop_reason) == ("stopped", "disconnect")
-    console = "".join(str(m.get("content", "")) for m in second if m["type"] == "console")
+    console = console_of(second)
     assert "next turn ran" in console
     assert "tick" not in console
 
@@ -441,8 +437,7 @@ async def test_an_interpreter_in_use_is_not_closed_to_make_room(fake_llm: FakeLL
         ):
             long_chat = {"type": "chat", "id": "a", "message": "count", "conversation_id": "A"}
             await client.send(long_chat)
-            await client.wait_for("a", lambda m: m["type"] == "confirmation")
-            await client.send({"type": "approve", "id": "a", "approved": True})
+            await client.approve_when_asked("a")
             await client.wait_for("a", lambda m: "tick 1" in str(m.get("content", "")))
             other = await client.chat("short", id="b", conversation_id="B")  # over the cap
             ticks = "".join(str(m.get("content", "")) for m in client.messages.by_request["a"])
