@@ -25,6 +25,7 @@ from aether.core.errors import (
     UpstreamUnavailable,
 )
 from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
+from aether.core.providers.upstream_clients import UpstreamClients
 from aether.core.runtime.chat import ChatRequest, Chunk, block_delta, block_end, block_start
 
 # How long the rest of a response is read after its [DONE].
@@ -36,14 +37,14 @@ class HTTPProvider:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        clients: UpstreamClients,
         *,
         base_url: str,
         model: str,
         api_key: str | None,
         first_token_timeout_s: float,
     ) -> None:
-        self._client = client
+        self._clients = clients
         self._url = f"{base_url}/chat/completions"
         self._model = model
         self._headers = {"Accept": "text/event-stream"}
@@ -65,9 +66,10 @@ class HTTPProvider:
         first_token = trio.CancelScope(deadline=trio.current_time() + self._first_token_timeout_s)
         try:
             with first_token:
-                async with self._client.stream(
-                    "POST", self._url, json=body, headers=self._headers
-                ) as response:
+                async with (
+                    self._clients.lease() as client,
+                    client.stream("POST", self._url, json=body, headers=self._headers) as response,
+                ):
                     if response.status_code >= 400:
                         raise UpstreamHTTPError(
                             f"the upstream answered HTTP {response.status_code}",
