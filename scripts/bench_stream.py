@@ -8,7 +8,9 @@ absolute figures and ratios against the baselines measured in the same run:
 - ``aether``: ``python -m aether`` (one worker, http path, production settings);
 - ``trio-websocket``: a minimal relay on bare trio-websocket (``scripts/bench/trio_ws_relay.py``);
 - ``fastapi-uvicorn``: the same relay on FastAPI + uvicorn (``scripts/bench/fastapi_relay.py``);
-- ``direct``: this process reading the upstream itself (the limit of relaying).
+- ``direct``: this process reading the upstream itself (the limit of relaying);
+- ``aether-sse`` and ``fastapi-sse``: the first two again, chatting over server-sent events
+  (``POST /v1/chat/stream``) instead of the WebSocket (capacity and paced workloads).
 
 Workloads:
 - ``capacity``: upstream delay 0, all streams at once: deltas/s, server CPU per delta, peak RSS,
@@ -17,7 +19,10 @@ Workloads:
   first token (also as added over the upstream's own, read directly) and the gaps between tokens;
 - ``stop``: a stop mid-stream on every stream at once: stop -> ``stopped`` latency, chunks after
   ``stopped``, stop -> upstream connection closed;
-- ``idle``: connections that said hello and wait: server memory per connection.
+- ``idle``: connections that said hello and wait: server memory per connection;
+- ``storm``: every stream runs, then half the clients vanish at once (socket reset, no close
+  frame): how soon the server closes their upstream streams, that none is left open, that the
+  other half finish, and how long the server stays busy after the last of them.
 Stream counts of 1000 and more run for Aether only (idle connections excepted).
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
@@ -40,6 +45,7 @@ import os
 import platform
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -58,7 +64,10 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TERMINALS = {"completion", "stopped", "error"}
-SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct")
+SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse", "fastapi-sse")
+# The SSE variants run the same server processes; only the client's transport differs.
+PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
+SSE_WORKLOADS = ("capacity", "paced")
 # Also measurable: Aether without conversation history (the cost of storing every answer).
 OPTIONAL_SERVERS = ("aether-no-history",)
 DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
@@ -66,6 +75,12 @@ DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
 IDLE_SETTLE_S = 1.0
 # Stream counts from this one up are measured for Aether alone (the baselines stop at 500).
 AETHER_ONLY_FROM = 1000
+# Storm: the server counts as idle again once it uses less than this share of a core over
+# IDLE_WINDOW_S, sampled every CPU_SAMPLE_S; sampling goes on this long after the last stream.
+IDLE_CPU_SHARE = 0.05
+IDLE_WINDOW_S = 0.1
+CPU_SAMPLE_S = 0.02
+STORM_TAIL_S = 1.5
 
 
 def free_port() -> int:
@@ -140,6 +155,7 @@ async def start_upstream(tokens: int, delay_ms: float) -> Process:
 
 async def start_server(name: str, upstream_url: str) -> Process:
     port = free_port()
+    name = PROCESS_OF.get(name, name)
     if name in ("aether", "aether-no-history"):
         argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
         argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
@@ -168,6 +184,7 @@ async def start_server(name: str, upstream_url: str) -> Process:
 
 @dataclass
 class StreamResult:
+    tag: str = ""
     sent_at: float = 0.0
     first_token_at: float | None = None
     token_times: list[float] = field(default_factory=list)
@@ -177,13 +194,27 @@ class StreamResult:
     stopped_at: float | None = None
     chunks_after_terminal: int = 0
     error: str | None = None
+    vanished_at: float | None = None
+    terminal_at: float | None = None
+
+
+class Vanish(Exception):
+    """This client disappears: its socket is reset under the connection."""
 
 
 class Workload:
     """One client stream: connect, wait for the start signal, chat, maybe stop, read to end."""
 
-    def __init__(self, stop_after_tokens: int | None, linger_s: float, stagger_s: float) -> None:
+    def __init__(
+        self,
+        stop_after_tokens: int | None,
+        linger_s: float,
+        stagger_s: float,
+        vanish_after_tokens: int | None = None,
+    ) -> None:
         self.stop_after_tokens = stop_after_tokens
+        # Every other stream (odd tags) vanishes once it has this many tokens.
+        self.vanish_after_tokens = vanish_after_tokens
         self.linger_s = linger_s
         # Streams start spread evenly over this long after the signal (0: all at once).
         self.stagger_s = stagger_s
@@ -208,42 +239,80 @@ class Workload:
                 await self._read(ws, tag, result)
         except ConnectionClosed as exc:
             result.error = f"closed: {exc.reason}"
+        except Vanish:
+            result.terminal = "vanished"
         return result
 
     async def _read(self, ws: Any, tag: str, result: StreamResult) -> None:
+        vanishes = self.vanish_after_tokens is not None and int(tag[1:]) % 2 == 1
         while True:
             message = orjson.loads(await ws.get_message())
-            at = now()
-            content = message.get("content")
-            if isinstance(content, str) and content:
-                if result.terminal is not None:
-                    result.chunks_after_terminal += 1
-                    continue
-                count = content.count(" ")
-                result.tokens += count
-                result.token_times.extend([at] * count)
-                if result.first_token_at is None:
-                    result.first_token_at = at
-                if (
-                    self.stop_after_tokens is not None
-                    and result.stop_sent_at is None
-                    and result.tokens >= self.stop_after_tokens
-                ):
-                    result.stop_sent_at = now()
-                    await ws.send_message(json.dumps({"type": "stop", "id": tag}))
-            elif message.get("role") == "server" and message.get("type") in TERMINALS:
-                if result.terminal is not None:
-                    result.chunks_after_terminal += 1
-                    continue
-                result.terminal = message["type"]
-                if message["type"] == "stopped":
-                    result.stopped_at = at
-                if self.linger_s <= 0:
-                    return
-                # Listen a little longer: nothing of this request may follow its terminal.
-                with trio.move_on_after(self.linger_s):
-                    await self._read_after_terminal(ws, result)
+            if not self._take(message, now(), result):
+                continue
+            if vanishes and result.tokens >= (self.vanish_after_tokens or 0):
+                result.vanished_at = now()
+                reset(ws._stream.socket)
+                raise Vanish
+            if (
+                self.stop_after_tokens is not None
+                and result.stop_sent_at is None
+                and result.tokens >= self.stop_after_tokens
+            ):
+                result.stop_sent_at = now()
+                await ws.send_message(json.dumps({"type": "stop", "id": tag}))
+            if result.terminal is not None:
+                if self.linger_s > 0:
+                    # Listen a little longer: nothing of this request may follow its terminal.
+                    with trio.move_on_after(self.linger_s):
+                        await self._read_after_terminal(ws, result)
                 return
+
+    @staticmethod
+    def _take(message: dict[str, Any], at: float, result: StreamResult) -> bool:
+        """Count one protocol message; True if it was new content or the terminal."""
+        content = message.get("content")
+        if isinstance(content, str) and content:
+            if result.terminal is not None:
+                result.chunks_after_terminal += 1
+                return False
+            count = content.count(" ")
+            result.tokens += count
+            result.token_times.extend([at] * count)
+            if result.first_token_at is None:
+                result.first_token_at = at
+            return True
+        if message.get("role") == "server" and message.get("type") in TERMINALS:
+            if result.terminal is not None:
+                result.chunks_after_terminal += 1
+                return False
+            result.terminal = message["type"]
+            result.terminal_at = at
+            if message["type"] == "stopped":
+                result.stopped_at = at
+            return True
+        return False
+
+    async def sse_stream(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        tag: str,
+        connected: Callable[[], None],
+        go: trio.Event,
+    ) -> StreamResult:
+        result = StreamResult()
+        connected()
+        await self.wait_turn(tag, go)
+        result.sent_at = now()
+        body = {"id": tag, "message": tag}
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}"
+                return result
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    self._take(orjson.loads(line[6:]), now(), result)
+        return result
 
     async def _read_after_terminal(self, ws: Any, result: StreamResult) -> None:
         while True:
@@ -304,8 +373,11 @@ async def run_streams(
             async with trio.open_nursery():
                 if server == "direct":
                     result = await workload.direct_stream(client, url, tag, connected, go)
+                elif server.endswith("-sse"):
+                    result = await workload.sse_stream(client, url, tag, connected, go)
                 else:
                     result = await workload.ws_stream(url, tag, connected, go)
+            result.tag = tag
             results.append(result)
 
         async with trio.open_nursery() as nursery:
@@ -316,6 +388,35 @@ async def run_streams(
             started = now()
             go.set()
         return results, now() - started
+
+
+def reset(sock: Any) -> None:
+    """Close a socket the way a vanished client does: a TCP reset, no close frame."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def sample_cpu(process: Process | None, samples: list[tuple[float, float]]) -> None:
+    if process is None:
+        return
+    handle = process.psutil
+    while True:
+        times = handle.cpu_times()
+        samples.append((now(), times.user + times.system))
+        await trio.sleep(CPU_SAMPLE_S)
+
+
+def busy_after_ms(samples: list[tuple[float, float]], since: float) -> float:
+    """How long after ``since`` the CPU samples show the server idle (nan if never)."""
+    for i, (at, cpu) in enumerate(samples):
+        if at < since:
+            continue
+        later = next((s for s in samples[i:] if s[0] >= at + IDLE_WINDOW_S), None)
+        if later is None:
+            break
+        if (later[1] - cpu) / (later[0] - at) < IDLE_CPU_SHARE:
+            return (at - since) * 1000
+    return math.nan
 
 
 async def sample_rss(process: Process | None, peak: list[int]) -> None:
@@ -333,14 +434,22 @@ async def measure(
     upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
     process = None if server == "direct" else await start_server(server, upstream_url)
     try:
-        url = upstream_url if process is None else f"ws://127.0.0.1:{process.port}/ws"
+        url = upstream_url
+        if process is not None:
+            url = f"ws://127.0.0.1:{process.port}/ws"
+            if server.endswith("-sse"):
+                url = f"http://127.0.0.1:{process.port}/v1/chat/stream"
         idle_rss = process.psutil.memory_info().rss if process else 0
         cpu_before = process.psutil.cpu_times() if process else None
         upstream_cpu_before = upstream.psutil.cpu_times()
         peak = [idle_rss]
+        cpu_samples: list[tuple[float, float]] = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sample_rss, process, peak)
+            nursery.start_soon(sample_cpu, process, cpu_samples)
             results, wall = await run_streams(server, url, streams, workload)
+            if workload.vanish_after_tokens is not None:
+                await trio.sleep(STORM_TAIL_S)
             nursery.cancel_scope.cancel()
         cpu_s = 0.0
         if process is not None and cpu_before is not None:
@@ -355,7 +464,10 @@ async def measure(
     finally:
         if process is not None:
             await process.stop()
-    return summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
+    summary = summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
+    ends = [r.terminal_at for r in results if r.terminal_at is not None]
+    summary["busy_after_ms"] = busy_after_ms(cpu_samples, max(ends)) if ends else math.nan
+    return summary
 
 
 async def measure_idle(server: str, upstream: Process, connections: int) -> dict[str, Any]:
@@ -419,11 +531,15 @@ def summarize(
         for rec in records[-len(results) :]
         if rec.get("client_closed_monotonic") is not None
     }
+    # Stop -> upstream closed, or vanish -> upstream closed.
     upstream_close_ms: list[float] = []
-    for index, r in enumerate(results):
-        closed = closed_by_tag.get(f"s{index}")
-        if r.stop_sent_at is not None and closed is not None:
-            upstream_close_ms.append((closed - r.stop_sent_at) * 1000)
+    cut_streams = 0
+    for r in results:
+        closed = closed_by_tag.get(r.tag)
+        cut_at = r.stop_sent_at if r.stop_sent_at is not None else r.vanished_at
+        cut_streams += cut_at is not None
+        if cut_at is not None and closed is not None:
+            upstream_close_ms.append((closed - cut_at) * 1000)
     terminals: dict[str, int] = {}
     for r in results:
         key = r.terminal or (r.error or "none")
@@ -446,8 +562,12 @@ def summarize(
         "stop_p50_ms": pct(stop_ms, 0.5),
         "stop_p99_ms": pct(stop_ms, 0.99),
         "stop_max_ms": max(stop_ms) if stop_ms else math.nan,
+        "upstream_closed_p50_ms": pct(upstream_close_ms, 0.5),
         "upstream_closed_p99_ms": pct(upstream_close_ms, 0.99),
+        "upstream_closed_max_ms": max(upstream_close_ms) if upstream_close_ms else math.nan,
         "upstream_closed_count": len(upstream_close_ms),
+        "upstream_left_open": cut_streams - len(upstream_close_ms),
+        "server_cpu_share": cpu_s / wall if wall and cpu_s else math.nan,
         "chunks_after_terminal": sum(r.chunks_after_terminal for r in results),
         "terminals": terminals,
     }
@@ -462,6 +582,7 @@ class Case:
     stop_after_tokens: int | None = None
     linger_s: float = 0.0
     stagger_s: float = 0.0
+    vanish_after_tokens: int | None = None
 
 
 def cases(args: argparse.Namespace) -> list[Case]:
@@ -480,6 +601,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
         chosen.append(Case("stop", args.stop_streams, 2000, 10.0, 10, 0.2))
     if "idle" in args.workloads:
         chosen.append(Case("idle", args.idle_connections, 1, 0.0))
+    if "storm" in args.workloads:
+        chosen.append(Case("storm", args.storm_streams, 200, 10.0, vanish_after_tokens=10))
     return chosen
 
 
@@ -505,6 +628,8 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("gap p50 ms", "gap_p50_ms", 1),
         ("gap p99 ms", "gap_p99_ms", 1),
         ("gap max ms", "gap_max_ms", 1),
+        ("gap added p99 ms", "gap_added_p99_ms", 1),
+        ("server cpu %", "server_cpu_pct", 0),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
     ],
     "stop": [
@@ -519,13 +644,32 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("RSS after MiB", "rss_after_mib", 1),
         ("RSS/connection KiB", "rss_per_connection_kib", 1),
     ],
+    "storm": [
+        ("vanished", "upstream_closed_count", 0),
+        ("upstream closed p50 ms", "upstream_closed_p50_ms", 1),
+        ("upstream closed p99 ms", "upstream_closed_p99_ms", 1),
+        ("upstream closed max ms", "upstream_closed_max_ms", 1),
+        ("upstream left open", "upstream_left_open", 0),
+        ("others completed", "completed", 0),
+        ("busy after last stream ms", "busy_after_ms", 0),
+    ],
 }
 RATIO_KEY = {
     "capacity": "deltas_per_s",
     "paced": "ttft_p99_ms",
     "stop": "stop_p99_ms",
     "idle": "rss_per_connection_kib",
+    "storm": "upstream_closed_p99_ms",
 }
+
+
+def add_derived(rows: list[dict[str, Any]], paced_rate: float) -> None:
+    """Figures computed from a row: the gap a paced stream's server adds over the pace, its
+    CPU as a percentage of one core, and how many streams completed."""
+    for row in rows:
+        row["gap_added_p99_ms"] = row.get("gap_p99_ms", math.nan) - 1000 / paced_rate
+        row["server_cpu_pct"] = row.get("server_cpu_share", math.nan) * 100
+        row["completed"] = row.get("terminals", {}).get("completion", 0)
 
 
 def add_ttft_over_direct(rows: list[dict[str, Any]]) -> None:
@@ -560,10 +704,9 @@ def render(rows: list[dict[str, Any]]) -> str:
         lines += [f"\n{workload}", "| " + " | ".join(header) + " |"]
         lines.append("|" + "---|" * len(header))
         for row in selected:
-            aether = next(
-                (r for r in selected if r["server"] == "aether" and r["streams"] == row["streams"]),
-                None,
-            )
+            reference = "aether-sse" if row["server"].endswith("-sse") else "aether"
+            same = [r for r in selected if r["streams"] == row["streams"]]
+            aether = next((r for r in same if r["server"] == reference), None)
             ratio = "-"
             if aether and row[key] and not math.isnan(row[key]) and not math.isnan(aether[key]):
                 ratio = f"{aether[key] / row[key]:.2f}x"
@@ -579,7 +722,9 @@ async def main(args: argparse.Namespace) -> None:
         upstream = await start_upstream(case.tokens, case.delay_ms)
         try:
             for server in args.servers:
-                if case.workload in ("stop", "idle") and server == "direct":
+                if case.workload in ("stop", "idle", "storm") and server == "direct":
+                    continue
+                if server.endswith("-sse") and case.workload not in SSE_WORKLOADS:
                     continue
                 aether_only = case.workload != "idle" and case.streams >= AETHER_ONLY_FROM
                 if aether_only and not server.startswith("aether"):
@@ -588,13 +733,19 @@ async def main(args: argparse.Namespace) -> None:
                 if case.workload == "idle":
                     summary = await measure_idle(server, upstream, case.streams)
                 else:
-                    workload = Workload(case.stop_after_tokens, case.linger_s, case.stagger_s)
+                    workload = Workload(
+                        case.stop_after_tokens,
+                        case.linger_s,
+                        case.stagger_s,
+                        case.vanish_after_tokens,
+                    )
                     summary = await measure(server, upstream, case.streams, workload)
                 rows.append({"workload": case.workload, "server": server, **summary})
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
         finally:
             await upstream.stop()
     add_ttft_over_direct(rows)
+    add_derived(rows, args.paced_rate)
     table = render(rows)
     machine = f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}"
     print(f"# bench_stream ({machine})\n{table}")
@@ -616,7 +767,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workloads",
         type=lambda t: t.split(","),
-        default=["capacity", "paced", "stop", "idle"],
+        default=["capacity", "paced", "stop", "idle", "storm"],
     )
     parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
@@ -632,6 +783,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stop-streams", type=int, default=50)
     parser.add_argument("--idle-connections", type=int, default=1000)
+    parser.add_argument("--storm-streams", type=int, default=500)
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser.parse_args(argv)
 

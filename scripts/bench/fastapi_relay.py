@@ -1,6 +1,7 @@
 """Baseline: the same relay on FastAPI + uvicorn (asyncio), the stack most Python backends use.
 
 One asyncio task per chat, cancelled on stop; httpx to the upstream; each delta its own frame.
+``POST /v1/chat/stream`` serves the same chat as server-sent events.
 
     AETHER_BENCH_UPSTREAM=http://127.0.0.1:U/v1 uvicorn fastapi_relay:app --port P
 
@@ -15,11 +16,13 @@ import asyncio
 import contextlib
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import orjson
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import StreamingResponse
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HELLO, delta_from_line, frame, upstream_body
@@ -70,3 +73,30 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     except WebSocketDisconnect:
         for task in tasks.values():
             task.cancel()
+
+
+@app.post("/v1/chat/stream")
+async def chat_stream(request: dict[str, str]) -> StreamingResponse:
+    """The same chat as server-sent events, one ``data:`` line per message."""
+    rid = request.get("id") or "c"
+    body = upstream_body(request["message"], "m")
+
+    async def events() -> AsyncIterator[str]:
+        yield sse(frame({"role": "server", "type": "accepted"}, rid, 0))
+        yield sse(frame({"role": "assistant", "type": "message", "start": True}, rid, 1))
+        seq = 2
+        async with client.stream("POST", UPSTREAM + "/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                content = delta_from_line(line)
+                if content:
+                    message = {"role": "assistant", "type": "message", "content": content}
+                    yield sse(frame(message, rid, seq))
+                    seq += 1
+        yield sse(frame({"role": "assistant", "type": "message", "end": True}, rid, seq))
+        yield sse(frame({"role": "server", "type": "completion"}, rid, seq + 1))
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"
