@@ -23,7 +23,7 @@ Workloads:
 - ``storm``: every stream runs, then half the clients vanish at once (socket reset, no close
   frame): how soon the server closes their upstream streams, that none is left open, that the
   other half finish, and how long the server stays busy after the last of them.
-Stream counts of 1000 and more run for Aether only (idle connections excepted).
+Stream counts above ``--baselines-up-to`` (1000) run for Aether only (idle connections excepted).
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200 --json out.json
@@ -73,8 +73,6 @@ OPTIONAL_SERVERS = ("aether-no-history",)
 DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
 # How long idle connections sit before the server's memory is read (let buffers settle).
 IDLE_SETTLE_S = 1.0
-# Stream counts from this one up are measured for Aether alone (the baselines stop at 500).
-AETHER_ONLY_FROM = 1000
 # Storm: the server counts as idle again once it uses less than this share of a core over
 # IDLE_WINDOW_S, sampled every CPU_SAMPLE_S; sampling goes on this long after the last stream.
 IDLE_CPU_SHARE = 0.05
@@ -726,7 +724,7 @@ async def main(args: argparse.Namespace) -> None:
                     continue
                 if server.endswith("-sse") and case.workload not in SSE_WORKLOADS:
                     continue
-                aether_only = case.workload != "idle" and case.streams >= AETHER_ONLY_FROM
+                aether_only = case.workload != "idle" and case.streams > args.baselines_up_to
                 if aether_only and not server.startswith("aether"):
                     continue
                 print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
@@ -784,6 +782,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-streams", type=int, default=50)
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--storm-streams", type=int, default=500)
+    parser.add_argument(
+        "--baselines-up-to",
+        type=int,
+        default=1000,
+        help="more streams than this run for Aether alone (idle connections excepted)",
+    )
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser.parse_args(argv)
 

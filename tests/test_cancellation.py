@@ -12,6 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from aether.core.providers.echo import EchoProvider
+from aether.core.runtime.chat import ChatRequest, Chunk
 from tests.helpers import assert_stream_invariants, content_of, make_settings
 from tests.memory_ws import MemoryServer, MemoryWebSocket
 
@@ -104,6 +106,52 @@ async def test_stop_mid_stream_ends_the_block_and_nothing_follows(
     await trio.sleep(10)
     assert [m for m in ws.drain() if m.get("id") == "r1"] == []
     assert server.engine.tracker.live_count == 0
+
+
+class SlowToCloseEcho(EchoProvider):
+    """The echo model, but closing it after a stop takes CLOSE_S: like a model stream whose
+    teardown must wait (a thread told to stop, a socket that lingers)."""
+
+    CLOSE_S = 5.0
+
+    def __init__(self) -> None:
+        super().__init__(token_delay_s=1.0)
+        self.closed_at: float | None = None
+
+    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+        try:
+            await super().stream(request, send)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.sleep(self.CLOSE_S)
+            self.closed_at = trio.current_time()
+
+
+async def test_stopped_does_not_wait_for_the_model_stream_to_close(
+    autojump_clock: Any, server: MemoryServer, ws: MemoryWebSocket
+) -> None:
+    slow = SlowToCloseEcho()
+    server.engine.streamer._echo = slow  # the path "echo" asks for
+    await ws.send({"type": "chat", "id": "r1", "message": MESSAGE, "path": "echo"})
+    await wait_for_deltas(ws, "r1", 2)
+    stop_at = trio.current_time()
+    await ws.send({"type": "stop", "id": "r1"})
+    messages = await ws.finish("r1")
+    assert trio.current_time() == stop_at
+    assert assert_stream_invariants(messages)["type"] == "stopped"
+    record = server.engine.tracker.get("r1", "anonymous")
+    assert record is not None
+    assert record.state == "stopped"
+    # The request stays live (its id taken, its limits held) until its model stream is closed.
+    assert slow.closed_at is None
+    assert server.engine.tracker.get_live("r1", "anonymous") is record
+    await ws.send({"type": "chat", "id": "r1", "message": "again"})
+    refused = await ws.receive()
+    assert (refused["code"], refused["ref"]) == ("duplicate_request", {"type": "chat", "id": "r1"})
+    await server.engine.tracker.wait_until_idle()
+    assert slow.closed_at == stop_at + SlowToCloseEcho.CLOSE_S
+    assert record.ended_at == slow.closed_at
+    assert [m for m in ws.drain() if m.get("id") == "r1"] == []
 
 
 async def test_stop_after_completion_is_an_unknown_request(

@@ -232,6 +232,26 @@ class RuntimeEngine:
         task_status.started(record)
         state: RequestState = "stopped"
         failure: Chunk | None = None
+
+        def seal() -> None:
+            """Queue the request's terminal (once), after publishing its pending save."""
+            if relay.finished:
+                return
+            if recorder is not None:
+                # Published before the terminal is queued: a follow-up the client sends on
+                # seeing it then waits for this answer's save. A turn still streaming is not
+                # waited for (its answer is not part of a concurrent turn's context).
+                self._saving_turns[recorder.conversation_id] = recorder.saved
+            if state == "completed":
+                relay.finish({"role": "server", "type": "completion"})
+            elif state == "error":
+                relay.finish(failure or relay.error or {})
+            else:
+                reason = record.stop_reason or "disconnect"
+                relay.finish({"role": "server", "type": "stopped", "reason": reason})
+            # What the client was told; the record stays live until the request's tasks end.
+            record.state = state
+
         try:
             with record.cancel_scope:
                 if self._history is not None:
@@ -248,10 +268,18 @@ class RuntimeEngine:
                     send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
                     nursery.start_soon(self.streamer.stream_chat, request, provider, send)
                     async with receive:
-                        await relay.relay_stream(receive)
+                        try:
+                            await relay.relay_stream(receive)
+                        finally:
+                            if record.cancel_scope.cancel_called:
+                                # Stopped: the terminal leaves now, while the producer closes
+                                # its upstream stream (the nursery waits for that). Nothing of
+                                # this request can follow it: the relay reads no more.
+                                seal()
                     # The nursery also waits for the recorder's start check: an answer that
                     # outran a failed start still ends with storage_error, never "completion".
-                state = "error" if relay.error is not None else "completed"
+                if not relay.finished:  # else it was stopped, and the client was told so
+                    state = "error" if relay.error is not None else "completed"
         except* trio.BrokenResourceError:
             # The client's writer is gone: the client left while this request streamed.
             record.stop_reason = record.stop_reason or "disconnect"
@@ -268,18 +296,7 @@ class RuntimeEngine:
                 AetherError.code, "the server failed while streaming this request"
             )
         finally:
-            if recorder is not None:
-                # Published before the terminal is queued: a follow-up the client sends on
-                # seeing it then waits for this answer's save. A turn still streaming is not
-                # waited for (its answer is not part of a concurrent turn's context).
-                self._saving_turns[recorder.conversation_id] = recorder.saved
-            if state == "completed":
-                relay.finish({"role": "server", "type": "completion"})
-            elif state == "error":
-                relay.finish(failure or relay.error or {})
-            else:
-                reason = record.stop_reason or "disconnect"
-                relay.finish({"role": "server", "type": "stopped", "reason": reason})
+            seal()
             record.note(f"relayed {relay.chunks_relayed} chunks")
             if recorder is not None:
                 error_code = (failure or relay.error or {}).get("code")

@@ -29,6 +29,7 @@ class StreamRelay:
         "_open_block",
         "chunks_relayed",
         "error",
+        "finished",
         "first_content_at",
         "outbox",
         "request_id",
@@ -47,6 +48,7 @@ class StreamRelay:
         self.chunks_relayed = 0
         self.first_content_at: float | None = None
         self.error: Chunk | None = None
+        self.finished = False
         self._open_block: BlockKey | None = None
         self._last_delta: OutboxEntry | None = None
         self._last_key: BlockKey | None = None
@@ -115,7 +117,11 @@ class StreamRelay:
         self._last_key = key
 
     def finish(self, terminal: Chunk) -> None:
-        """Queue the end of any open block and then the terminal message (never blocks)."""
+        """Queue the end of any open block and then the terminal message (never blocks).
+        Only the first call counts: a request has exactly one terminal."""
+        if self.finished:
+            return
+        self.finished = True
         closing: list[Chunk] = []
         if self._open_block is not None:
             role, kind, fmt = self._open_block
