@@ -46,7 +46,7 @@ from aether.core.history.store import (
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.providers.oi import OIProvider
-from aether.core.providers.upstream_clients import UpstreamClients
+from aether.core.providers.streaming_transport import StreamingTransport
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
 from aether.core.runtime.file_chat import FileChat
@@ -116,16 +116,17 @@ class RuntimeEngine:
             raise RuntimeError("the engine is not started")
         return self._streamer
 
-    def _upstream_clients(self) -> UpstreamClients:
+    def _http_client(self) -> httpx.AsyncClient:
         s = self.settings
-        return UpstreamClients(
-            max_connections=s.llm_max_connections,
+        return httpx.AsyncClient(
+            transport=StreamingTransport(max_connections=s.llm_max_connections),
             timeout=httpx.Timeout(
                 connect=s.llm_connect_timeout_s,
                 read=s.llm_read_timeout_s,
                 write=s.llm_read_timeout_s,
                 pool=s.llm_connect_timeout_s,
             ),
+            trust_env=False,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -170,8 +171,8 @@ class RuntimeEngine:
         record.note("code approved" if approved else "code denied")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        async with self._upstream_clients() as clients, trio.open_nursery() as nursery:
-            self._streamer = ChatStreamer(self.settings, clients, self._oi_provider())
+        async with self._http_client() as client, trio.open_nursery() as nursery:
+            self._streamer = ChatStreamer(self.settings, client, self._oi_provider())
             self._nursery = nursery
             log.info("engine started; default path: %s", self._streamer.default_path)
             task_status.started()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import trio
 
 from aether.config import Settings
@@ -19,7 +20,6 @@ from aether.core.errors import PathUnavailable, ProviderError
 from aether.core.providers.base import Provider
 from aether.core.providers.echo import EchoProvider
 from aether.core.providers.http import HTTPProvider
-from aether.core.providers.upstream_clients import UpstreamClients
 from aether.core.runtime.chat import ChatRequest, Chunk, PathName, error_chunk
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class ChatStreamer:
     def __init__(
         self,
         settings: Settings,
-        upstream: UpstreamClients,
+        http_client: httpx.AsyncClient,
         oi: Provider | None = None,
     ) -> None:
         self._echo = EchoProvider(settings.echo_token_delay_s)
@@ -38,7 +38,7 @@ class ChatStreamer:
         if settings.llm_base_url is not None and settings.llm_model is not None:
             key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
             self._http = HTTPProvider(
-                upstream,
+                http_client,
                 base_url=settings.llm_base_url,
                 model=settings.llm_model,
                 api_key=key,
