@@ -145,6 +145,11 @@ class Settings(BaseModel):
     tcp_keepalive_s: float = Field(
         30.0, ge=1, description="Idle time before TCP keepalive probes look for vanished peers."
     )
+    listen_backlog: int = Field(
+        2048,
+        ge=1,
+        description="Connections the kernel may queue before the server accepts them.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
     )

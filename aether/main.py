@@ -103,6 +103,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     config = TCPTunedConfig()
     config.user_timeout_s = settings.slow_client_timeout_s
     config.keepalive_s = settings.tcp_keepalive_s
+    # Hypercorn's default (100) overflows when hundreds of clients connect at once (all of them
+    # reconnecting after a restart, say): the kernel then drops or resets the surplus.
+    config.backlog = settings.listen_backlog
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
+import trio
 
 from aether.config import ConfigError, load_settings
+from tests.helpers import make_settings, running_server
 
 
 def test_defaults_listen_on_loopback_with_echo() -> None:
@@ -78,3 +81,15 @@ def test_missing_or_broken_toml_file(tmp_path: Path) -> None:
     broken.write_text("port = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(config_file=broken, environ={})
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the queue")
+async def test_the_server_listens_with_listen_backlog() -> None:
+    # Hypercorn's own default (100) overflowed when 500 clients connected at once.
+    async with running_server(make_settings(provider="echo", listen_backlog=1500)) as server:
+        port = server.base_url.rsplit(":", 1)[1]
+        ss = await trio.run_process(["ss", "-ltnH", f"sport = :{port}"], capture_stdout=True)
+    listed = ss.stdout.decode().split()
+    somaxconn = int(await trio.Path("/proc/sys/net/core/somaxconn").read_text())
+    assert listed[0] == "LISTEN"
+    assert int(listed[2]) == min(1500, somaxconn)
