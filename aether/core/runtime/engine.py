@@ -298,6 +298,7 @@ class RuntimeEngine:
             )
         finally:
             seal()
+            state = record.state  # the outcome the client was told, also if told early
             record.note(f"relayed {relay.chunks_relayed} chunks")
             if recorder is not None:
                 error_code = (failure or relay.error or {}).get("code")
