@@ -59,11 +59,13 @@ import httpx
 import orjson
 import psutil
 import trio
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TERMINALS = {"completion", "stopped", "error"}
+# A stream that fails this way is reported as failed; anything else ends the run.
+STREAM_FAILURES = (httpx.HTTPError, OSError, HandshakeError, ConnectionClosed)
 SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse", "fastapi-sse")
 # The SSE variants run the same server processes; only the client's transport differs.
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
@@ -367,14 +369,27 @@ async def run_streams(
 
         async def one(index: int) -> None:
             tag = f"s{index}"
-            # Each connection in its own nursery: trio-websocket#184.
-            async with trio.open_nursery():
-                if server == "direct":
-                    result = await workload.direct_stream(client, url, tag, connected, go)
-                elif server.endswith("-sse"):
-                    result = await workload.sse_stream(client, url, tag, connected, go)
-                else:
-                    result = await workload.ws_stream(url, tag, connected, go)
+            announced = False
+
+            def connected_once() -> None:
+                nonlocal announced
+                if not announced:
+                    announced = True
+                    connected()
+
+            try:
+                # Each connection in its own nursery: trio-websocket#184.
+                async with trio.open_nursery():
+                    if server == "direct":
+                        result = await workload.direct_stream(client, url, tag, connected_once, go)
+                    elif server.endswith("-sse"):
+                        result = await workload.sse_stream(client, url, tag, connected_once, go)
+                    else:
+                        result = await workload.ws_stream(url, tag, connected_once, go)
+            except* STREAM_FAILURES as group:
+                # Counted in the row's terminals (a failed stream), not the end of the run.
+                result = StreamResult(error=type(group.exceptions[0]).__name__)
+                connected_once()
             result.tag = tag
             results.append(result)
 
@@ -567,6 +582,7 @@ def summarize(
         "upstream_left_open": cut_streams - len(upstream_close_ms),
         "server_cpu_share": cpu_s / wall if wall and cpu_s else math.nan,
         "chunks_after_terminal": sum(r.chunks_after_terminal for r in results),
+        "failed": sum(1 for r in results if r.terminal is None),
         "terminals": terminals,
     }
 
@@ -617,6 +633,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("peak RSS MiB", "peak_rss_mib", 1),
         ("ttft p50 ms", "ttft_p50_ms", 1),
         ("ttft p99 ms", "ttft_p99_ms", 1),
+        ("failed", "failed", 0),
     ],
     "paced": [
         ("ttft p50 ms", "ttft_p50_ms", 1),
@@ -629,6 +646,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("gap added p99 ms", "gap_added_p99_ms", 1),
         ("server cpu %", "server_cpu_pct", 0),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
+        ("failed", "failed", 0),
     ],
     "stop": [
         ("stop p50 ms", "stop_p50_ms", 2),
@@ -636,6 +654,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("stop max ms", "stop_max_ms", 2),
         ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
         ("chunks after stopped", "chunks_after_terminal", 0),
+        ("failed", "failed", 0),
     ],
     "idle": [
         ("RSS before MiB", "rss_before_mib", 1),
@@ -650,6 +669,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("upstream left open", "upstream_left_open", 0),
         ("others completed", "completed", 0),
         ("busy after last stream ms", "busy_after_ms", 0),
+        ("failed", "failed", 0),
     ],
 }
 RATIO_KEY = {
