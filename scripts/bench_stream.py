@@ -26,7 +26,7 @@ Workloads:
 Stream counts above ``--baselines-up-to`` (1000) run for Aether only (idle connections excepted).
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
-    python scripts/bench_stream.py --workloads stop --stop-streams 200 --json out.json
+    python scripts/bench_stream.py --workloads stop --stop-streams 200,1000 --json out.json
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
 shares the machine with the servers, so compare ratios, not absolute figures across machines.
@@ -54,7 +54,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import h11
 import httpx
 import orjson
 import psutil
@@ -65,7 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TERMINALS = {"completion", "stopped", "error"}
 # A stream that fails this way is reported as failed; anything else ends the run.
-STREAM_FAILURES = (httpx.HTTPError, OSError, HandshakeError, ConnectionClosed)
+STREAM_FAILURES = (OSError, h11.ProtocolError, HandshakeError, ConnectionClosed)
 SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse", "fastapi-sse")
 # The SSE variants run the same server processes; only the client's transport differs.
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
@@ -293,25 +295,20 @@ class Workload:
         return False
 
     async def sse_stream(
-        self,
-        client: httpx.AsyncClient,
-        url: str,
-        tag: str,
-        connected: Callable[[], None],
-        go: trio.Event,
+        self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
     ) -> StreamResult:
         result = StreamResult()
         connected()
         await self.wait_turn(tag, go)
         result.sent_at = now()
-        body = {"id": tag, "message": tag}
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}"
-                return result
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    self._take(orjson.loads(line[6:]), now(), result)
+
+        def on_line(line: bytes, at: float) -> None:
+            if line.startswith(b"data: "):
+                self._take(orjson.loads(line[6:]), at, result)
+
+        status = await post_lines(url, {"id": tag, "message": tag}, on_line)
+        if status != 200:
+            result.error = f"HTTP {status}"
         return result
 
     async def _read_after_terminal(self, ws: Any, result: StreamResult) -> None:
@@ -321,31 +318,60 @@ class Workload:
                 result.chunks_after_terminal += 1
 
     async def direct_stream(
-        self,
-        client: httpx.AsyncClient,
-        url: str,
-        tag: str,
-        connected: Callable[[], None],
-        go: trio.Event,
+        self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
     ) -> StreamResult:
         result = StreamResult()
         connected()
         await self.wait_turn(tag, go)
         result.sent_at = now()
+
+        def on_line(line: bytes, at: float) -> None:
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                return
+            delta = orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                result.tokens += delta.count(" ")
+                result.token_times.append(at)
+                if result.first_token_at is None:
+                    result.first_token_at = at
+
         body = {"model": "m", "messages": [{"role": "user", "content": tag}], "stream": True}
-        async with client.stream("POST", url + "/chat/completions", json=body) as response:
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                delta = orjson.loads(line[6:])["choices"][0]["delta"].get("content")
-                if delta:
-                    at = now()
-                    result.tokens += delta.count(" ")
-                    result.token_times.append(at)
-                    if result.first_token_at is None:
-                        result.first_token_at = at
-        result.terminal = "completion"
+        if await post_lines(url + "/chat/completions", body, on_line) == 200:
+            result.terminal = "completion"
         return result
+
+
+async def post_lines(url: str, body: Any, on_line: Callable[[bytes, float], None]) -> int:
+    """POST ``body`` as JSON and pass each line of the answer, with when it arrived, to
+    ``on_line``; returns the status. h11 on a Trio socket: a lean client, so that the load
+    client (which shares the machine) costs less per line than the servers it measures."""
+    parts = urlsplit(url)
+    payload = orjson.dumps(body)
+    headers = [
+        ("host", parts.netloc),
+        ("content-type", "application/json"),
+        ("content-length", str(len(payload))),
+    ]
+    conn = h11.Connection(h11.CLIENT)
+    request = conn.send(h11.Request(method="POST", target=parts.path, headers=headers)) or b""
+    request += (conn.send(h11.Data(data=payload)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    status = 0
+    pending = b""
+    async with await trio.open_tcp_stream(parts.hostname or "127.0.0.1", parts.port or 80) as s:
+        await s.send_all(request)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await s.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                at = now()
+                *lines, pending = (pending + bytes(event.data)).split(b"\n")
+                for line in lines:
+                    on_line(line, at)
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                return status
 
 
 async def run_streams(
@@ -364,43 +390,40 @@ async def run_streams(
         if ready == streams:
             all_connected.set()
 
-    limits = httpx.Limits(max_connections=streams + 10, max_keepalive_connections=streams)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async def one(index: int) -> None:
+        tag = f"s{index}"
+        announced = False
 
-        async def one(index: int) -> None:
-            tag = f"s{index}"
-            announced = False
+        def connected_once() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                connected()
 
-            def connected_once() -> None:
-                nonlocal announced
-                if not announced:
-                    announced = True
-                    connected()
+        try:
+            # Each connection in its own nursery: trio-websocket#184.
+            async with trio.open_nursery():
+                if server == "direct":
+                    result = await workload.direct_stream(url, tag, connected_once, go)
+                elif server.endswith("-sse"):
+                    result = await workload.sse_stream(url, tag, connected_once, go)
+                else:
+                    result = await workload.ws_stream(url, tag, connected_once, go)
+        except* STREAM_FAILURES as group:
+            # Counted in the row's terminals (a failed stream), not the end of the run.
+            result = StreamResult(error=type(group.exceptions[0]).__name__)
+            connected_once()
+        result.tag = tag
+        results.append(result)
 
-            try:
-                # Each connection in its own nursery: trio-websocket#184.
-                async with trio.open_nursery():
-                    if server == "direct":
-                        result = await workload.direct_stream(client, url, tag, connected_once, go)
-                    elif server.endswith("-sse"):
-                        result = await workload.sse_stream(client, url, tag, connected_once, go)
-                    else:
-                        result = await workload.ws_stream(url, tag, connected_once, go)
-            except* STREAM_FAILURES as group:
-                # Counted in the row's terminals (a failed stream), not the end of the run.
-                result = StreamResult(error=type(group.exceptions[0]).__name__)
-                connected_once()
-            result.tag = tag
-            results.append(result)
-
-        async with trio.open_nursery() as nursery:
-            for index in range(streams):
-                nursery.start_soon(one, index)
-            with trio.fail_after(120):
-                await all_connected.wait()
-            started = now()
-            go.set()
-        return results, now() - started
+    async with trio.open_nursery() as nursery:
+        for index in range(streams):
+            nursery.start_soon(one, index)
+        with trio.fail_after(120):
+            await all_connected.wait()
+        started = now()
+        go.set()
+    return results, now() - started
 
 
 def reset(sock: Any) -> None:
@@ -612,11 +635,17 @@ def cases(args: argparse.Namespace) -> list[Case]:
                 Case("paced", streams, args.paced_tokens, delay, stagger_s=args.paced_stagger_s)
             )
     if "stop" in args.workloads:
-        chosen.append(Case("stop", args.stop_streams, 2000, 10.0, 10, 0.2))
+        for streams in args.stop_streams:
+            chosen.append(Case("stop", streams, 2000, 10.0, 10, 0.2))
     if "idle" in args.workloads:
         chosen.append(Case("idle", args.idle_connections, 1, 0.0))
     if "storm" in args.workloads:
-        chosen.append(Case("storm", args.storm_streams, 200, 10.0, vanish_after_tokens=10))
+        # At the paced workload's pace: the storm hits a server that keeps up, so what it
+        # measures is the storm's own cost, not a backlog.
+        delay = 1000 / args.paced_rate
+        chosen.append(
+            Case("storm", args.storm_streams, args.paced_tokens, delay, vanish_after_tokens=10)
+        )
     return chosen
 
 
@@ -787,7 +816,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda t: t.split(","),
         default=["capacity", "paced", "stop", "idle", "storm"],
     )
-    parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 500])
+    parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 50, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
     parser.add_argument("--capacity-tokens-many", type=int, default=200, help="per stream, > 50")
     parser.add_argument("--paced-streams", type=ints, default=[50, 500, 1000])
@@ -799,7 +828,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1.0,
         help="paced streams start spread over this many seconds (0: all at once)",
     )
-    parser.add_argument("--stop-streams", type=int, default=50)
+    parser.add_argument("--stop-streams", type=ints, default=[50, 500])
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--storm-streams", type=int, default=500)
     parser.add_argument(
