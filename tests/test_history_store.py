@@ -95,3 +95,32 @@ async def test_writes_waiting_together_share_one_transaction_and_fail_alone(
         ]
     finally:
         await store.close()
+
+
+async def test_writes_finish_within_a_round_while_the_loop_is_busy(tmp_path: Path) -> None:
+    # A worker thread waited seconds for the GIL behind a busy event loop (final saves timed
+    # out under load); the store's statements now run on the loop, one batch per round.
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    rounds = 0
+    writes_done = trio.Event()
+
+    async def busy() -> None:
+        nonlocal rounds
+        while not writes_done.is_set():
+            rounds += 1
+            await trio.lowlevel.checkpoint()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy)
+            async with trio.open_nursery() as writers:
+                for index in range(100):
+                    writers.start_soon(
+                        store.begin_turn, "me", f"c{index}", "t", f"r{index}", "hello"
+                    )
+            writes_done.set()
+        assert rounds <= 3
+        assert len(await store.list_conversations("me", 200, None)) == 100
+    finally:
+        await store.close()

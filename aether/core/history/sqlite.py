@@ -1,14 +1,15 @@
-"""The SQLite history store: one file, WAL, every statement in a worker thread.
+"""The SQLite history store: one file, WAL, its statements run on the event loop's thread.
 
-Resource handling: two connections, a writer and a reader, each used by one thread at a time
-(a ``CapacityLimiter`` of 1 apiece), so writes are serialized while reads proceed beside them
-(WAL lets readers and the writer work at once). Threads are never abandoned: a cancelled caller
-waits for its statement to finish, so a transaction is never left half-done by Trio.
+Why not a worker thread: on CPython, a thread waiting for the GIL takes it only once the
+holder has kept it for a whole switch interval without letting go, and a busy Trio loop lets go
+(for every socket call and every poll) far more often than that. Under load a worker thread
+then waited seconds for its turn: the answers' final saves timed out (5 s) and were lost. In WAL
+mode with ``synchronous = NORMAL`` a commit writes to the log without waiting for the disk, so
+running the statements here costs the loop tens of microseconds per write; reads are by index.
 
-Writes are batched: every write that is waiting when the writer becomes free runs in the same
-thread call and transaction, each in a savepoint of its own (one write's failure undoes only
-that write). Fifty chats stopped at once then cost one commit and one thread hop, not fifty
-back to back, which kept the event loop (and so every ``stopped``) waiting on the GIL.
+Writes are batched: every write queued within one scheduling round runs in the same
+transaction, each in a savepoint of its own (one write's failure undoes only that write), so
+fifty chats ending at once cost one commit, not fifty.
 
 Error handling: every ``sqlite3.Error`` becomes ``StorageError`` (logged with its detail); a
 failed transaction is rolled back, so what was stored before stays intact.
@@ -174,47 +175,41 @@ class SQLiteHistoryStore:
         self.path = path
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._write_limiter = trio.CapacityLimiter(1)
-        self._read_limiter = trio.CapacityLimiter(1)
         self._pending_writes: list[_WriteJob[Any]] = []
-        self._batch_lock = trio.Lock()
-        self.write_batches = 0  # thread calls that ran writes (each one transaction)
+        self.write_batches = 0  # transactions that ran writes
 
-    async def _run(self, limiter: trio.CapacityLimiter, fn: Callable[[], T]) -> T:
-        def guarded() -> T:
-            try:
-                return fn()
-            except sqlite3.Error as exc:
-                raise StorageError("the history store failed; the answer was not stored") from exc
-
+    async def _run(self, fn: Callable[[], T]) -> T:
+        """Run a read (or open/close) after a checkpoint, mapping SQLite's errors."""
+        await trio.lowlevel.checkpoint()
         try:
-            return await trio.to_thread.run_sync(guarded, limiter=limiter)
-        except StorageError as exc:
-            log.error("history store %s: %r", self.path, exc.__cause__)
-            raise
+            return fn()
+        except sqlite3.Error as exc:
+            log.error("history store %s: %r", self.path, exc)
+            raise StorageError("the history store failed; the answer was not stored") from exc
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction of its own (a savepoint of a shared batch)."""
         job: _WriteJob[T] = _WriteJob(fn)
         self._pending_writes.append(job)
         try:
-            async with self._batch_lock:
-                if job.result is None:  # no earlier batch took it: run all that wait
-                    jobs, self._pending_writes = self._pending_writes, []
-                    self.write_batches += 1
-                    try:
-                        await trio.to_thread.run_sync(
-                            _run_batch, self._w, jobs, limiter=self._write_limiter
-                        )
-                    finally:
-                        for taken in jobs:
-                            if taken.result is None:  # the batch never ran (store closed)
-                                taken.result = outcome.Error(
-                                    sqlite3.ProgrammingError("the history store is not open")
-                                )
-        finally:
+            # One scheduling round: the other writes of this round join the batch. The first
+            # task back runs them all; the others find their result set.
+            await trio.lowlevel.checkpoint()
+        except BaseException:
             if job.result is None and job in self._pending_writes:
                 self._pending_writes.remove(job)  # cancelled before any batch took it
+            raise
+        if job.result is None:
+            jobs, self._pending_writes = self._pending_writes, []
+            self.write_batches += 1
+            try:
+                _run_batch(self._w, jobs)
+            finally:
+                for taken in jobs:
+                    if taken.result is None:  # the batch never ran (store closed)
+                        taken.result = outcome.Error(
+                            sqlite3.ProgrammingError("the history store is not open")
+                        )
         assert job.result is not None
         try:
             return job.result.unwrap()
@@ -244,7 +239,7 @@ class SQLiteHistoryStore:
                 )
             return cursor.rowcount
 
-        interrupted = await self._run(self._write_limiter, open_sync)
+        interrupted = await self._run(open_sync)
         log.info(
             "history in %s (%d answers left streaming marked interrupted)", self.path, interrupted
         )
@@ -274,8 +269,8 @@ class SQLiteHistoryStore:
                     connection.close()
             self._reader = self._writer = None
 
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(close_sync, limiter=self._write_limiter)
+        close_sync()
+        await trio.lowlevel.checkpoint()
 
     async def owner_of(self, conversation_id: str) -> str | None:
         def run() -> str | None:
@@ -284,7 +279,7 @@ class SQLiteHistoryStore:
             )
             return str(rows[0][0]) if rows else None
 
-        return await self._run(self._read_limiter, run)
+        return await self._run(run)
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
@@ -301,7 +296,7 @@ class SQLiteHistoryStore:
             )
             return [_message(row) for row in reversed(rows)]
 
-        return await self._run(self._read_limiter, run)
+        return await self._run(run)
 
     async def claim_conversation(self, owner: str, conversation_id: str, title: str) -> None:
         await self._write(lambda db: _claim(db, owner, conversation_id, title, time.time()))
@@ -358,7 +353,7 @@ class SQLiteHistoryStore:
             )
             return [_conversation(row) for row in rows]
 
-        return await self._run(self._read_limiter, run)
+        return await self._run(run)
 
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
@@ -376,7 +371,7 @@ class SQLiteHistoryStore:
             ).fetchall()
             return [_message(row) for row in rows]
 
-        return await self._run(self._read_limiter, run)
+        return await self._run(run)
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:
