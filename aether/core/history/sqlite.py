@@ -104,7 +104,7 @@ class _WriteJob(Generic[T]):
 
 
 def _run_batch(writer: Callable[[], sqlite3.Connection], jobs: list[_WriteJob[Any]]) -> None:
-    """Run every job in one transaction, each in its own savepoint (in a worker thread)."""
+    """Run every job in one transaction, each in its own savepoint."""
     connection = writer()
     try:
         with _transaction(connection):
