@@ -294,13 +294,18 @@ class Workload:
             return True
         return False
 
-    async def sse_stream(
-        self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
-    ) -> StreamResult:
+    async def _start(self, tag: str, connected: Callable[[], None], go: trio.Event) -> StreamResult:
+        """For a client with nothing to connect first: ready, wait for the turn, start."""
         result = StreamResult()
         connected()
         await self.wait_turn(tag, go)
         result.sent_at = now()
+        return result
+
+    async def sse_stream(
+        self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
+    ) -> StreamResult:
+        result = await self._start(tag, connected, go)
 
         def on_line(line: bytes, at: float) -> None:
             if line.startswith(b"data: "):
@@ -320,10 +325,7 @@ class Workload:
     async def direct_stream(
         self, url: str, tag: str, connected: Callable[[], None], go: trio.Event
     ) -> StreamResult:
-        result = StreamResult()
-        connected()
-        await self.wait_turn(tag, go)
-        result.sent_at = now()
+        result = await self._start(tag, connected, go)
 
         def on_line(line: bytes, at: float) -> None:
             if not line.startswith(b"data: ") or line == b"data: [DONE]":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import json
 import shutil
+import ssl
 import tempfile
 import uuid
 from collections import defaultdict
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trustme
 from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto.events import Message
 
@@ -391,3 +393,16 @@ async def aether_process(
             process.kill()
             await process.wait()
         await process.stderr.aclose()
+
+
+def tls_certificate(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
+    """A certificate for 127.0.0.1 from a throwaway CA: (certfile, keyfile, a client context
+    that trusts that CA)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    cert.private_key_pem.write_to_path(str(keyfile))
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return certfile, keyfile, client_context

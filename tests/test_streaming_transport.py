@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,10 @@ import h11
 import httpx
 import pytest
 import trio
-import trustme
+import trio.testing
 
 from aether.core.providers.streaming_transport import StreamingTransport
-from tests.helpers import make_settings, running_server
+from tests.helpers import make_settings, running_server, tls_certificate
 
 Handler = Callable[[trio.SocketStream, int], Awaitable[None]]
 NO_TIMEOUTS = httpx.Timeout(None)
@@ -235,13 +234,7 @@ async def test_nothing_listening_is_a_connect_error() -> None:
 
 
 async def test_https_verifies_the_upstream_certificate(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_pem.write_to_path(str(keyfile))
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    trusting = ssl.create_default_context()
-    ca.configure_trust(trusting)
+    certfile, keyfile, trusting = tls_certificate(tmp_path)
     settings = make_settings(provider="echo", tls_certfile=str(certfile), tls_keyfile=str(keyfile))
     with trio.fail_after(10):
         async with running_server(settings) as server:

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
 
 import httpx
 import trio
-import trustme
 
-from tests.helpers import assert_stream_invariants, make_settings, running_server, ws_client
+from tests.helpers import (
+    assert_stream_invariants,
+    make_settings,
+    running_server,
+    tls_certificate,
+    ws_client,
+)
 
 DEADLINE_S = 10
 
 
 async def test_tls_serves_https_and_wss_with_hsts(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.private_key_pem.write_to_path(str(keyfile))
-    cert.cert_chain_pems[0].write_to_path(str(certfile))
-    client_context = ssl.create_default_context()
-    ca.configure_trust(client_context)
+    certfile, keyfile, client_context = tls_certificate(tmp_path)
     settings = make_settings(
         provider="echo", echo_token_delay_s=0, tls_certfile=str(certfile), tls_keyfile=str(keyfile)
     )
