@@ -131,8 +131,8 @@ class _ResponseBody(httpx.AsyncByteStream):
                 await connection.receive(self._read_timeout, self._request)
             elif type(event) is h11.Data:
                 return bytes(event.data)
-            elif type(event) is h11.EndOfMessage:
-                raise StopAsyncIteration
+            elif type(event) is h11.EndOfMessage or event is h11.PAUSED:
+                raise StopAsyncIteration  # PAUSED: asked again after the end
             else:
                 raise httpx.RemoteProtocolError(
                     f"unexpected {type(event).__name__} in a response body", request=self._request
