@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from aether.core.history.sqlite import MIGRATIONS, SQLiteHistoryStore
+from aether.core.history.sqlite import CHECKPOINT_OVERDUE_S, MIGRATIONS, SQLiteHistoryStore
 from aether.core.history.store import StorageError, UnknownConversation
 
 
@@ -122,5 +123,41 @@ async def test_writes_finish_within_a_round_while_the_loop_is_busy(tmp_path: Pat
             writes_done.set()
         assert rounds <= 3
         assert len(await store.list_conversations("me", 200, None)) == 100
+    finally:
+        await store.close()
+
+
+async def test_the_wal_is_checkpointed_off_the_event_loop(tmp_path: Path) -> None:
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    try:
+        writer = store._w()
+        # Commits on the loop never copy the log into the database (that waits for the disk).
+        assert writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        for index in range(20):
+            await store.begin_turn("me", f"c{index}", "t", f"r{index}", "x" * 4000)
+        await trio.to_thread.run_sync(checkpointer.done.wait)
+        assert checkpointer.checkpoints >= 1
+    finally:
+        await store.close()
+    assert store.checkpointer is None
+    assert not checkpointer._thread.is_alive()
+
+
+async def test_an_overdue_checkpoint_is_taken_by_the_writer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A checkpointer thread starved of the GIL must not let the log grow without bound.
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    checkpointer = store.checkpointer
+    assert checkpointer is not None
+    try:
+        checkpointer.last_done = time.monotonic() - CHECKPOINT_OVERDUE_S - 1
+        await store.begin_turn("me", "c", "t", "r", "hello")
+        assert time.monotonic() - checkpointer.last_done < CHECKPOINT_OVERDUE_S
+        assert "checkpointing on the event loop (overdue)" in caplog.text
     finally:
         await store.close()

@@ -6,6 +6,9 @@ holder has kept it for a whole switch interval without letting go, and a busy Tr
 then waited seconds for its turn: the answers' final saves timed out (5 s) and were lost. In WAL
 mode with ``synchronous = NORMAL`` a commit writes to the log without waiting for the disk, so
 running the statements here costs the loop tens of microseconds per write; reads are by index.
+The one step that waits for the disk, copying the log into the database (a WAL checkpoint), runs
+in a thread of its own (``WALCheckpointer``): if that thread is slow to get the GIL, the log
+just grows a little longer meanwhile.
 
 Writes are batched: every write queued within one scheduling round runs in the same
 transaction, each in a savepoint of its own (one write's failure undoes only that write), so
@@ -21,8 +24,10 @@ jobs: [history_management, schema_migration, crash_recovery]
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -42,6 +47,11 @@ from aether.core.history.store import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The WAL checkpointer's pace: at most one checkpoint this often (while writes keep coming).
+CHECKPOINT_EVERY_S = 1.0
+# If its thread has not managed one for this long (starved of the GIL by a saturated loop), the
+# writer checkpoints itself, so the log cannot grow without bound.
+CHECKPOINT_OVERDUE_S = 30.0
 
 # Each migration runs once, in order, in one transaction; the schema's version is their count.
 MIGRATIONS: tuple[str, ...] = (
@@ -170,6 +180,55 @@ _MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, crea
 _CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
 
 
+class WALCheckpointer:
+    """A thread that checkpoints the WAL when asked, at most every ``CHECKPOINT_EVERY_S``, on a
+    connection of its own (PASSIVE: it never blocks the writer or the readers)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wanted = threading.Event()
+        self._closing = threading.Event()
+        self.checkpoints = 0
+        self.done = threading.Event()  # set after each checkpoint (tests wait on it)
+        self.last_done = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="aether-wal-checkpoint")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def request(self) -> None:
+        self._wanted.set()
+
+    @property
+    def overdue(self) -> bool:
+        return time.monotonic() - self.last_done > CHECKPOINT_OVERDUE_S
+
+    def _run(self) -> None:
+        connection = _connect(self._path)
+        try:
+            while True:
+                self._wanted.wait()
+                if self._closing.is_set():
+                    return
+                self._wanted.clear()
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("history store %s: checkpoint failed: %r", self._path, exc)
+                self.checkpoints += 1
+                self.last_done = time.monotonic()
+                self.done.set()
+                if self._closing.wait(CHECKPOINT_EVERY_S):
+                    return
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        """Stop the thread (it may finish a checkpoint first)."""
+        self._closing.set()
+        self._wanted.set()
+        self._thread.join()
+
+
 class SQLiteHistoryStore:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -177,6 +236,7 @@ class SQLiteHistoryStore:
         self._reader: sqlite3.Connection | None = None
         self._pending_writes: list[_WriteJob[Any]] = []
         self.write_batches = 0  # transactions that ran writes
+        self.checkpointer: WALCheckpointer | None = None
 
     async def _run(self, fn: Callable[[], T]) -> T:
         """Run a read (or open/close) after a checkpoint, mapping SQLite's errors."""
@@ -204,6 +264,7 @@ class SQLiteHistoryStore:
             self.write_batches += 1
             try:
                 _run_batch(self._w, jobs)
+                self._after_commit()
             finally:
                 for taken in jobs:
                     if taken.result is None:  # the batch never ran (store closed)
@@ -227,10 +288,23 @@ class SQLiteHistoryStore:
             raise StorageError("the history store is not open")
         return self._reader
 
+    def _after_commit(self) -> None:
+        checkpointer = self.checkpointer
+        if checkpointer is None:
+            return
+        if checkpointer.overdue:
+            log.warning("history store %s: checkpointing on the event loop (overdue)", self.path)
+            with contextlib.suppress(sqlite3.Error):
+                self._w().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            checkpointer.last_done = time.monotonic()
+        checkpointer.request()
+
     async def open(self) -> None:
         def open_sync() -> int:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = _connect(self.path)
+            # Commits never checkpoint (that waits for the disk); the checkpointer does.
+            self._writer.execute("PRAGMA wal_autocheckpoint = 0")
             self._migrate(self._writer)
             self._reader = _connect(self.path)
             with _transaction(self._writer):
@@ -240,6 +314,7 @@ class SQLiteHistoryStore:
             return cursor.rowcount
 
         interrupted = await self._run(open_sync)
+        self.checkpointer = WALCheckpointer(self.path)
         log.info(
             "history in %s (%d answers left streaming marked interrupted)", self.path, interrupted
         )
@@ -269,7 +344,11 @@ class SQLiteHistoryStore:
                     connection.close()
             self._reader = self._writer = None
 
-        close_sync()
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(checkpointer.close)
+        close_sync()  # the last connection to close checkpoints what is left
         await trio.lowlevel.checkpoint()
 
     async def owner_of(self, conversation_id: str) -> str | None:
