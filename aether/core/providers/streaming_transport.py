@@ -5,9 +5,9 @@ nested async generators, two generator-based context managers and a ``fail_after
 read. Its pool also walks every connection it holds whenever a request starts or ends. For an
 answer that arrives a token at a time on a thousand connections at once, those costs are the
 server's. This transport speaks HTTP/1.1 with h11 on Trio streams and nothing more: one cancel
-scope per read, a plain async iterator for the body (about 20 us per chunk), and a pool whose
-every operation is O(1). The client API stays httpx's: ``client.stream(...)``, ``httpx.Timeout``
-and httpx's exceptions.
+scope per read, a plain async iterator for the body (about 30 us per chunk read through httpx's
+``aiter_bytes``, 21 us for h11 and the socket alone), and a pool whose every operation is O(1).
+The client API stays httpx's: ``client.stream(...)``, ``httpx.Timeout`` and httpx's exceptions.
 
 What it does: ``http`` and ``https`` (TLS with certifi's CAs by default), keep-alive with idle
 connections reused last-in first-out and closed after ``keepalive_expiry``, a request retried
