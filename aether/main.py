@@ -17,13 +17,13 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import get_args
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
 from aether import __version__
@@ -31,6 +31,7 @@ from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
 from aether.config import ConfigError, ProviderName, Settings, load_settings
 from aether.logs import configure_logging
+from aether.server.worker import serve_app
 from aether.ws.hub import CLOSE_GOING_AWAY
 
 log = logging.getLogger("aether")
@@ -112,6 +113,8 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
         config.certfile = str(settings.tls_certfile)
         config.keyfile = str(settings.tls_keyfile)
     config.websocket_max_message_size = settings.max_frame_bytes
+    # HTTP/1.1 only: see aether.server.protocol for why HTTP/2 is refused.
+    config.alpn_protocols = ["http/1.1"]
     config.include_server_header = False
     # Hypercorn's own deadline for open connections once it stops listening; `drain` ends them
     # well before it, unless a send is stuck on a peer that stopped reading.
@@ -187,21 +190,16 @@ async def serve(
         )
         app.nursery.start_soon(drain, state, settings)
 
-    class Started:
-        def started(self, binds: list[str]) -> None:
-            for bind in binds:
-                ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
-                log.info("serving on %s (WebSocket %s)", bind, ws)
-            describe_model(settings, state.engine.streamer.default_path)
-            describe_security(settings)
-            task_status.started(binds)
-
-    await hypercorn_serve(
-        app,
-        hypercorn_config(settings),
-        shutdown_trigger=shutdown,
-        task_status=Started(),  # type: ignore[arg-type]
-    )
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(serve_app, app, hypercorn_config(settings), shutdown_trigger=shutdown)
+        )
+        for bind in binds:
+            ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
+            log.info("serving on %s (WebSocket %s)", bind, ws)
+        describe_model(settings, state.engine.streamer.default_path)
+        describe_security(settings)
+        task_status.started(binds)
     log.info("stopped")
 
 

@@ -1,5 +1,5 @@
 """WebSocket conformance: the Autobahn test cases (via ``kosoku``) against an echo endpoint
-served with Aether's production Hypercorn settings and middleware stack.
+served as Aether serves (its Hypercorn worker, settings and middleware stack).
 
 The echo endpoint exists only here; it receives exactly what Aether's own endpoint receives
 (plain ASGI under the same middleware and limits). Performance and compression groups (9, 12,
@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import trio
-from hypercorn.trio import serve as hypercorn_serve
 
 from aether.app import middleware_stack
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
 from aether.main import hypercorn_config
+from aether.server.worker import serve_app
 from tests.helpers import make_settings
 
 KOSOKU = shutil.which("kosoku") or str(Path(sys.executable).parent / "kosoku")
@@ -71,7 +71,7 @@ async def test_autobahn_cases_pass(tmp_path: Path) -> None:
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
-                lambda task_status: hypercorn_serve(
+                lambda task_status: serve_app(
                     app, config, shutdown_trigger=stop.wait, task_status=task_status
                 )
             )

@@ -1,0 +1,186 @@
+"""Hypercorn 0.18's HTTP/1.1 protocol, with the edges a hostile client found filed off.
+
+- **HTTP/2 is refused.** Hypercorn's HTTP/2 protocol raises ``KeyError`` when a request's body
+  goes on after its stream was closed (a 413 or 401 answered before the body was read), and the
+  error ended the whole process. Aether needs only HTTP/1.1 (its WebSocket and SSE run on it), so
+  an ``Upgrade: h2c`` is ignored (the request is answered in HTTP/1.1, as RFC 9110 allows), an
+  HTTP/2 connection preface is answered ``505`` and the connection closed, and TLS offers only
+  ``http/1.1`` in ALPN (see ``aether.main.hypercorn_config``).
+- **A WebSocket frame that cannot be parsed fails the connection with the close code RFC 6455
+  asks for** (1007 for invalid UTF-8; 1002 for a reserved opcode, an unmasked frame or an
+  invalid close code). wsproto reports such a frame as a close from the peer but leaves its
+  connection open, and Hypercorn then dropped TCP without sending a close frame.
+- **Responses Hypercorn makes itself** (400, 404, 431, 500, 501, 505: malformed requests and
+  handshakes) carry the security headers the application's responses get.
+
+These are subclasses at the narrowest seams Hypercorn has; ``pyproject.toml`` pins Hypercorn to
+0.18, and ``tests/test_server_hardening.py`` fails if the internals they rely on move.
+
+@.architecture
+role: HTTP protocol hardening
+jobs: [protocol_hardening, header_injection]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import h11
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.protocol.events import Data, Response, StreamClosed
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import H2ProtocolAssumedError, H11Protocol
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
+from hypercorn.typing import AppWrapper, ConnectionState, TaskGroup, WorkerContext
+from wsproto.connection import ConnectionState as WebSocketState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.utilities import LocalProtocolError
+
+from aether.api.middleware.security import API_HEADERS, HSTS
+
+log = logging.getLogger(__name__)
+
+HeaderList = list[tuple[bytes, bytes]]
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+HTTP2_REFUSED = b"".join(
+    (
+        b"HTTP/1.1 505 HTTP Version Not Supported\r\n",
+        b"content-length: 0\r\nconnection: close\r\n",
+        *(b"%s: %s\r\n" % header for header in API_HEADERS),
+        b"\r\n",
+    )
+)
+
+
+def with_security_headers(headers: Iterable[tuple[bytes, bytes]], tls: bool) -> HeaderList:
+    """``headers`` plus each security header they lack: the application's responses have them
+    all already (its middleware sets them), Hypercorn's own error responses have none."""
+    result = list(headers)
+    present = {name.lower() for name, _ in result}
+    for header in (*API_HEADERS, HSTS) if tls else API_HEADERS:
+        if header[0] not in present:
+            result.append(header)
+    return result
+
+
+class HardenedWSStream(WSStream):
+    """Hypercorn's WebSocket stream; a frame wsproto cannot parse fails the connection with the
+    close code wsproto names."""
+
+    async def _handle_events(self) -> None:
+        for event in self.connection.events():
+            if isinstance(event, Message):
+                # Hypercorn's buffer checks the size limit, then hands whole messages to the app.
+                try:
+                    self.buffer.extend(event)
+                except FrameTooLargeError:
+                    await self._send_wsproto_event(CloseConnection(code=CLOSE_MESSAGE_TOO_BIG))
+                    break
+                if event.message_finished and self.app_put is not None:
+                    await self.app_put(self.buffer.to_message())
+                    self.buffer.clear()
+            elif isinstance(event, Ping):
+                await self._send_wsproto_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.connection.state is WebSocketState.OPEN:
+                    # Not a close the peer sent (that moves the state to REMOTE_CLOSING): a
+                    # frame that failed to parse. Fail the connection as RFC 6455 §7.1.7 says.
+                    log.info(
+                        "WebSocket from %s failed: %s (closing with %d)",
+                        self.client,
+                        event.reason,
+                        event.code,
+                    )
+                    await self._send_wsproto_event(CloseConnection(code=event.code))
+                elif self.connection.state is WebSocketState.REMOTE_CLOSING:
+                    await self._send_wsproto_event(event.response())
+                await self.send(StreamClosed(stream_id=self.stream_id))
+
+    async def _send_wsproto_event(self, event: Any) -> None:
+        try:
+            data = self.connection.send(event)
+        except LocalProtocolError:
+            return  # already closing: nothing more may be sent
+        await self.send(Data(stream_id=self.stream_id, data=data))
+
+
+class HardenedH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol without its ways into HTTP/2, and with security headers on
+    every response it sends."""
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        if _asks_for_h2c(event):
+            return  # answered in HTTP/1.1: the Upgrade header is ignored
+        await super()._check_protocol(event)  # raises H2ProtocolAssumedError on a preface
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        await super()._create_stream(request)
+        # Hypercorn builds the stream inside this method with no way to choose its class; the
+        # subclass adds no state, only behaviour, so the instance can take it on.
+        if type(self.stream) is WSStream:
+            self.stream.__class__ = HardenedWSStream
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        if isinstance(event, Response) and event.status_code >= 200:
+            event = Response(
+                stream_id=event.stream_id,
+                headers=with_security_headers(event.headers, self.ssl),
+                status_code=event.status_code,
+            )
+        await super().stream_send(event)
+
+    async def _send_error_response(self, status_code: int) -> None:
+        headers = [(b"content-length", b"0"), (b"connection", b"close")]
+        response = h11.Response(
+            status_code=status_code,
+            headers=with_security_headers(
+                chain(headers, self.config.response_headers("h11")), self.ssl
+            ),
+        )
+        await self._send_h11_event(response)
+        await self._send_h11_event(h11.EndOfMessage())
+
+
+def _asks_for_h2c(request: h11.Request) -> bool:
+    return any(
+        name == b"upgrade" and value.strip().lower() == b"h2c" for name, value in request.headers
+    )
+
+
+class HTTP1Connection:
+    """Stands in for Hypercorn's ``ProtocolWrapper``, which would switch a connection to HTTP/2:
+    this one speaks HTTP/1.1 (and WebSocket) only, whatever ALPN or the client says."""
+
+    def __init__(
+        self,
+        app: AppWrapper,
+        config: Config,
+        context: WorkerContext,
+        task_group: TaskGroup,
+        state: ConnectionState,
+        ssl: bool,
+        client: tuple[str, int] | None,
+        server: tuple[str, int] | None,
+        send: Callable[[Event], Awaitable[None]],
+    ) -> None:
+        self._send = send
+        self._client = client
+        self.protocol = HardenedH11Protocol(
+            app, config, context, task_group, state, ssl, client, server, send
+        )
+
+    async def initiate(self) -> None:
+        await self.protocol.initiate()
+
+    async def handle(self, event: Event) -> None:
+        try:
+            await self.protocol.handle(event)
+        except H2ProtocolAssumedError:
+            log.info("HTTP/2 connection preface from %s refused (505)", self._client)
+            await self._send(RawData(data=HTTP2_REFUSED))
+            await self._send(Closed())

@@ -1,0 +1,172 @@
+"""``serve_app``: Hypercorn's trio worker loop, serving each connection with Aether's protocol
+and containing its failure.
+
+Hypercorn's own loop (``hypercorn.trio.run.worker_serve``) runs every connection in the
+listeners' handler nursery, so an exception escaping one connection's task (a bug in the HTTP/2
+protocol did) ended ``serve_listeners`` and the process. Here each connection runs under
+``serve_connection``: its failure is logged with the peer's address and that connection closed;
+every other connection and the listener carry on. Cancellation (shutdown) still propagates.
+
+The rest follows Hypercorn 0.18's loop: lifespan startup, listening sockets, ``task_status``
+with the bound URLs, then serving until ``shutdown_trigger`` returns, with
+``config.graceful_timeout`` as the deadline for connections still open.
+
+@.architecture
+role: HTTP server worker
+jobs: [server_startup, connection_management, exception_catching]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.statsd import StatsdLogger
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
+from hypercorn.utils import wrap_app as hypercorn_wrap_app
+
+from aether.server.protocol import HTTP1Connection
+
+log = logging.getLogger(__name__)
+
+Listener = trio.SSLListener[trio.SocketStream] | trio.SocketListener
+
+
+class AetherTCPServer(TCPServer):
+    """Hypercorn's per-connection server, speaking ``HTTP1Connection`` instead of its
+    ``ProtocolWrapper`` (which Hypercorn names inside ``run``: hence this copy of it)."""
+
+    async def run(self) -> None:
+        stream: Any = self.stream
+        if isinstance(stream, trio.SSLStream):
+            try:
+                with trio.fail_after(self.config.ssl_handshake_timeout):
+                    await stream.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError):
+                return  # the handshake failed
+            socket = stream.transport_stream.socket
+            ssl = True
+        else:
+            socket = stream.socket
+            ssl = False
+        try:
+            client = parse_socket_addr(socket.family, socket.getpeername())
+            server = parse_socket_addr(socket.family, socket.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = HTTP1Connection(  # type: ignore[assignment]
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    ssl,
+                    client,
+                    server,
+                    self.protocol_send,
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                await self._read_data()
+        except OSError:
+            pass
+        finally:
+            await self._close()
+
+
+def describe_peer(stream: trio.abc.Stream) -> str:
+    transport: Any = getattr(stream, "transport_stream", stream)
+    try:
+        return repr_socket_addr(transport.socket.family, transport.socket.getpeername())
+    except (AttributeError, OSError):
+        return "?"
+
+
+async def serve_connection(
+    make_server: Callable[[trio.abc.Stream], AetherTCPServer], stream: trio.abc.Stream
+) -> None:
+    """Serve one connection; whatever it raises (but cancellation) ends it, not the server."""
+    peer = describe_peer(stream)
+    try:
+        await make_server(stream).run()
+    except* Exception as failure:
+        log.error("connection from %s failed and was closed", peer, exc_info=failure)
+    # serve_listeners closes the stream when this returns.
+
+
+async def serve_app(
+    app: Any,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI ``app`` until ``shutdown_trigger`` returns; ``task_status.started``
+    receives the bound URLs (``http://127.0.0.1:PORT``)."""
+    wrapped = hypercorn_wrap_app(app, config.wsgi_max_body_size, "asgi")
+    config.set_statsd_logger_class(StatsdLogger)
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as server_nursery:
+            listeners, binds = _listen(config)
+            task_status.started(binds)
+            make_server = partial(
+                AetherTCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(raise_shutdown, shutdown_trigger)
+                    nursery.start_soon(raise_shutdown, context.terminate.wait)
+                    nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            partial(serve_connection, make_server),
+                            listeners,
+                            handler_nursery=server_nursery,
+                        )
+                    )
+                    await trio.sleep_forever()
+            except BaseExceptionGroup as error:
+                _, others = error.split(ShutdownError)
+                if others is not None:
+                    raise others from None
+            finally:
+                await context.terminated.set()
+                server_nursery.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+
+
+def _listen(config: Config) -> tuple[list[Listener], list[str]]:
+    sockets = config.create_sockets()
+    ssl_context = config.create_ssl_context()
+    listeners: list[Listener] = []
+    binds: list[str] = []
+    for sock in sockets.secure_sockets:
+        sock.listen(config.backlog)
+        assert ssl_context is not None
+        listeners.append(
+            trio.SSLListener(
+                trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
+                ssl_context,
+                https_compatible=True,
+            )
+        )
+        binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+    return listeners, binds
