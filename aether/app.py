@@ -22,6 +22,7 @@ from aether.api.body_limits import BODY_LIMITS_KEY, BodyLimitedHTTPConnection, u
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
+from aether.api.middleware.browser_guard import BrowserGuardMiddleware, BrowserPolicy
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
 from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
 from aether.api.middleware.response_end import ResponseEndMiddleware
@@ -29,6 +30,7 @@ from aether.api.middleware.security import SecurityHeadersMiddleware
 from aether.api.responses import json_error, request_id
 from aether.api.schemas import API_INFO, AetherOpenAPIProvider
 from aether.api.v1.router import register_v1
+from aether.api.web import PAGE_FILES_PREFIX, PAGE_PATHS
 from aether.config import Settings
 from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
@@ -121,9 +123,9 @@ def create_app(settings: Settings) -> QuartTrio:
 
 def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics) -> ASGIApp:
     """Outermost first: the shielded response end, security headers, request ids and errors,
-    rate limits, authentication."""
-    public = PUBLIC_PATHS | ({"/metrics"} if settings.metrics_public else set())
-    authenticated = AuthMiddleware(app, keys, settings.allowed_origins, frozenset(public))
+    the browser guard (Host, Origin, cross-site), rate limits, authentication."""
+    public = PUBLIC_PATHS | PAGE_PATHS | ({"/metrics"} if settings.metrics_public else set())
+    authenticated = AuthMiddleware(app, keys, frozenset(public), (PAGE_FILES_PREFIX,))
     limited = RateLimitMiddleware(
         authenticated,
         RateLimiter(settings.rate_limit_max_clients),
@@ -132,4 +134,13 @@ def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: M
         exempt_ips=frozenset(settings.rate_limit_exempt_ips),
         metrics=metrics,
     )
-    return ResponseEndMiddleware(SecurityHeadersMiddleware(ErrorHandlerMiddleware(limited)))
+    guarded = BrowserGuardMiddleware(
+        limited,
+        BrowserPolicy(
+            allowed_hosts=settings.effective_allowed_hosts,
+            allowed_origins=frozenset(settings.allowed_origins),
+            public_paths=PAGE_PATHS,
+            public_prefixes=(PAGE_FILES_PREFIX,),
+        ),
+    )
+    return ResponseEndMiddleware(SecurityHeadersMiddleware(ErrorHandlerMiddleware(guarded)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +45,11 @@ class ConfigError(Exception):
 _FILE_TYPES = ".txt .md .csv .tsv .json .jsonl .xml .yaml .yml .toml .ini .log .py .js .ts .html "
 _FILE_TYPES += ".css .sql .pdf .png .jpg .jpeg .gif .webp .xlsx .xls .docx .pptx .zip"
 DEFAULT_FILE_TYPES = tuple(_FILE_TYPES.split())
+# The names a browser uses for this machine's loopback: the Host allow-list's default.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+_HOST_NAME = re.compile(
+    r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
 
 
 def default_db_path() -> Path:
@@ -184,9 +190,16 @@ class Settings(BaseModel):
     api_keys_file: Path | None = Field(
         None, description="File of API keys, one per line, optionally 'name:key'."
     )
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names (or addresses) clients may reach the server by, comma-separated; "
+        "other Host headers get 421. '*' answers any (only with API keys). Default: localhost, "
+        "127.0.0.1, ::1 and the listening address.",
+    )
     allowed_origins: tuple[str, ...] = Field(
         (),
-        description="Origins allowed to open the WebSocket (comma-separated); empty: same origin.",
+        description="Web page origins (https://chat.example.com) allowed to use the API and the "
+        "WebSocket besides the server's own pages (comma-separated).",
     )
 
     metrics_public: bool = Field(
@@ -206,7 +219,12 @@ class Settings(BaseModel):
     )
 
     @field_validator(
-        "api_keys", "allowed_origins", "rate_limit_exempt_ips", "file_types", mode="before"
+        "api_keys",
+        "allowed_hosts",
+        "allowed_origins",
+        "rate_limit_exempt_ips",
+        "file_types",
+        mode="before",
     )
     @classmethod
     def _split_list(cls, value: Any) -> Any:
@@ -222,6 +240,19 @@ class Settings(BaseModel):
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
                 raise ValueError(f"{origin!r} is not an origin like https://chat.example.com")
         return tuple(origin.lower() for origin in value)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        hosts = []
+        for host in value:
+            name = host.strip().lower().rstrip(".")
+            if name.startswith("[") and name.endswith("]"):
+                name = name[1:-1]
+            if name != "*" and not _HOST_NAME.fullmatch(name) and not _is_ip(name):
+                raise ValueError(f"{host!r} is not a host name or address (no scheme, no port)")
+            hosts.append(name)
+        return tuple(hosts)
 
     @field_validator("file_types")
     @classmethod
@@ -276,7 +307,25 @@ class Settings(BaseModel):
                 "could use the model. Set AETHER_API_KEYS (or AETHER_API_KEYS_FILE), or listen "
                 "on 127.0.0.1"
             )
+        if "*" in self.allowed_hosts and not self.auth_enabled:
+            raise ValueError(
+                "allowed_hosts '*' needs API keys: without them any web page could reach this "
+                "server through a name it points at 127.0.0.1 (DNS rebinding)"
+            )
+        if not self.allowed_hosts and _is_wildcard(self.host):
+            raise ValueError(
+                f"listening on {self.host}, the server cannot tell which names clients use to "
+                "reach it: set AETHER_ALLOWED_HOSTS to them (e.g. chat.example.com,10.0.0.5), or "
+                "to * to answer any Host header"
+            )
         return self
+
+    @property
+    def effective_allowed_hosts(self) -> frozenset[str]:
+        """``allowed_hosts``, or by default the loopback names and the listening address."""
+        if self.allowed_hosts:
+            return frozenset(self.allowed_hosts)
+        return frozenset({*LOOPBACK_HOSTS, self.host.lower().strip("[]")})
 
     @property
     def auth_enabled(self) -> bool:
@@ -296,6 +345,22 @@ class Settings(BaseModel):
             return ipaddress.ip_address(self.host).is_loopback
         except ValueError:
             return False
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_wildcard(host: str) -> bool:
+    """Whether ``host`` listens on every address (``0.0.0.0``, ``::``)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 def _coerce_env(raw: Mapping[str, str]) -> dict[str, Any]:

@@ -138,7 +138,12 @@ def describe_security(settings: Settings) -> None:
             "(set AETHER_API_KEYS to serve other machines)"
         )
     else:
-        log.info("API keys required on every route but /health and /ready")
+        log.info("API keys required on every route but /health, /ready and the web page")
+    hosts = settings.effective_allowed_hosts
+    log.info(
+        "answering to the host names %s (AETHER_ALLOWED_HOSTS)",
+        "* (any)" if "*" in hosts else ", ".join(sorted(hosts)),
+    )
 
 
 def describe_model(settings: Settings, default_path: str) -> None:

@@ -268,8 +268,10 @@ async def websocket_handshake_status(
     ws_url: str,
     headers: list[tuple[bytes, bytes]] | None = None,
     subprotocols: list[str] | None = None,
+    connect_to: tuple[str, int] | None = None,
 ) -> int:
     """The HTTP status a WebSocket handshake gets (101 when accepted), on a bare wsproto client.
+    ``connect_to`` is the address to connect to when the URL's host is only a name to send.
 
     A bare client, because trio-websocket's leaks its socket when a handshake is refused.
     """
@@ -281,7 +283,7 @@ async def websocket_handshake_status(
     parts = urlsplit(ws_url)
     assert parts.hostname is not None
     assert parts.port is not None
-    stream = await trio.open_tcp_stream(parts.hostname, parts.port)
+    stream = await trio.open_tcp_stream(*(connect_to or (parts.hostname, parts.port)))
     async with stream:
         ws = WSConnection(ConnectionType.CLIENT)
         request = Request(

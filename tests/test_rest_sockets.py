@@ -128,7 +128,9 @@ async def test_invalid_chat_body_gets_a_json_400(fake_llm: FakeLLM) -> None:
             running_server(http_settings(fake_llm)) as server,
             httpx.AsyncClient(base_url=server.base_url) as client,
         ):
-            not_json = await client.post("/v1/chat", content=b"{nope")
+            not_json = await client.post(
+                "/v1/chat", content=b"{nope", headers={"content-type": "application/json"}
+            )
             wrong_type = await client.post("/v1/chat", json={"message": 3})
             missing = await client.post("/v1/chat/stream", json={})
             unknown_route = await client.get("/v1/nothing")
@@ -180,7 +182,7 @@ async def test_a_response_sent_before_the_request_body_closes_the_connection() -
     # another request: the server must close it, not leave the client's next request unanswered.
     body = b'{"message": "hi"}'
     head = (
-        b"PUT /v1/chat HTTP/1.1\r\nHost: aether\r\nContent-Type: application/json\r\n"
+        b"PUT /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     )
     with trio.fail_after(DEADLINE_S):
@@ -194,7 +196,7 @@ async def test_a_response_sent_before_the_request_body_closes_the_connection() -
             async with await trio.open_tcp_stream(host, int(port)) as kept:
                 heads = []
                 for _ in range(2):
-                    await kept.send_all(b"GET /health HTTP/1.1\r\nHost: aether\r\n\r\n")
+                    await kept.send_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                     heads.append((await read_http_response(kept))[0])
     assert early_head.startswith(b"HTTP/1.1 405 ")
     assert b"\r\nconnection: close" in early_head.lower()  # the client is told, too

@@ -209,6 +209,30 @@ async def test_an_escaped_exception_becomes_a_json_500_without_details(
 def test_listening_beyond_loopback_needs_keys() -> None:
     with pytest.raises(ConfigError, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
         load_settings(environ={"AETHER_HOST": "0.0.0.0"})
-    settings = load_settings(environ={"AETHER_HOST": "0.0.0.0", "AETHER_API_KEYS": "k1,k2"})
+    settings = load_settings(
+        environ={"AETHER_HOST": "0.0.0.0", "AETHER_API_KEYS": "k1,k2", "AETHER_ALLOWED_HOSTS": "*"}
+    )
     assert len(settings.api_keys) == 2
     assert "k1" not in repr(settings)
+
+
+async def test_the_web_page_is_public_and_the_api_behind_it_is_not(fake_llm: FakeLLM) -> None:
+    """With keys on, the page must load so that its API key field can be filled in."""
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(secured_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            page = await client.get("/")
+            script = await client.get("/static/app.js")
+            style = await client.get("/static/app.css")
+            missing_file = await client.get("/static/nothing.js")
+            api = await client.get("/v1/conversations")
+            api_with_key = await client.get("/v1/conversations", headers=bearer(KEY_A))
+    assert page.status_code == 200
+    assert "text/html" in page.headers["content-type"]
+    assert script.status_code == 200
+    assert style.status_code == 200
+    assert missing_file.status_code == 404
+    assert api.status_code == 401
+    assert api_with_key.status_code == 200

@@ -215,8 +215,9 @@ class FileUpload(BaseModel):
 
 
 def errors(*statuses: int) -> dict[int, tuple[type[BaseModel], None]]:
-    """``document(responses=...)`` entries for error statuses, plus those every route has."""
-    return dict.fromkeys({*statuses, 401, 429, 500}, (ErrorResponse, None))
+    """``document(responses=...)`` entries for error statuses, plus those every route has
+    (authentication, the browser guard, rate limits, a failure)."""
+    return dict.fromkeys({*statuses, 401, 403, 421, 429, 500}, (ErrorResponse, None))
 
 
 class AetherOpenAPIProvider(OpenAPIProvider):

@@ -23,6 +23,9 @@ PAGE_CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# The page and its files: public (they hold nothing but the page; the API behind them is not).
+PAGE_PATHS = frozenset({"/"})
+PAGE_FILES_PREFIX = "/static/"
 _STATIC = resources.files("aether.web") / "static"
 _ASSETS = {
     "index.html": "text/html; charset=utf-8",

@@ -6,13 +6,15 @@
   the server then selects ``aether.v1``, never echoing the key. A refused caller gets 401 before
   any upgrade. The caller's identity goes into the scope; it owns what the caller starts.
 - Without keys, every caller is the anonymous identity (the settings allow that on loopback only).
-- A WebSocket handshake from a browser (one that sends ``Origin``) is refused with 403 unless the
-  origin is in ``allowed_origins``, or, when that list is empty, is the server's own origin: a
-  web page elsewhere cannot use a visitor's browser to reach this server.
+- Public paths need no key: health probes, the OpenAPI document, and the web page with its
+  files (the page asks for the key; the API behind it needs it).
+
+Which browser pages may send requests at all is decided before this layer
+(``browser_guard``).
 
 @.architecture
 role: authentication middleware
-jobs: [authentication, origin_checking, identity_resolution]
+jobs: [authentication, identity_resolution]
 """
 
 from __future__ import annotations
@@ -49,44 +51,28 @@ def presented_key(scope: Scope) -> str | None:
     return None
 
 
-def origin_allowed(scope: Scope, allowed: tuple[str, ...]) -> bool:
-    origin = header(scope, b"origin")
-    if origin is None:
-        return True  # not a browser: Origin only protects browsers' users
-    origin = origin.lower()
-    if allowed:
-        return origin in allowed
-    host = header(scope, b"host")
-    return host is not None and origin in (f"http://{host}".lower(), f"https://{host}".lower())
-
-
 class AuthMiddleware:
     def __init__(
         self,
         app: ASGIApp,
         keys: KeyRing,
-        allowed_origins: tuple[str, ...],
         public_paths: frozenset[str] = PUBLIC_PATHS,
+        public_prefixes: tuple[str, ...] = (),
     ) -> None:
         self._app = app
         self._keys = keys
-        self._allowed_origins = allowed_origins
         self._public_paths = public_paths
+        self._public_prefixes = public_prefixes
+
+    def is_public(self, path: str) -> bool:
+        return path in self._public_paths or path.startswith(self._public_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind not in ("http", "websocket"):
             await self._app(scope, receive, send)
             return
-        if kind == "websocket" and not origin_allowed(scope, self._allowed_origins):
-            log.info(
-                "request %s: WebSocket from origin %r refused",
-                scope.get(REQUEST_ID_KEY),
-                header(scope, b"origin"),
-            )
-            await send_error(scope, receive, send, 403, "origin_not_allowed", "origin not allowed")
-            return
-        if self._keys.enabled and scope.get("path") not in self._public_paths:
+        if self._keys.enabled and not self.is_public(scope.get("path", "")):
             key = presented_key(scope)
             identity = self._keys.identify(key) if key is not None else None
             if identity is None:

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 import trio
-from pydantic import BaseModel, ValidationError
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import (
     ApprovalAccepted,
@@ -52,7 +52,6 @@ from aether.ws.handlers import new_request_id
 from aether.ws.protocols import ChatBody
 
 log = logging.getLogger(__name__)
-BodyT = TypeVar("BodyT", bound=BaseModel)
 
 blueprint = Blueprint("chat", __name__)
 
@@ -76,18 +75,8 @@ ERROR_STATUS = {
 }
 
 
-async def _json_body(model: type[BodyT]) -> BodyT | Response:
-    """The request's JSON body as ``model``, or a 400 naming the first field at fault."""
-    try:
-        return model.model_validate_json(await request.get_data(as_text=False))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        return json_error(400, "invalid_request", f"{where}: {first['msg']}")
-
-
 async def _chat_request() -> ChatRequest | Response:
-    fields = await _json_body(ChatBody)
+    fields = await read_json_body(ChatBody)
     if isinstance(fields, Response):
         return fields
     return ChatRequest(
@@ -137,7 +126,7 @@ class AnswerCollector:
 @document(
     request=ChatBody,
     responses={
-        **errors(400, 409, 413),
+        **errors(400, 409, 413, 415),
         200: (ChatAnswer, None),
         404: (ChatAnswer, None),
         500: (ChatOrError, None),
@@ -222,7 +211,9 @@ async def _sse_body(
 
 
 @blueprint.post("/v1/chat/stream")
-@document(request=ChatBody, responses={200: (ChatEventStream, None), **errors(400, 409, 413, 503)})
+@document(
+    request=ChatBody, responses={200: (ChatEventStream, None), **errors(400, 409, 413, 415, 503)}
+)
 async def chat_stream() -> Response:
     chat_request = await _chat_request()
     if isinstance(chat_request, Response):
@@ -256,10 +247,10 @@ async def stop_chat(request_id: str) -> Response:
 @blueprint.post("/v1/chat/<request_id>/approve")
 @document(
     request=ApproveBody,
-    responses={202: (ApprovalAccepted, None), **errors(400, 404, 409)},
+    responses={202: (ApprovalAccepted, None), **errors(400, 404, 409, 415)},
 )
 async def approve_chat(request_id: str) -> Response:
-    body = await _json_body(ApproveBody)
+    body = await read_json_body(ApproveBody)
     if isinstance(body, Response):
         return body
     try:

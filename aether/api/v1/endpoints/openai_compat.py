@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import orjson
 import trio
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from quart import Blueprint, Response, request
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, errors
 from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal, run_to_end
@@ -85,13 +86,10 @@ def _served_model() -> str:
     return "aether-echo"
 
 
-def _parse(body: str | bytes) -> CompletionBody | Response:
-    try:
-        parsed = CompletionBody.model_validate_json(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        return json_error(400, "invalid_request", f"{where}: {first['msg']}")
+async def _completion_body() -> CompletionBody | Response:
+    parsed = await read_json_body(CompletionBody)
+    if isinstance(parsed, Response):
+        return parsed
     if not any(message.role == "user" for message in parsed.messages):
         return json_error(400, "invalid_request", "messages must include a user message")
     return parsed
@@ -169,10 +167,10 @@ async def _stream_body(
 @blueprint.post("/v1/chat/completions")
 @document(
     request=CompletionBody,
-    responses={200: (ChatCompletion, None), **errors(400, 413, 502, 503, 504)},
+    responses={200: (ChatCompletion, None), **errors(400, 413, 415, 502, 503, 504)},
 )
 async def chat_completions() -> Response:
-    parsed = _parse(await request.get_data(as_text=False))
+    parsed = await _completion_body()
     if isinstance(parsed, Response):
         return parsed
     chat = _chat_request(parsed)
