@@ -6,6 +6,7 @@ jobs: [package_metadata]
 """
 
 __version__ = "0.1.0"
-PROTOCOL_VERSION = 1
+# 2: every code confirmation has a confirmation_id, which an approve must name.
+PROTOCOL_VERSION = 2
 
 __all__ = ["PROTOCOL_VERSION", "__version__"]

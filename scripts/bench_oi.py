@@ -127,9 +127,13 @@ async def chat(ws: Any, conversation: str, message: str, run_code: bool) -> None
         if reply.get("id") != request_id:
             continue
         if reply.get("type") == "confirmation":
-            await ws.send_message(
-                json.dumps({"type": "approve", "id": request_id, "approved": approve})
-            )
+            answer = {
+                "type": "approve",
+                "id": request_id,
+                "confirmation_id": reply["confirmation_id"],
+                "approved": approve,
+            }
+            await ws.send_message(json.dumps(answer))
             approve = False
         if reply.get("type") in ("completion", "stopped", "error"):
             return

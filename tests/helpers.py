@@ -184,8 +184,19 @@ class WSClient:
     async def approve_when_asked(self, request_id: str) -> dict[str, Any]:
         """Wait for the request's code ``confirmation``, approve it, and return it."""
         confirmation = await self.wait_for(request_id, lambda m: m["type"] == "confirmation")
-        await self.send({"type": "approve", "id": request_id, "approved": True})
+        await self.answer(confirmation, approved=True)
         return confirmation
+
+    async def answer(self, confirmation: dict[str, Any], *, approved: bool) -> None:
+        """Approve or deny the code of ``confirmation``, naming it as the protocol asks."""
+        await self.send(
+            {
+                "type": "approve",
+                "id": confirmation["id"],
+                "confirmation_id": confirmation["confirmation_id"],
+                "approved": approved,
+            }
+        )
 
     async def chat(self, message: str, **fields: Any) -> list[dict[str, Any]]:
         request_id = fields.setdefault("id", f"t{id(fields)}")

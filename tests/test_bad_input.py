@@ -25,7 +25,9 @@ JSON_VALUES = st.recursive(
     max_leaves=8,
 )
 MESSAGES = st.dictionaries(
-    st.sampled_from(["type", "id", "message", "path", "approved", "conversation_id", "x"]),
+    st.sampled_from(
+        ["type", "id", "message", "path", "approved", "confirmation_id", "conversation_id", "x"]
+    ),
     JSON_VALUES | TYPES,
     max_size=5,
 )

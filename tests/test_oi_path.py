@@ -57,7 +57,7 @@ async def test_code_runs_only_after_approval(fake_llm: FakeLLM) -> None:
             await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
             confirmation = await client.wait_for("r1", lambda m: m["type"] == "confirmation")
             assert len(fake_llm.streams) == 1  # waiting: nothing ran, nothing more was asked
-            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.answer(confirmation, approved=True)
             messages = await client.finish("r1")
     assert confirmation["content"]["content"].strip() == "print(6*7)"
     assert assert_stream_invariants(messages)["type"] == "completion"
@@ -76,11 +76,11 @@ async def test_denied_code_never_runs(fake_llm: FakeLLM) -> None:
             ws_client(server.ws_url) as client,
         ):
             await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
-            await client.wait_for("r1", lambda m: m["type"] == "confirmation")
-            await client.send({"type": "approve", "id": "r1", "approved": False})
+            confirmation = await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.answer(confirmation, approved=False)
             messages = await client.finish("r1")
             await server.state.engine.tracker.wait_until_idle()
-            await client.send({"type": "approve", "id": "r1", "approved": True})
+            await client.answer(confirmation, approved=True)
             late = await client.receive_control()
     assert assert_stream_invariants(messages)["type"] == "completion"
     assert not [m for m in messages if m["type"] == "console"]
@@ -319,16 +319,20 @@ async def test_sse_streams_the_agentic_path_and_rest_approves_its_code(fake_llm:
                     events.append(json.loads(line[6:]))
                     if events[-1]["type"] == "confirmation":
                         url = "/v1/chat/s1/approve"
-                        answers["bad"] = await rest.post(url, json={"approved": "yes"})
-                        answers["ok"] = await rest.post(url, json={"approved": True})
-                        answers["again"] = await rest.post(url, json={"approved": True})
+                        named = {"confirmation_id": events[-1]["confirmation_id"]}
+                        answers["bad"] = await rest.post(url, json={**named, "approved": "yes"})
+                        answers["unnamed"] = await rest.post(url, json={"approved": True})
+                        answers["ok"] = await rest.post(url, json={**named, "approved": True})
+                        answers["again"] = await rest.post(url, json={**named, "approved": True})
                         answers["unknown"] = await rest.post(
-                            "/v1/chat/nope/approve", json={"approved": True}
+                            "/v1/chat/nope/approve", json={**named, "approved": True}
                         )
     assert answers["bad"].status_code == 400
+    assert answers["unnamed"].status_code == 400
     assert answers["ok"].status_code == 202
     assert answers["ok"].json() == {"id": "s1", "approved": True}
-    assert answers["again"].json()["error"]["code"] == "no_pending_confirmation"
+    assert answers["again"].status_code == 409
+    assert answers["again"].json()["error"]["code"] == "stale_confirmation"
     assert answers["unknown"].status_code == 404
     assert assert_stream_invariants(events)["type"] == "completion"
     console = "".join(str(e.get("content", "")) for e in events if e["type"] == "console")

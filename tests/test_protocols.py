@@ -45,7 +45,12 @@ def test_stop_and_ping() -> None:
             {"type": "stop", "id": "has space"},
         ),
         (
-            '{"type": "approve", "id": "r1", "approved": "yes"}',
+            '{"type": "approve", "id": "r1", "confirmation_id": "cf-1", "approved": "yes"}',
+            "invalid_message",
+            {"type": "approve", "id": "r1"},
+        ),
+        (
+            '{"type": "approve", "id": "r1", "approved": true}',  # version 1: names no question
             "invalid_message",
             {"type": "approve", "id": "r1"},
         ),

@@ -66,7 +66,7 @@ async def test_websocket_handshake_without_a_key_is_refused_before_upgrade(
         async with running_server(secured_settings(fake_llm)) as server:
             missing = await websocket_handshake_status(server.ws_url)
             wrong = await websocket_handshake_status(
-                server.ws_url, subprotocols=["aether.v1", "bearer.nope"]
+                server.ws_url, subprotocols=["aether.v2", "bearer.nope"]
             )
     assert missing == 401
     assert wrong == 401
@@ -80,9 +80,9 @@ async def test_websocket_accepts_a_header_key_or_a_bearer_subprotocol(fake_llm: 
             ) as by_header:
                 first = await by_header.chat("hi", id="r1")
             async with ws_client(
-                server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_B}"]
+                server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_B}"]
             ) as by_subprotocol:
-                assert by_subprotocol.ws.subprotocol == "aether.v1"
+                assert by_subprotocol.ws.subprotocol == "aether.v2"
                 second = await by_subprotocol.chat("hi", id="r1")
     assert assert_stream_invariants(first)["type"] == "completion"
     assert assert_stream_invariants(second)["type"] == "completion"
@@ -93,8 +93,8 @@ async def test_callers_cannot_stop_each_others_requests(fake_llm: FakeLLM) -> No
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(secured_settings(fake_llm)) as server,
-            ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_A}"]) as alice,
-            ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_B}"]) as bob,
+            ws_client(server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_A}"]) as alice,
+            ws_client(server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_B}"]) as bob,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
             await alice.send({"type": "chat", "id": "shared-id", "message": "go"})
@@ -116,7 +116,7 @@ async def test_a_caller_can_stop_its_request_from_another_connection(fake_llm: F
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(secured_settings(fake_llm)) as server,
-            ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_A}"]) as first,
+            ws_client(server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_A}"]) as first,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
             await first.send({"type": "chat", "id": "r1", "message": "go"})

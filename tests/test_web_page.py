@@ -124,7 +124,9 @@ async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: F
         page.keyboard.type("what is 6*7?")
         page.keyboard.press("Enter")
         approve = page.locator(".confirm button", has_text="Approve")
-        expect(approve).to_be_focused()  # the question takes the focus: Enter answers it
+        # The question takes the focus (Enter answers it) once the model proposed code: the
+        # first agentic turn imports Open Interpreter and starts a kernel, seconds on a busy VM.
+        expect(approve).to_be_focused(timeout=45_000)
         proposed = page.locator("article.assistant pre.code").all_inner_texts()
         page.keyboard.press("Enter")
         page.wait_for_selector("article.assistant[data-state='done']")

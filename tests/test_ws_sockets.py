@@ -33,7 +33,7 @@ async def test_http_path_streams_the_upstream_answer(fake_llm: FakeLLM) -> None:
             running_server(http_settings(fake_llm)) as server,
             ws_client(server.ws_url) as client,
         ):
-            assert client.hello["protocol_version"] == 1
+            assert client.hello["protocol_version"] == 2
             messages = await client.chat("hello", id="r1")
     assert assert_stream_invariants(messages)["type"] == "completion"
     assert messages[0]["path"] == "http"
@@ -129,13 +129,14 @@ async def test_frame_over_the_hard_limit_closes_with_1009(fake_llm: FakeLLM) -> 
     assert assert_stream_invariants(messages)["type"] == "completion"
 
 
-async def test_subprotocol_aether_v1_is_selected(fake_llm: FakeLLM) -> None:
+async def test_the_most_recent_offered_subprotocol_is_selected(fake_llm: FakeLLM) -> None:
     with trio.fail_after(DEADLINE_S):
-        async with (
-            running_server(http_settings(fake_llm)) as server,
-            ws_client(server.ws_url, subprotocols=["aether.v1"]) as client,
-        ):
-            assert client.ws.subprotocol == "aether.v1"
+        async with running_server(http_settings(fake_llm)) as server:
+            async with ws_client(server.ws_url, subprotocols=["aether.v1", "aether.v2"]) as both:
+                assert both.ws.subprotocol == "aether.v2"
+                assert both.hello["protocol_version"] == 2
+            async with ws_client(server.ws_url, subprotocols=["aether.v1"]) as old:
+                assert old.ws.subprotocol == "aether.v1"
 
 
 async def test_ping_gets_pong(fake_llm: FakeLLM) -> None:

@@ -74,6 +74,12 @@ class ApproveBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    confirmation_id: str = Field(
+        min_length=1,
+        max_length=64,
+        description="The confirmation_id of the confirmation answered; any other is refused "
+        "(409 stale_confirmation) and nothing runs.",
+    )
     approved: bool = Field(description="true runs the code; false ends the turn without it.")
 
 

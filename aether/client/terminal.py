@@ -159,7 +159,14 @@ class TerminalChat:
         self._err.flush()
         answer = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
         approved = answer.strip().lower() in ("y", "yes")
-        await self._send({"type": "approve", "id": request_id, "approved": approved})
+        await self._send(
+            {
+                "type": "approve",
+                "id": request_id,
+                "confirmation_id": message.get("confirmation_id"),
+                "approved": approved,
+            }
+        )
 
 
 async def read_line(prompt: str) -> str | None:
@@ -192,7 +199,7 @@ async def run(args: argparse.Namespace) -> int:
         # Its own nursery: trio-websocket can lose a Cancelled into its caller's (#184).
         async with (
             trio.open_nursery(),
-            open_websocket_url(args.url, extra_headers=headers, subprotocols=["aether.v1"]) as ws,
+            open_websocket_url(args.url, extra_headers=headers, subprotocols=["aether.v2"]) as ws,
         ):
             code = await converse(ws, args)
     except* ConnectionRejected as refused:

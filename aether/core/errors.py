@@ -10,7 +10,7 @@
     ├── PathUnavailable            the requested path is not configured
     ├── UnknownRequest             stop/lookup of an id that is not live for this caller
     ├── DuplicateRequest           a live request already has that id
-    ├── NoPendingConfirmation      an approval for a request that is not waiting for one
+    ├── StaleConfirmation          an answer to a code confirmation that is not the pending one
     ├── TooManyRequests            the caller already runs as many chats as it may
     └── ShuttingDown               the server is draining and starts no new chat
 
@@ -80,5 +80,5 @@ class ShuttingDown(AetherError):
     code = "shutting_down"
 
 
-class NoPendingConfirmation(AetherError):
-    code = "no_pending_confirmation"
+class StaleConfirmation(AetherError):
+    code = "stale_confirmation"

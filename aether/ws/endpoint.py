@@ -35,7 +35,7 @@ from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.ws.handlers import MessageHandler
 from aether.ws.hub import CLOSE_TRY_AGAIN_LATER, ClientConnection, ClientHub, write_outbox
-from aether.ws.protocols import SUBPROTOCOL, hello_message
+from aether.ws.protocols import hello_message, select_subprotocol
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ class WebSocketEndpoint:
             )
             return
         accept: ASGIMessage = {"type": "websocket.accept"}
-        if SUBPROTOCOL in scope.get("subprotocols", ()):
-            accept["subprotocol"] = SUBPROTOCOL
+        subprotocol = select_subprotocol(scope.get("subprotocols", ()))
+        if subprotocol is not None:
+            accept["subprotocol"] = subprotocol
         await send(accept)
         client = ClientConnection(
             id="c-" + secrets.token_hex(6),

@@ -21,8 +21,8 @@ from aether.config import Settings
 from aether.core.errors import (
     AetherError,
     DuplicateRequest,
-    NoPendingConfirmation,
     ShuttingDown,
+    StaleConfirmation,
     TooManyRequests,
     UnknownRequest,
 )
@@ -115,9 +115,12 @@ class MessageHandler:
             self._reply(pong_message())
         elif isinstance(message, ApproveMessage):
             try:
-                self._engine.approve(message.id, self._client.owner, message.approved)
-            except (UnknownRequest, NoPendingConfirmation) as exc:
-                self._reply_error(exc.code, exc.message, {"type": "approve", "id": message.id})
+                self._engine.approve(
+                    message.id, self._client.owner, message.confirmation_id, message.approved
+                )
+            except (UnknownRequest, StaleConfirmation) as exc:
+                ref: dict[str, object] = {"type": "approve", "id": message.id}
+                self._reply_error(exc.code, exc.message, ref)
         elif isinstance(message, HistoryMessage):
             await self._history(message)
         elif isinstance(message, FileMessage):

@@ -1,4 +1,4 @@
-"""The wire protocol (version 1) as Pydantic models: parse and validate, no I/O.
+"""The wire protocol (version 2) as Pydantic models: parse and validate, no I/O.
 
 Client frames are JSON objects with a ``type``. ``parse_client_message`` returns a model or
 raises ``ProtocolError`` with a stable ``code`` and a message safe to show the client; nothing
@@ -16,11 +16,15 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
-SUBPROTOCOL = "aether.v1"
+from aether import PROTOCOL_VERSION
+
+# The WebSocket subprotocols the server speaks, preferred first. A client offering only the
+# version 1 name still connects (its approve must now name a confirmation_id).
+SUBPROTOCOLS = ("aether.v2", "aether.v1")
 
 RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 ConversationId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+ConfirmationId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 ChatPath = Literal["auto", "echo", "http", "oi"]
 
 
@@ -53,8 +57,11 @@ class StopMessage(_Message):
 
 
 class ApproveMessage(_Message):
+    """Answers the code ``confirmation`` named by ``confirmation_id`` (version 2)."""
+
     type: Literal["approve"]
     id: RequestId
+    confirmation_id: ConfirmationId
     approved: bool
 
 
@@ -139,6 +146,11 @@ def parse_client_message(frame: str) -> ClientMessage:
                 "unknown_type", f"unknown message type {kind[:64]!r}", _ref(data)
             ) from None
         raise ProtocolError("invalid_message", _describe(exc), _ref(data)) from None
+
+
+def select_subprotocol(offered: list[str] | tuple[str, ...]) -> str | None:
+    """The subprotocol to accept: the most recent of ours that the client offered."""
+    return next((name for name in SUBPROTOCOLS if name in offered), None)
 
 
 def error_message(code: str, message: str, ref: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 - With API keys configured, every route but ``/health`` and ``/ready`` needs one:
   ``Authorization: Bearer <key>`` on REST and on the WebSocket handshake, or, for browsers
-  (which cannot set that header on a WebSocket), the subprotocols ``aether.v1, bearer.<key>``:
-  the server then selects ``aether.v1``, never echoing the key. A refused caller gets 401 before
+  (which cannot set that header on a WebSocket), the subprotocols ``aether.v2, bearer.<key>``:
+  the server then selects ``aether.v2``, never echoing the key. A refused caller gets 401 before
   any upgrade. The caller's identity goes into the scope; it owns what the caller starts.
 - Without keys, every caller is the anonymous identity (the settings allow that on loopback only).
 - Public paths need no key: health probes, the OpenAPI document, and the web page with its

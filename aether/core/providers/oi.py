@@ -26,7 +26,6 @@ import logging
 import socket
 import weakref
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import trio
@@ -180,7 +179,7 @@ class OIProvider:
                     continue
                 if gate is None:
                     return  # nobody can approve: the code does not run
-                approved = trio.from_thread.run(gate.ask, partial(send.send, out))
+                approved = trio.from_thread.run(gate.ask, out, send.send)
                 if not approved:
                     return  # closing the generator below skips the code
         except ProviderError:

@@ -29,7 +29,6 @@ import trio
 from aether.config import Settings
 from aether.core.errors import (
     AetherError,
-    NoPendingConfirmation,
     PathUnavailable,
     ShuttingDown,
     TooManyRequests,
@@ -160,15 +159,14 @@ class RuntimeEngine:
         files = self.file_chat.files if self._history is not None else None
         return OIProvider(self._interpreters, approval_for, files)
 
-    def approve(self, request_id: str, owner: str, approved: bool) -> None:
-        """Answer a running request's code confirmation. Raises UnknownRequest or
-        NoPendingConfirmation."""
+    def approve(self, request_id: str, owner: str, confirmation_id: str, approved: bool) -> None:
+        """Answer a running request's code confirmation ``confirmation_id``. Raises
+        UnknownRequest, or StaleConfirmation when that confirmation is not the pending one."""
         record = self.tracker.get_live(request_id, owner)
         if record is None:
             raise UnknownRequest(f"no running request with id {request_id!r}")
-        if not record.approval.answer(approved):
-            raise NoPendingConfirmation(f"request {request_id!r} is not waiting for approval")
-        record.note("code approved" if approved else "code denied")
+        record.approval.answer(confirmation_id, approved)
+        record.note(f"code {'approved' if approved else 'denied'} ({confirmation_id})")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with self._http_client() as client, trio.open_nursery() as nursery:

@@ -47,7 +47,7 @@ function setBusy(busy) {
 
 function connect() {
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws";
-  const protocols = state.key ? ["aether.v1", "bearer." + state.key] : ["aether.v1"];
+  const protocols = state.key ? ["aether.v2", "bearer." + state.key] : ["aether.v2"];
   const ws = new WebSocket(url, protocols);
   state.ws = ws;
   ws.onopen = () => { state.retryMs = 500; };
@@ -160,8 +160,11 @@ function askApproval(turn, message) {
   const no = document.createElement("button");
   no.type = "button";
   no.textContent = "Deny";
+  let answered = false;
   const answer = (approved) => {
-    send({ type: "approve", id: turn.id, approved });
+    if (answered) return; // one answer per question, whatever the clicks
+    answered = true;
+    send({ type: "approve", id: turn.id, confirmation_id: message.confirmation_id, approved });
     box.remove();
     note(turn.el, approved ? "(approved)" : "(denied)");
   };

@@ -39,8 +39,8 @@ from aether.api.schemas import (
 from aether.core.errors import (
     AetherError,
     DuplicateRequest,
-    NoPendingConfirmation,
     ShuttingDown,
+    StaleConfirmation,
     TooManyRequests,
     UnknownRequest,
 )
@@ -254,9 +254,10 @@ async def approve_chat(request_id: str) -> Response:
     if isinstance(body, Response):
         return body
     try:
-        app_state().engine.approve(request_id, caller_identity(), body.approved)
+        engine = app_state().engine
+        engine.approve(request_id, caller_identity(), body.confirmation_id, body.approved)
     except UnknownRequest as exc:
         return json_error(404, exc.code, exc.message)
-    except NoPendingConfirmation as exc:
+    except StaleConfirmation as exc:
         return json_error(409, exc.code, exc.message)
     return json_response({"id": request_id, "approved": body.approved}, 202)
