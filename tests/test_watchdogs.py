@@ -91,3 +91,31 @@ async def test_a_detached_chat_nobody_reads_is_stopped(
     assert record.ended_at - record.started_at == READER_ATTACH_TIMEOUT_S
     assert (record.state, record.stop_reason) == ("stopped", "disconnect")
     engine.stop()
+
+
+async def test_nothing_starts_on_a_connection_the_server_is_closing(
+    autojump_clock: Any, nursery: trio.Nursery
+) -> None:
+    """A client that floods without reading is closed (1008); the chats it queued behind the
+    flood must not start: they would stream to nobody and wait on their final saves."""
+    settings = make_settings(provider="echo", max_messages_per_second=10_000)
+    server = MemoryServer(settings, nursery)
+    await server.start()
+    ws = await server.connect(client_buffer=0)
+    for _ in range(300):  # more unread replies than a connection may hold
+        await ws.send({"type": "ping"})
+    for number in range(3):
+        await ws.send({"type": "chat", "id": f"late-{number}", "message": "hi"})
+    await trio.testing.wait_all_tasks_blocked()
+    connection = next(iter(server.hub))
+    assert connection.closing
+    assert connection.close_code == 1008
+    assert server.engine.tracker.live_count == 0
+    with pytest.raises(EOFError):
+        await read_until_closed(ws)
+    assert ws.closed_with == 1008
+    assert not any(request_id.startswith("late-") for request_id in ws.messages.by_request)
+    assert all(
+        record is None
+        for record in (server.engine.tracker.get(f"late-{n}", "anonymous") for n in range(3))
+    )

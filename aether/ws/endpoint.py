@@ -96,7 +96,7 @@ class WebSocketEndpoint:
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
                 handler = MessageHandler(client, self._engine, nursery, self._settings)
-                await self._read(receive, handler)
+                await self._read(receive, client, handler)
                 handler.stop_all()
                 nursery.cancel_scope.cancel()
         finally:
@@ -105,11 +105,17 @@ class WebSocketEndpoint:
             client.outbox.close()
             self._hub.unregister(client)
 
-    async def _read(self, receive: Receive, handler: MessageHandler) -> None:
-        """Handle frames until the client disconnects."""
+    async def _read(
+        self, receive: Receive, client: ClientConnection, handler: MessageHandler
+    ) -> None:
+        """Handle frames until the client disconnects. Once the server is closing the
+        connection (a flood, a stall), frames still arriving are dropped: nothing may start on
+        a connection whose writer will send nothing more."""
         while True:
             event: ASGIMessage = await receive()
             kind = event["type"]
+            if kind == "websocket.receive" and client.closing:
+                continue
             if kind == "websocket.receive":
                 text = event.get("text")
                 if text is not None:

@@ -44,6 +44,11 @@ class ClientConnection:
     close_code: int = CLOSE_NORMAL
     close_reason: str = ""
 
+    @property
+    def closing(self) -> bool:
+        """True once the server began closing this client (its outbox takes nothing more)."""
+        return self.outbox.closed
+
     def close(self, code: int, reason: str, *, drop_queued: bool = False) -> None:
         """Ask the writer to close with ``code``: after what is queued, or at once (a client too
         slow to take what is queued would otherwise never see the close)."""
