@@ -25,6 +25,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
 from quart_trio import QuartTrio
+from trio_util import move_on_when
 
 from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
@@ -124,11 +125,28 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
-async def wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            return
+class ShutdownSignals:
+    """SIGINT and SIGTERM, for the whole life of the server: the first begins a graceful
+    shutdown (``requested``), a second cuts its grace period short (``hurried``): every chat is
+    stopped at once, and still gets its terminal message. Later ones are only logged."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.hurried = trio.Event()
+
+    async def watch(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self.requested.is_set():
+                    log.info("received %s: shutting down", name)
+                    self.requested.set()
+                elif not self.hurried.is_set():
+                    log.warning("received %s again: stopping every chat now", name)
+                    self.hurried.set()
+                else:
+                    log.warning("received %s: already stopping every chat", name)
 
 
 def describe_security(settings: Settings) -> None:
@@ -157,13 +175,17 @@ def describe_model(settings: Settings, default_path: str) -> None:
         log.info("model: %s at %s", settings.llm_model, settings.llm_base_url)
 
 
-async def drain(state: AppState, settings: Settings) -> None:
-    """Give running chats the grace period, stop the rest, then close every WebSocket (1001)."""
+async def drain(state: AppState, settings: Settings, hurried: trio.Event) -> None:
+    """Give running chats the grace period (until ``hurried``), stop the rest, then close every
+    WebSocket (1001)."""
     engine = state.engine
     live = engine.tracker.live_count
     if live:
         log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
-        if not await engine.wait_idle(settings.shutdown_grace_s):
+        idle = False
+        async with move_on_when(hurried.wait):
+            idle = await engine.wait_idle(settings.shutdown_grace_s)
+        if not idle:
             stopped = engine.tracker.cancel_all("shutdown")
             log.info("stopping %d chats still running", stopped)
             # Let each send its block end and `stopped` before the sockets close.
@@ -174,17 +196,20 @@ async def drain(state: AppState, settings: Settings) -> None:
 async def serve(
     settings: Settings,
     *,
-    shutdown_trigger: Callable[[], Awaitable[None]] = wait_for_signal,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    hurried: trio.Event | None = None,
     app: QuartTrio | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``shutdown_trigger`` returns, then shut down gracefully.
+    """Serve until ``shutdown_trigger`` returns, then shut down gracefully; once ``hurried`` is
+    set, running chats are stopped without waiting for the rest of the grace period.
 
     ``task_status.started`` receives the bound URLs (``http://127.0.0.1:PORT``), so a caller that
     asked for port 0 learns the port. ``app`` is ``create_app(settings)`` unless given.
     """
     app = app or create_app(settings)
     state: AppState = app.extensions[EXTENSION_KEY]
+    hurried = hurried if hurried is not None else trio.Event()
 
     async def shutdown() -> None:
         """Hypercorn stops listening when this returns: return at once, drain in the app."""
@@ -193,7 +218,7 @@ async def serve(
         state.hub.broadcast(
             {"role": "server", "type": "going_away", "grace_s": settings.shutdown_grace_s}
         )
-        app.nursery.start_soon(drain, state, settings)
+        app.nursery.start_soon(drain, state, settings, hurried)
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
@@ -241,5 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     tune_garbage_collector()
-    trio.run(serve, settings)
+    trio.run(serve_until_signalled, settings)
     return 0
+
+
+async def serve_until_signalled(settings: Settings) -> None:
+    signals = ShutdownSignals()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(signals.watch)
+        await serve(settings, shutdown_trigger=signals.requested.wait, hurried=signals.hurried)
+        nursery.cancel_scope.cancel()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -73,3 +74,35 @@ async def test_json_logs_carry_ids_and_never_message_content() -> None:
     assert started[0]["path"] == "echo"
     assert any(e.get("client_id") for e in events)
     assert secret not in log.decode()
+
+
+async def test_a_second_signal_stops_every_chat_at_once_with_its_terminal() -> None:
+    """The first SIGTERM gives running chats the grace period (here 60 s); a second one stops
+    them now: each client still gets its block end and `stopped`, then 1001, the answer is
+    stored as stopped with what was sent, and the process exits 0."""
+    db_path = fresh_db_path()
+    env = aether_env(
+        AETHER_DB_PATH=str(db_path), AETHER_ECHO_TOKEN_DELAY_S="0.05", AETHER_SHUTDOWN_GRACE_S="60"
+    )
+    with trio.fail_after(30):
+        async with aether_process(env) as server:
+            async with ws_client(server.ws_url) as client:
+                await client.send({"type": "chat", "id": "long", "message": "word " * 2000})
+                await client.wait_for("long", lambda m: m.get("content"))
+                server.process.send_signal(signal.SIGTERM)
+                going_away = await client.receive_control()
+                assert going_away["type"] == "going_away"
+                server.process.send_signal(signal.SIGTERM)
+                messages = await client.finish("long")
+                received = "".join(m.get("content", "") for m in messages)
+            log = await server.read_log_to_end()
+            assert await server.process.wait() == 0
+    assert messages[-1]["type"] == "stopped"
+    assert messages[-1]["reason"] == "shutdown"
+    assert messages[-2].get("end") is True
+    assert b"stopping every chat now" in log
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute(
+            "SELECT status, content FROM messages WHERE role = 'assistant' AND request_id = 'long'"
+        ).fetchall()
+    assert rows == [("stopped", received)]
