@@ -253,3 +253,22 @@ async def test_a_tls_error_response_also_carries_hsts(fake_llm: FakeLLM, tmp_pat
                 head = await read_response_head(tls)
     assert head.startswith("http/1.1 400 "), head
     assert "\r\nstrict-transport-security: " in head
+
+
+async def test_a_request_whose_body_never_comes_gets_408_with_the_security_headers(
+    fake_llm: FakeLLM,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(
+            http_settings(fake_llm), quart_config={"BODY_TIMEOUT": 0.2}
+        ) as server:
+            stream = await trio.open_tcp_stream(*address(server.base_url))
+            async with stream:
+                await stream.send_all(
+                    b"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+                )
+                head = await read_response_head(stream)
+    assert head.startswith("http/1.1 408 "), head
+    for name in SECURITY_HEADERS:
+        assert f"\r\n{name}: " in head, (name, head)
