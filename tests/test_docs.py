@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
 from pathlib import Path
 
+import pytest
+import trio
+
 from aether.config import Settings
+from tests.helpers import make_settings, running_server
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -20,3 +26,18 @@ def test_quickstart_shows_the_two_commands() -> None:
     text = README.read_text()
     assert "scripts/serve" in text
     assert "scripts/test" in text
+
+
+async def test_the_quickstarts_curl_commands_work() -> None:
+    """Each ``curl`` line of the README, run as written against a server on a free port."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    commands = re.findall(r"^(curl .+)$", README.read_text(), re.M)
+    assert commands
+    with trio.fail_after(30):
+        async with running_server(make_settings(provider="echo", echo_token_delay_s=0)) as server:
+            address = server.base_url.removeprefix("http://").replace("127.0.0.1", "localhost")
+            for command in commands:
+                argv = [*shlex.split(command.replace("localhost:8000", address)), "--fail"]
+                result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
+                assert b"hello" in result.stdout, (command, result.stdout, result.stderr)
