@@ -69,6 +69,13 @@ def oi_settings(fake: FakeLLM, **overrides: Any) -> Settings:
     )
 
 
+def http_settings(fake: FakeLLM, **overrides: Any) -> Settings:
+    """Settings for the HTTP path against the fake upstream."""
+    return make_settings(
+        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
+    )
+
+
 def make_settings(**overrides: Any) -> Settings:
     db_path = fresh_db_path()
     base: dict[str, Any] = {

@@ -14,19 +14,13 @@ from aether.config import ConfigError, load_settings
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     assert_stream_invariants,
-    make_settings,
+    http_settings,
     running_server,
     websocket_handshake_status,
     ws_client,
 )
 
 DEADLINE_S = 10
-
-
-def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 def port_of(base_url: str) -> int:

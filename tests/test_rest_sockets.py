@@ -9,15 +9,15 @@ import httpx
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
-from tests.helpers import assert_stream_invariants, content_of, make_settings, running_server
+from tests.helpers import (
+    assert_stream_invariants,
+    content_of,
+    http_settings,
+    make_settings,
+    running_server,
+)
 
 DEADLINE_S = 10
-
-
-def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 def parse_sse(text: str) -> list[tuple[int, dict[str, Any]]]:

@@ -22,7 +22,7 @@ from aether.testing.fake_llm import FakeLLM
 from tests.helpers import (
     RawWebSocket,
     assert_stream_invariants,
-    make_settings,
+    http_settings,
     running_server,
     tls_certificate,
     ws_client,
@@ -30,12 +30,6 @@ from tests.helpers import (
 
 DEADLINE_S = 10
 SECURITY_HEADERS = ("x-content-type-options", "x-frame-options", "referrer-policy", "cache-control")
-
-
-def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 def address(base_url: str) -> tuple[str, int]:

@@ -15,18 +15,13 @@ from tests.helpers import (
     RawWebSocket,
     WSClient,
     assert_stream_invariants,
+    http_settings,
     make_settings,
     running_server,
     ws_client,
 )
 
 DEADLINE_S = 15
-
-
-def http_settings(fake: FakeLLM, **overrides: object) -> object:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 async def read_until_closed(client: WSClient) -> None:

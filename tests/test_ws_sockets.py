@@ -11,19 +11,13 @@ from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     assert_stream_invariants,
     content_of,
-    make_settings,
+    http_settings,
     raw_websocket_close_code,
     running_server,
     ws_client,
 )
 
 DEADLINE_S = 10
-
-
-def http_settings(fake: FakeLLM, **overrides: object) -> object:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 async def test_http_path_streams_the_upstream_answer(fake_llm: FakeLLM) -> None:
