@@ -113,6 +113,8 @@ async def test_upload_limits_give_clear_errors_and_the_connection_lives_on(
 
 
 async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) -> None:
+    """Conversation ids are per caller: Alice's "c1" and Bob's "c1" each hold their own files,
+    over REST and the WebSocket, and neither caller sees the other's."""
     keys = "k-alice-0123456789,k-bob-0123456789"
     alice = {"Authorization": "Bearer k-alice-0123456789"}
     bob = {"Authorization": "Bearer k-bob-0123456789"}
@@ -122,38 +124,52 @@ async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) 
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
             upload = await rest.post(
-                "/v1/conversations/c-alice/files",
+                "/v1/conversations/c1/files",
                 files=[("file", ("notes.txt", b"secret plans")), ("file", ("b.md", b"# b"))],
                 headers=alice,
             )
-            mine = await rest.get("/v1/conversations/c-alice/files", headers=alice)
             other_conversation = await rest.post(
-                "/v1/conversations/c-alice-2/files",
-                files=[("file", ("x.txt", b"x"))],
-                headers=alice,
+                "/v1/conversations/c1-2/files", files=[("file", ("x.txt", b"x"))], headers=alice
             )
-            theirs = await rest.get("/v1/conversations/c-alice/files", headers=bob)
-            intrude = await rest.post(
-                "/v1/conversations/c-alice/files",
-                files=[("file", ("evil.txt", b"x"))],
+            bob_before = await rest.get("/v1/conversations/c1/files", headers=bob)
+            bob_nobody = await rest.get("/v1/conversations/nobody/files", headers=bob)
+            bob_upload = await rest.post(
+                "/v1/conversations/c1/files",
+                files=[("file", ("notes.txt", b"bob's notes"))],
                 headers=bob,
             )
-            second = await rest.get("/v1/conversations/c-alice-2/files", headers=alice)
-            deleted = await rest.delete("/v1/conversations/c-alice", headers=alice)
+            async with ws_client(
+                server.ws_url, subprotocols=["aether.v1", "bearer.k-bob-0123456789"]
+            ) as bob_ws:
+                bob_ws_upload = await send_file(bob_ws, "ws.txt", b"over ws", conversation_id="c1")
+            mine = await rest.get("/v1/conversations/c1/files", headers=alice)
+            his = await rest.get("/v1/conversations/c1/files", headers=bob)
+            second = await rest.get("/v1/conversations/c1-2/files", headers=alice)
+            deleted = await rest.delete("/v1/conversations/c1", headers=alice)
             files = server.state.engine.file_chat.files
-            left = [p.name for p in files.root.rglob("*") if p.is_file()]
+            left = sorted(p.read_bytes() for p in files.root.rglob("*") if p.is_file())
+            his_after = await rest.get("/v1/conversations/c1/files", headers=bob)
     assert upload.status_code == 201
     assert upload.json() == {
-        "conversation_id": "c-alice",
+        "conversation_id": "c1",
         "files": [{"name": "notes.txt", "size": 12}, {"name": "b.md", "size": 3}],
     }
-    assert mine.json()["files"] == [{"name": "b.md", "size": 3}, {"name": "notes.txt", "size": 12}]
     assert other_conversation.status_code == 201
+    # Alice's "c1" answers Bob exactly as an id nobody has.
+    assert bob_before.status_code == bob_nobody.status_code == 404
+    assert bob_before.json()["error"]["code"] == bob_nobody.json()["error"]["code"]
+    assert bob_upload.status_code == 201
+    assert (bob_ws_upload["type"], bob_ws_upload["conversation_id"]) == ("file", "c1")
+    assert mine.json()["files"] == [{"name": "b.md", "size": 3}, {"name": "notes.txt", "size": 12}]
+    assert his.json()["files"] == [
+        {"name": "notes.txt", "size": 11},
+        {"name": "ws.txt", "size": 7},
+    ]
     assert second.json()["files"] == [{"name": "x.txt", "size": 1}]
-    assert (theirs.status_code, theirs.json()["error"]["code"]) == (404, "unknown_conversation")
-    assert intrude.status_code == 404
     assert deleted.status_code == 204
-    assert left == ["x.txt"]  # the deleted conversation's files went with it
+    # Alice's deleted conversation took its files with it; Bob's "c1" kept his.
+    assert left == [b"bob's notes", b"over ws", b"x"]
+    assert his_after.json()["files"] == his.json()["files"]
 
 
 async def test_rest_upload_limits(fake_llm: FakeLLM) -> None:
@@ -195,9 +211,11 @@ async def test_a_connection_closed_mid_upload_leaves_no_file(fake_llm: FakeLLM) 
             await server.state.hub.wait_until_empty()  # the connection's clean-up is over
             root = server.state.engine.file_chat.files.root
             leftovers = [p.name for p in root.rglob("*") if p.is_file()]
-            history = await server.state.engine.history.owner_of("c-h")  # type: ignore[union-attr]
+            history = server.state.engine.history
+            assert history is not None
+            created = await history.has_conversation(ANONYMOUS, "c-h")
     assert leftovers == []
-    assert history is None
+    assert not created
 
 
 async def test_file_chat_needs_the_agentic_path() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import trio
 
+from aether.api.v1.endpoints.chat import AnswerCollector
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     aether_process,
@@ -145,34 +146,95 @@ async def test_listing_paging_and_deleting_conversations(fake_llm: FakeLLM) -> N
     assert bad_limit.status_code == 400
 
 
-async def test_conversations_belong_to_their_caller(fake_llm: FakeLLM) -> None:
+KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
+ALICE, BOB = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
+
+
+async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
+    """Alice's "c1" and Bob's "c1" are two conversations, over REST and the WebSocket: each
+    works, each sees only its own, and neither can tell that the other's exists."""
     fake_llm.default = Behaviour(tokens=1)
-    settings = http_settings(fake_llm, api_keys="key-a-0123456789,key-b-0123456789")
-    alice = {"Authorization": "Bearer key-a-0123456789"}
-    bob = {"Authorization": "Bearer key-b-0123456789"}
+    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}")
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(settings) as server,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
-            await rest.post(
-                "/v1/chat", json={"message": "mine", "conversation_id": "a1"}, headers=alice
-            )
-            read = await rest.get("/v1/chat/history", params={"conversation_id": "a1"}, headers=bob)
-            listed = await rest.get("/v1/conversations", headers=bob)
-            delete = await rest.delete("/v1/conversations/a1", headers=bob)
-            hijack = await rest.post(
-                "/v1/chat", json={"message": "join", "conversation_id": "a1"}, headers=bob
-            )
-            still = await rest.get(
-                "/v1/chat/history", params={"conversation_id": "a1"}, headers=alice
-            )
-    assert read.status_code == 404
-    assert listed.json()["conversations"] == []
-    assert delete.status_code == 404
-    assert hijack.json()["status"] == "error"
-    assert hijack.json()["error"]["code"] == "unknown_conversation"
-    assert len(still.json()["messages"]) == 2
+
+            async def chat(headers: dict[str, str], message: str) -> httpx.Response:
+                body = {"message": message, "conversation_id": "c1"}
+                return await rest.post("/v1/chat", json=body, headers=headers)
+
+            async def history(headers: dict[str, str], conversation_id: str) -> httpx.Response:
+                params = {"conversation_id": conversation_id}
+                return await rest.get("/v1/chat/history", params=params, headers=headers)
+
+            alice_first = await chat(ALICE, "alice 1")
+            bob_first = await chat(BOB, "bob 1")  # Alice holds "c1": Bob gets his own
+            async with (
+                ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_A}"]) as alice,
+                ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_B}"]) as bob,
+            ):
+                alice_second = await alice.chat("alice 2", id="a2", conversation_id="c1")
+                bob_second = await bob.chat("bob 2", id="b2", conversation_id="c1")
+                await bob.send({"type": "history", "conversation_id": "c1"})
+                bob_ws_history = await bob.receive_control()
+                await alice.chat("only alice", id="a3", conversation_id="alice-only")
+                await bob.send({"type": "history", "conversation_id": "alice-only"})
+                bob_ws_theirs = await bob.receive_control()
+                await bob.send({"type": "history", "conversation_id": "nobody"})
+                bob_ws_nobody = await bob.receive_control()
+            alice_history = await history(ALICE, "c1")
+            bob_history = await history(BOB, "c1")
+            alice_list = await rest.get("/v1/conversations", headers=ALICE)
+            bob_list = await rest.get("/v1/conversations", headers=BOB)
+            bob_reads_theirs = await history(BOB, "alice-only")
+            bob_reads_nobody = await history(BOB, "nobody")
+            bob_deletes_theirs = await rest.delete("/v1/conversations/alice-only", headers=BOB)
+            bob_deletes_nobody = await rest.delete("/v1/conversations/nobody", headers=BOB)
+            bob_deletes_his = await rest.delete("/v1/conversations/c1", headers=BOB)
+            alice_after = await history(ALICE, "c1")
+            bob_after = await history(BOB, "c1")
+    assert (alice_first.status_code, alice_first.json()["conversation_id"]) == (200, "c1")
+    assert (bob_first.status_code, bob_first.json()["status"]) == (200, "completed")
+    assert assert_stream_invariants(alice_second)["type"] == "completion"
+    assert assert_stream_invariants(bob_second)["type"] == "completion"
+    # A follow-up continues the caller's own conversation, with its own context.
+    contexts = [[m["content"] for m in s.request["messages"]] for s in fake_llm.streams]
+    assert contexts[2] == ["alice 1", "tok0 ", "alice 2"]
+    assert contexts[3] == ["bob 1", "tok0 ", "bob 2"]
+    assert [m["content"] for m in alice_history.json()["messages"]] == [
+        "alice 1",
+        "tok0 ",
+        "alice 2",
+        "tok0 ",
+    ]
+    bob_messages = ["bob 1", "tok0 ", "bob 2", "tok0 "]
+    assert [m["content"] for m in bob_history.json()["messages"]] == bob_messages
+    assert [m["content"] for m in bob_ws_history["messages"]] == bob_messages
+    assert sorted(c["id"] for c in alice_list.json()["conversations"]) == ["alice-only", "c1"]
+    assert [c["id"] for c in bob_list.json()["conversations"]] == ["c1"]
+    # Another caller's id answers exactly as an id nobody has.
+    for theirs, nobody in [
+        (bob_reads_theirs, bob_reads_nobody),
+        (bob_deletes_theirs, bob_deletes_nobody),
+    ]:
+        assert theirs.status_code == nobody.status_code == 404
+        theirs_error, nobody_error = theirs.json()["error"], nobody.json()["error"]
+        assert theirs_error.keys() == nobody_error.keys()
+        assert theirs_error["code"] == nobody_error["code"] == "unknown_conversation"
+        assert theirs_error["message"].replace("alice-only", "nobody") == nobody_error["message"]
+    assert bob_ws_theirs.keys() == bob_ws_nobody.keys()
+    assert bob_ws_theirs["code"] == bob_ws_nobody["code"] == "unknown_conversation"
+    assert bob_deletes_his.status_code == 204
+    assert alice_after.json() == alice_history.json()
+    assert bob_after.status_code == 404
+
+
+def test_an_unknown_conversation_ending_a_rest_chat_is_a_404() -> None:
+    collector = AnswerCollector("r1")
+    collector.add({"type": "error", "code": "unknown_conversation", "message": "no such"})
+    assert collector.response().status_code == 404
 
 
 async def test_history_survives_a_restart(fake_llm: FakeLLM) -> None:

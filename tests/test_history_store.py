@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 
 from aether.core.history.sqlite import CHECKPOINT_OVERDUE_S, MIGRATIONS, SQLiteHistoryStore
-from aether.core.history.store import StorageError, UnknownConversation
+from aether.core.history.store import MessageStatus, StorageError, UnknownConversation
 
 
 async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:
@@ -19,11 +21,12 @@ async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:
     try:
         await store.begin_turn("me", "first", "t", "r1", "hello")
         assert len(await store.messages("me", "first")) == 2
-        assert await store.owner_of("first") == "me"
+        assert await store.has_conversation("me", "first")
         # A later conversation must be visible at once to the same reader.
         await store.begin_turn("me", "second", "t", "r2", "again")
-        assert await store.owner_of("second") == "me"
+        assert await store.has_conversation("me", "second")
         assert len(await store.messages("me", "second")) == 2
+        assert not await store.has_conversation("someone else", "second")
         with pytest.raises(UnknownConversation):
             await store.messages("someone else", "second")
     finally:
@@ -66,33 +69,39 @@ async def test_writes_waiting_together_share_one_transaction_and_fail_alone(
     store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
     await store.open()
     try:
-        await store.begin_turn("someone else", "theirs", "t", "r0", "mine, not yours")
+        answer = await store.begin_turn("me", "earlier", "t", "r0", "kept")
         batches_before = store.write_batches
         outcomes: dict[str, int | Exception] = {}
 
         async def begin(conversation_id: str) -> None:
+            outcomes[conversation_id] = await store.begin_turn(
+                "me", conversation_id, "t", f"r-{conversation_id}", "hello"
+            )
+
+        async def break_a_rule() -> None:
             try:
-                outcomes[conversation_id] = await store.begin_turn(
-                    "me", conversation_id, "t", f"r-{conversation_id}", "hello"
-                )
-            except UnknownConversation as exc:
-                outcomes[conversation_id] = exc
+                await store.save_answer(answer, "lost", cast(MessageStatus, "no such status"))
+            except StorageError as exc:
+                outcomes["broken"] = exc
 
         async with trio.open_nursery() as nursery:
-            for conversation_id in ["a", "b", "theirs", "c", "d"]:
+            for conversation_id in ["a", "b"]:
+                nursery.start_soon(begin, conversation_id)
+            nursery.start_soon(break_a_rule)
+            for conversation_id in ["c", "d"]:
                 nursery.start_soon(begin, conversation_id)
         # All five were waiting when the first took the writer: one transaction ran them all.
         assert store.write_batches - batches_before == 1
-        assert isinstance(outcomes.pop("theirs"), UnknownConversation)
+        assert isinstance(outcomes.pop("broken"), StorageError)
         for conversation_id in outcomes:
             messages = await store.messages("me", conversation_id)
             assert [(m.role, m.status) for m in messages] == [
                 ("user", "complete"),
                 ("assistant", "streaming"),
             ]
-        assert [m.content for m in await store.messages("someone else", "theirs")] == [
-            "mine, not yours",
-            "",
+        assert [(m.content, m.status) for m in await store.messages("me", "earlier")] == [
+            ("kept", "complete"),
+            ("", "streaming"),
         ]
     finally:
         await store.close()
@@ -161,3 +170,112 @@ async def test_an_overdue_checkpoint_is_taken_by_the_writer(
         assert "checkpointing on the event loop (overdue)" in caplog.text
     finally:
         await store.close()
+
+
+async def test_conversation_ids_are_per_owner(tmp_path: Path) -> None:
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+    await store.open()
+    try:
+        await store.begin_turn("alice", "c1", "alice's", "r1", "from alice")
+        # Bob's "c1" is a conversation of his own: alice's does not block it, nor shows in it.
+        await store.begin_turn("bob", "c1", "bob's", "r2", "from bob")
+        await store.claim_conversation("bob", "c1", "ignored: it has a title")
+        alice = await store.messages("alice", "c1")
+        bob = await store.messages("bob", "c1")
+        alice_context = await store.context("alice", "c1", 10)
+        listed = {
+            owner: [(c.id, c.title) for c in await store.list_conversations(owner, 10, None)]
+            for owner in ("alice", "bob")
+        }
+        assert await store.delete_conversation("bob", "c1")
+        assert not await store.delete_conversation("bob", "c1")
+        alice_after = await store.messages("alice", "c1")
+        with pytest.raises(UnknownConversation):
+            await store.messages("bob", "c1")
+    finally:
+        await store.close()
+    assert [m.content for m in alice] == ["from alice", ""]
+    assert [m.content for m in bob] == ["from bob", ""]
+    assert [m.content for m in alice_context] == ["from alice"]
+    assert listed == {"alice": [("c1", "alice's")], "bob": [("c1", "bob's")]}
+    assert alice_after == alice
+
+
+def _version_1_database(path: Path) -> None:
+    """A database as schema version 1 left it: conversation ids unique across owners."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("PRAGMA foreign_keys = ON")
+        db.execute("BEGIN")
+        for statement in MIGRATIONS[0].split(";"):
+            if statement.strip():
+                db.execute(statement)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        conversations = [
+            ("c1", "alice", "alice's", 1.0, 2.0),
+            ("b1", "bob", "bob's", 3.0, 4.0),
+            ("gone", "bob", "deleted", 5.0, 6.0),
+        ]
+        db.executemany("INSERT INTO conversations VALUES (?, ?, ?, ?, ?)", conversations)
+        messages = [
+            (1, "c1", "user", "hi", "complete", "r1", None, 1.0),
+            (2, "c1", "assistant", "hello", "complete", "r1", None, 1.5),
+            (3, "b1", "user", "hey", "complete", "r2", None, 3.0),
+            (4, "b1", "assistant", "cut", "error", "r2", "upstream_timeout", 3.5),
+            (5, "b1", "user", "again", "complete", "r3", None, 3.6),
+            (6, "b1", "assistant", "half", "streaming", "r3", None, 3.7),
+            (7, "gone", "user", "bye", "complete", "r4", None, 5.0),
+            (8, "gone", "assistant", "", "streaming", "r4", None, 5.0),
+        ]
+        db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages)
+        db.execute("DELETE FROM conversations WHERE id = 'gone'")  # its messages go with it
+        db.execute("COMMIT")
+
+
+async def test_a_version_1_database_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    _version_1_database(path)
+    store = SQLiteHistoryStore(path)
+    await store.open()
+    try:
+        alice = await store.messages("alice", "c1")
+        bob = await store.messages("bob", "b1")
+        conversations = await store.list_conversations("bob", 10, None)
+        # The composite key: bob may now have a "c1" of his own.
+        next_id = await store.begin_turn("bob", "c1", "t", "r5", "mine too")
+        assert await store.delete_conversation("alice", "c1")
+    finally:
+        await store.close()
+    assert [(m.id, m.role, m.content, m.status) for m in alice] == [
+        (1, "user", "hi", "complete"),
+        (2, "assistant", "hello", "complete"),
+    ]
+    assert [(m.id, m.content, m.status, m.error_code) for m in bob] == [
+        (3, "hey", "complete", None),
+        (4, "cut", "error", "upstream_timeout"),
+        (5, "again", "complete", None),
+        (6, "half", "interrupted", None),
+    ]
+    assert [(c.id, c.owner, c.title, c.created_at, c.updated_at) for c in conversations] == [
+        ("b1", "bob", "bob's", 3.0, 4.0)
+    ]
+    assert next_id == 10  # ids 7 and 8 were handed out once: never again
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        keys = db.execute("PRAGMA foreign_key_list(messages)").fetchall()
+        # (id, seq, table, from, to, on_update, on_delete, match)
+        assert [(k[2], k[3], k[4], k[6]) for k in keys] == [
+            ("conversations", "owner", "owner", "CASCADE"),
+            ("conversations", "conversation_id", "id", "CASCADE"),
+        ]
+        indexes = {
+            row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")
+        }
+        assert {"conversations_by_owner", "messages_by_conversation"} <= indexes
+        # Deleting alice's conversation took its messages with it (the cascade survived).
+        assert sorted(db.execute("SELECT DISTINCT owner, conversation_id FROM messages")) == [
+            ("bob", "b1"),
+            ("bob", "c1"),
+        ]

@@ -18,12 +18,7 @@ import logging
 import trio
 
 from aether.core.errors import AetherError
-from aether.core.history.store import (
-    HistoryStore,
-    MessageStatus,
-    StorageError,
-    UnknownConversation,
-)
+from aether.core.history.store import HistoryStore, MessageStatus, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +68,7 @@ class TurnRecorder:
                     self._request_id,
                     self._user_text,
                 )
-        except (StorageError, UnknownConversation) as exc:
+        except StorageError as exc:
             self.failure = exc
             return
         else:
@@ -108,6 +103,11 @@ class TurnRecorder:
     @property
     def conversation_id(self) -> str:
         return self._conversation_id
+
+    @property
+    def conversation_key(self) -> tuple[str, str]:
+        """The conversation as the store keys it: ids are per owner."""
+        return (self._owner, self._conversation_id)
 
     async def finish(self, status: MessageStatus, error_code: str | None = None) -> None:
         """Save the final text and status; safe to call while the caller is being cancelled."""

@@ -77,6 +77,51 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     """,
+    # 2: conversation ids are per owner. SQLite cannot change a primary key in place: build the
+    # new tables, copy the rows, drop the old ones, rename the new ones into place (renaming the
+    # new tables, never the old ones, keeps every foreign key pointing at the final names).
+    # Messages gain their conversation's owner, for the composite foreign key; message ids and
+    # the AUTOINCREMENT counter are kept, so no id is ever handed out twice.
+    """
+    CREATE TABLE conversations_v2 (
+        owner TEXT NOT NULL,
+        id TEXT NOT NULL,
+        title TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (owner, id)
+    );
+    INSERT INTO conversations_v2 (owner, id, title, created_at, updated_at)
+        SELECT owner, id, title, created_at, updated_at FROM conversations;
+    CREATE TABLE messages_v2 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+        content TEXT NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('streaming', 'complete', 'stopped', 'error', 'interrupted')),
+        request_id TEXT,
+        error_code TEXT,
+        created_at REAL NOT NULL,
+        FOREIGN KEY (owner, conversation_id)
+            REFERENCES conversations (owner, id) ON DELETE CASCADE
+    );
+    INSERT INTO messages_v2 (id, owner, conversation_id, role, content, status, request_id,
+            error_code, created_at)
+        SELECT m.id, c.owner, m.conversation_id, m.role, m.content, m.status, m.request_id,
+            m.error_code, m.created_at
+        FROM messages AS m JOIN conversations AS c ON c.id = m.conversation_id;
+    DELETE FROM sqlite_sequence WHERE name = 'messages_v2';
+    INSERT INTO sqlite_sequence (name, seq)
+        SELECT 'messages_v2', seq FROM sqlite_sequence WHERE name = 'messages';
+    DROP TABLE messages;
+    DROP TABLE conversations;
+    ALTER TABLE conversations_v2 RENAME TO conversations;
+    ALTER TABLE messages_v2 RENAME TO messages;
+    CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC);
+    CREATE INDEX messages_by_conversation ON messages (owner, conversation_id, id);
+    """,
 )
 
 
@@ -140,23 +185,15 @@ def _read(connection: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> li
 def _claim(
     db: sqlite3.Connection, owner: str, conversation_id: str, title: str, now: float
 ) -> None:
-    """Create the conversation for ``owner``, or touch it if it is theirs already."""
-    row = db.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
-    if row is None:
-        db.execute(
-            "INSERT INTO conversations (id, owner, title, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (conversation_id, owner, title, now, now),
-        )
-    elif row[0] != owner:
-        raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-    else:
-        # A conversation claimed by a file upload gets its title from its first message.
-        db.execute(
-            "UPDATE conversations SET updated_at = ?, "
-            "title = CASE WHEN title = '' THEN ? ELSE title END WHERE id = ?",
-            (now, title, conversation_id),
-        )
+    """Create the owner's conversation, or touch it if it exists."""
+    # A conversation claimed by a file upload gets its title from its first message.
+    db.execute(
+        "INSERT INTO conversations (owner, id, title, created_at, updated_at) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
+        "updated_at = excluded.updated_at, "
+        "title = CASE WHEN title = '' THEN excluded.title ELSE title END",
+        (owner, conversation_id, title, now, now),
+    )
 
 
 def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
@@ -328,14 +365,25 @@ class SQLiteHistoryStore:
             raise StorageError(
                 f"the history database has schema version {version}, newer than this Aether"
             )
-        for number, migration in enumerate(MIGRATIONS[version:], version + 1):
-            with _transaction(connection):
-                for statement in migration.split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
-                connection.execute("DELETE FROM schema_version")
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-            log.info("history schema migrated to version %d", number)
+        # A migration may rebuild a table others refer to: foreign keys are off while it runs
+        # (they cannot be switched inside a transaction) and checked before it commits.
+        connection.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+                with _transaction(connection):
+                    for statement in migration.split(";"):
+                        if statement.strip():
+                            connection.execute(statement)
+                    if connection.execute("PRAGMA foreign_key_check").fetchall():
+                        raise StorageError(
+                            f"migrating the history database to schema version {number} "
+                            "broke a foreign key; nothing was changed"
+                        )
+                    connection.execute("DELETE FROM schema_version")
+                    connection.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+                log.info("history schema migrated to version %d", number)
+        finally:
+            connection.execute("PRAGMA foreign_keys = ON")
 
     async def close(self) -> None:
         def close_sync() -> None:
@@ -351,27 +399,26 @@ class SQLiteHistoryStore:
         close_sync()  # the last connection to close checkpoints what is left
         await trio.lowlevel.checkpoint()
 
-    async def owner_of(self, conversation_id: str) -> str | None:
-        def run() -> str | None:
-            rows = _read(
-                self._r(), "SELECT owner FROM conversations WHERE id = ?", (conversation_id,)
+    async def has_conversation(self, owner: str, conversation_id: str) -> bool:
+        def run() -> bool:
+            return bool(
+                _read(
+                    self._r(),
+                    "SELECT 1 FROM conversations WHERE owner = ? AND id = ?",
+                    (owner, conversation_id),
+                )
             )
-            return str(rows[0][0]) if rows else None
 
         return await self._run(run)
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
-            rows = (
-                self._r()
-                .execute(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? "
-                    "AND content != '' AND status IN ('complete', 'stopped', 'interrupted') "
-                    "AND conversation_id IN (SELECT id FROM conversations WHERE owner = ?) "
-                    "ORDER BY id DESC LIMIT ?",
-                    (conversation_id, owner, limit),
-                )
-                .fetchall()
+            rows = _read(
+                self._r(),
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
+                "AND content != '' AND status IN ('complete', 'stopped', 'interrupted') "
+                "ORDER BY id DESC LIMIT ?",
+                (owner, conversation_id, limit),
             )
             return [_message(row) for row in reversed(rows)]
 
@@ -387,14 +434,14 @@ class SQLiteHistoryStore:
             now = time.time()
             _claim(db, owner, conversation_id, title, now)
             db.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, request_id, "
-                "created_at) VALUES (?, 'user', ?, 'complete', ?, ?)",
-                (conversation_id, user_text, request_id, now),
+                "INSERT INTO messages (owner, conversation_id, role, content, status, "
+                "request_id, created_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?)",
+                (owner, conversation_id, user_text, request_id, now),
             )
             cursor = db.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, request_id, "
-                "created_at) VALUES (?, 'assistant', '', 'streaming', ?, ?)",
-                (conversation_id, request_id, now),
+                "INSERT INTO messages (owner, conversation_id, role, content, status, "
+                "request_id, created_at) VALUES (?, ?, 'assistant', '', 'streaming', ?, ?)",
+                (owner, conversation_id, request_id, now),
             )
             message_id = cursor.lastrowid
             assert message_id is not None
@@ -437,17 +484,19 @@ class SQLiteHistoryStore:
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
         def run() -> list[StoredMessage]:
             db = self._r()
-            owned = _read(
+            found = _read(
                 db,
-                "SELECT 1 FROM conversations WHERE id = ? AND owner = ?",
-                (conversation_id, owner),
+                "SELECT 1 FROM conversations WHERE owner = ? AND id = ?",
+                (owner, conversation_id),
             )
-            if not owned:
+            if not found:
                 raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-            rows = db.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
-                (conversation_id,),
-            ).fetchall()
+            rows = _read(
+                db,
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
+                "ORDER BY id",
+                (owner, conversation_id),
+            )
             return [_message(row) for row in rows]
 
         return await self._run(run)
@@ -455,7 +504,7 @@ class SQLiteHistoryStore:
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:
             cursor = db.execute(
-                "DELETE FROM conversations WHERE id = ? AND owner = ?", (conversation_id, owner)
+                "DELETE FROM conversations WHERE owner = ? AND id = ?", (owner, conversation_id)
             )
             return cursor.rowcount > 0
 

@@ -1,8 +1,9 @@
 """The history store interface: what the engine and the transports need, nothing more, so that a
 server database can replace SQLite without touching them.
 
-Every read and delete takes the owner: a caller only ever sees its own conversations, and a
-conversation of someone else is indistinguishable from one that does not exist.
+Conversation ids are per owner: every method takes the owner, and the store keys conversations by
+(owner, id). Two callers may each have a conversation "c1"; each sees only its own, and neither
+can learn that the other's exists.
 
 @.architecture
 role: history store interface
@@ -56,22 +57,21 @@ class HistoryStore(Protocol):
 
     async def close(self) -> None: ...
 
-    async def owner_of(self, conversation_id: str) -> str | None:
-        """Who owns a conversation, or None if it does not exist."""
+    async def has_conversation(self, owner: str, conversation_id: str) -> bool:
+        """Whether ``owner`` has a conversation of that id."""
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         """The last ``limit`` finished messages of a conversation, oldest first."""
 
     async def claim_conversation(self, owner: str, conversation_id: str, title: str) -> None:
-        """Create the conversation for ``owner`` if it does not exist (e.g. before a file is
-        uploaded to it). Raises UnknownConversation if another owner has it."""
+        """Create the owner's conversation if it does not exist (e.g. before a file is uploaded
+        to it)."""
 
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:
-        """In one transaction: create the conversation if it does not exist, store the user's
-        message and an empty ``streaming`` answer; return the answer's id. Raises
-        UnknownConversation if another owner has the conversation."""
+        """In one transaction: create the owner's conversation if it does not exist, store the
+        user's message and an empty ``streaming`` answer; return the answer's id."""
 
     async def save_answer(
         self,
@@ -87,7 +87,7 @@ class HistoryStore(Protocol):
         """The owner's conversations, most recently updated first, older than ``before``."""
 
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
-        """A conversation's messages in order. Raises UnknownConversation."""
+        """The owner's conversation's messages in order. Raises UnknownConversation."""
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool: ...
 

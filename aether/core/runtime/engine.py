@@ -40,7 +40,6 @@ from aether.core.history.store import (
     HistoryStore,
     MessageStatus,
     StoredMessage,
-    UnknownConversation,
 )
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
@@ -92,8 +91,8 @@ class RuntimeEngine:
         self._stopped = trio.Event()
         self._draining = False
         self._interpreters: InterpreterManager | None = None
-        # conversation id -> set when the latest turn's answer is finally saved
-        self._saving_turns: dict[str, trio.Event] = {}
+        # (owner, conversation id) -> set when the latest turn's answer is finally saved
+        self._saving_turns: dict[tuple[str, str], trio.Event] = {}
         files = ConversationFiles(
             settings.files_root,
             max_bytes=settings.max_file_bytes,
@@ -240,7 +239,7 @@ class RuntimeEngine:
                 # Published before the terminal is queued: a follow-up the client sends on
                 # seeing it then waits for this answer's save. A turn still streaming is not
                 # waited for (its answer is not part of a concurrent turn's context).
-                self._saving_turns[recorder.conversation_id] = recorder.saved
+                self._saving_turns[recorder.conversation_key] = recorder.saved
             if state == "completed":
                 relay.finish({"role": "server", "type": "completion"})
             elif state == "error":
@@ -301,8 +300,8 @@ class RuntimeEngine:
             if recorder is not None:
                 error_code = (failure or relay.error or {}).get("code")
                 await recorder.finish(ANSWER_STATUS[state], error_code)
-                if self._saving_turns.get(recorder.conversation_id) is recorder.saved:
-                    del self._saving_turns[recorder.conversation_id]
+                if self._saving_turns.get(recorder.conversation_key) is recorder.saved:
+                    del self._saving_turns[recorder.conversation_key]
             self.tracker.end_request(record, state)
             in_flight.dec()
             self._observe(record, relay, failure or relay.error)
@@ -310,7 +309,9 @@ class RuntimeEngine:
 
     async def _open_turn(self, request: ChatRequest) -> tuple[ChatRequest, TurnRecorder]:
         """Name the request's conversation and load its context. Only reads happen here, on
-        the store's reader: the turn itself is written beside the stream by the recorder."""
+        the store's reader: the turn itself is written beside the stream by the recorder.
+        Conversation ids are the caller's own: a named one the caller does not have yet is
+        new, whoever else has a conversation of that id."""
         assert self._history is not None
         conversation_id = request.conversation_id
         context: list[StoredMessage] = []
@@ -319,16 +320,12 @@ class RuntimeEngine:
         else:
             # A follow-up sent the moment the previous answer's terminal arrived must see that
             # answer: wait (cancellably) until its final save is done.
-            previous = self._saving_turns.get(conversation_id)
+            previous = self._saving_turns.get((request.owner, conversation_id))
             if previous is not None:
                 await previous.wait()
-            owner = await self._history.owner_of(conversation_id)
-            if owner is not None and owner != request.owner:
-                raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-            if owner is not None:
-                context = await self._history.context(
-                    request.owner, conversation_id, self.settings.history_context_messages
-                )
+            context = await self._history.context(
+                request.owner, conversation_id, self.settings.history_context_messages
+            )
         # Stored context, if any; else whatever context the transport gave (OpenAI clients
         # send the whole conversation with every request).
         history = tuple((m.role, m.content) for m in context) if context else request.history

@@ -1,10 +1,10 @@
 """File chat: a caller uploads files to a conversation, then chats about them on the agentic path.
 
 The rules both transports share live here: file chat needs the agentic path (only Open
-Interpreter can open a file) and conversation history (which records who owns a conversation);
-a caller may add files only to its own conversations or to a new one, which the upload creates;
-files are listed and deleted with their conversation. Open Interpreter learns of them in the
-turn's message (see ``describe_files``).
+Interpreter can open a file) and conversation history (which records a caller's conversations);
+conversation ids are per caller, so an upload goes to the caller's own conversation of that id,
+which the upload creates if needed; files are listed and deleted with their conversation. Open
+Interpreter learns of them in the turn's message (see ``describe_files``).
 
 @.architecture
 role: file chat service
@@ -61,23 +61,16 @@ class FileChat:
             raise FilesUnavailable(reason or "file chat is not available")
         return self._history
 
-    async def _check_owner(self, owner: str, conversation_id: str) -> HistoryStore:
-        history = self._require()
-        found = await history.owner_of(conversation_id)
-        if found is not None and found != owner:
-            raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-        return history
-
     async def open_upload(
         self, owner: str, conversation_id: str, name: str, size: int | None = None
     ) -> Upload:
-        """Check the caller, name and size, and start writing the file."""
-        await self._check_owner(owner, conversation_id)
+        """Check the name and size, and start writing the file."""
+        self._require()
         self.files.check(name, size)
         return await self.files.open_upload(owner, conversation_id, name)
 
     async def finish_upload(self, owner: str, conversation_id: str, upload: Upload) -> StoredFile:
-        """Put the file in place; the conversation becomes the caller's if it was new."""
+        """Put the file in place; the caller's conversation is created if it was new."""
         history = self._require()
         try:
             await history.claim_conversation(owner, conversation_id, "")
@@ -88,6 +81,6 @@ class FileChat:
 
     async def stored(self, owner: str, conversation_id: str) -> list[StoredFile]:
         history = self._require()
-        if await history.owner_of(conversation_id) != owner:
+        if not await history.has_conversation(owner, conversation_id):
             raise UnknownConversation(f"no conversation with id {conversation_id!r}")
         return await self.files.stored(owner, conversation_id)

@@ -72,6 +72,7 @@ ERROR_STATUS = {
     "upstream_disconnected": 502,
     "upstream_protocol_error": 502,
     "path_unavailable": 404,  # this server has no such model path
+    "unknown_conversation": 404,
 }
 
 

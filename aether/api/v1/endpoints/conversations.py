@@ -1,7 +1,8 @@
 """Conversation history over REST: list the caller's conversations, read one, delete one (with
 its files).
 
-A conversation of another caller answers exactly like one that does not exist (404).
+Conversation ids are per caller: an id the caller does not have answers 404 (unknown), whether
+or not another caller has a conversation of that id.
 
 @.architecture
 role: conversation REST endpoints

@@ -1,8 +1,9 @@
 """File chat over REST: upload files to a conversation (``multipart/form-data``) and list them.
 
-``POST /v1/conversations/<id>/files`` stores each part named ``file`` in the conversation (a new
-id creates the conversation for the caller); the next chat in that conversation on the agentic
-path is told where they are. ``GET`` lists them. Another caller's conversation answers 404.
+``POST /v1/conversations/<id>/files`` stores each part named ``file`` in the caller's conversation
+of that id (conversation ids are per caller; a new one is created); the next chat in that
+conversation on the agentic path is told where they are. ``GET`` lists them; a conversation the
+caller does not have answers 404, whoever else has one of that id.
 
 @.architecture
 role: file chat REST endpoints
