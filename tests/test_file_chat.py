@@ -198,6 +198,63 @@ async def test_rest_upload_limits(fake_llm: FakeLLM) -> None:
     assert listed.status_code == 404  # nothing was stored, so no conversation was created
 
 
+async def test_a_multi_file_upload_is_all_or_nothing(fake_llm: FakeLLM) -> None:
+    """Too many files, a refused type, one file too large: each request fails whole, and the
+    conversation's files are exactly as before (a file it would have replaced included)."""
+    settings = oi_settings(fake_llm, max_file_bytes=1024, max_files_per_conversation=3)
+    failing = {
+        "too_many_files": [("a.txt", b"new"), ("b.txt", b"new"), ("c.txt", b"new")],
+        "file_type_not_allowed": [("keep.txt", b"replaced"), ("tool.exe", b"x")],
+        "file_too_large": [
+            ("keep.txt", b"replaced"),
+            ("big.txt", b"x" * 2000),
+            ("after.txt", b"never"),
+        ],
+    }
+    outcomes: dict[str, tuple[int, str]] = {}
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    on_disk: dict[str, dict[str, bytes]] = {}
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            files = server.state.engine.file_chat.files
+            for code, parts in failing.items():
+                url = f"/v1/conversations/c-{code}/files"
+                await rest.post(url, files=[("file", ("keep.txt", b"original"))])
+                before[code] = (await rest.get(url)).json()
+                refused = await rest.post(url, files=[("file", part) for part in parts])
+                outcomes[code] = (refused.status_code, refused.json()["error"]["code"])
+                after[code] = (await rest.get(url)).json()
+                directory = files.directory(ANONYMOUS, f"c-{code}")
+                on_disk[code] = {p.name: p.read_bytes() for p in directory.iterdir()}
+            new_conversation = await rest.post(
+                "/v1/conversations/c-new/files",
+                files=[("file", ("a.txt", b"a")), ("file", ("big.txt", b"x" * 2000))],
+            )
+            not_created = await rest.get("/v1/conversations/c-new/files")
+            url = "/v1/conversations/c-file_too_large/files"
+            whole = await rest.post(
+                url, files=[("file", ("keep.txt", b"new")), ("file", ("a.txt", b"a"))]
+            )
+            listed = (await rest.get(url)).json()["files"]
+    assert outcomes == {
+        "too_many_files": (409, "too_many_files"),
+        "file_type_not_allowed": (415, "file_type_not_allowed"),
+        "file_too_large": (413, "file_too_large"),
+    }
+    for code in failing:
+        assert before[code]["files"] == [{"name": "keep.txt", "size": 8}]
+        assert after[code] == before[code], code
+        assert on_disk[code] == {"keep.txt": b"original"}, code  # no hidden part left either
+    assert new_conversation.status_code == 413
+    assert not_created.status_code == 404
+    assert whole.status_code == 201
+    assert listed == [{"name": "a.txt", "size": 1}, {"name": "keep.txt", "size": 3}]
+
+
 async def test_a_connection_closed_mid_upload_leaves_no_file(fake_llm: FakeLLM) -> None:
     with trio.fail_after(DEADLINE_S):
         async with running_server(oi_settings(fake_llm)) as server:

@@ -4,6 +4,8 @@ Each conversation of each caller has a directory of its own under ``files_root``
 of both: no client-chosen string becomes a path component except the file's own name, which is
 reduced to a plain name first. A file is written as a hidden ``.part`` and renamed into place once
 whole, so a failed or abandoned upload leaves nothing behind and a reader never sees half a file.
+Several files sent together (``UploadBatch``) are stored all or none: every name and the count are
+checked before a byte is written, and the files are renamed into place only once all are whole.
 Limits: bytes per file, files per conversation, and accepted name extensions. Disk work runs in
 worker threads.
 
@@ -16,10 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -133,25 +136,44 @@ class ConversationFiles:
             key=lambda stored: stored.name,
         )
 
+    def _check_room(self, directory: Path, names: Sequence[str]) -> None:
+        """Raise TooManyFiles unless ``names`` fit in the directory beside what it holds (a
+        name it holds already is replaced, so it takes no more room)."""
+        held = {stored.name for stored in self._list(directory)}
+        if len(names) > self.max_files or len(held.union(names)) > self.max_files:
+            raise TooManyFiles(f"a conversation may hold at most {self.max_files} files")
+
     async def open_upload(self, owner: str, conversation_id: str, name: str) -> Upload:
         """Start writing a file; ``Upload.finish`` puts it in place, ``abort`` drops it."""
         cleaned = self.check(name)
         directory = self.directory(owner, conversation_id)
-        existing = await _on_disk(lambda: self._list(directory))
-        if len(existing) >= self.max_files and cleaned not in {f.name for f in existing}:
-            raise TooManyFiles(f"a conversation may hold at most {self.max_files} files")
-        part = directory / f".{secrets.token_hex(8)}.part"
+        await _on_disk(lambda: self._check_room(directory, [cleaned]))
+        return await _open_part(directory, cleaned, self.max_bytes)
 
-        def create() -> BinaryIO:
-            directory.mkdir(parents=True, exist_ok=True)
-            return part.open("wb")
-
-        handle = await _on_disk(create)
-        return Upload(handle, part, directory / cleaned, self.max_bytes)
+    async def open_batch(
+        self, owner: str, conversation_id: str, names: Sequence[str]
+    ) -> UploadBatch:
+        """Check every name and that all the files fit, before any is written; the files are
+        then written one after another (``UploadBatch.open_next``)."""
+        cleaned = [self.check(name) for name in names]
+        directory = self.directory(owner, conversation_id)
+        await _on_disk(lambda: self._check_room(directory, cleaned))
+        return UploadBatch(directory, cleaned, self.max_bytes)
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> None:
         directory = self.directory(owner, conversation_id)
         await _on_disk(lambda: shutil.rmtree(directory, ignore_errors=True))
+
+
+async def _open_part(directory: Path, name: str, max_bytes: int) -> Upload:
+    part = directory / f".{secrets.token_hex(8)}.part"
+
+    def create() -> BinaryIO:
+        directory.mkdir(parents=True, exist_ok=True)
+        return part.open("wb")
+
+    handle = await _on_disk(create)
+    return Upload(handle, part, directory / name, max_bytes)
 
 
 class Upload:
@@ -175,6 +197,10 @@ class Upload:
         self.received += len(data)
         await _on_disk(lambda: self._handle.write(data))
 
+    async def close(self) -> None:
+        """The last byte is written: close the file, which stays hidden until ``finish``."""
+        await _on_disk(self._handle.close)
+
     async def finish(self) -> StoredFile:
         def rename() -> None:
             self._handle.close()
@@ -186,6 +212,9 @@ class Upload:
         except FileStorageFailed:
             await self.abort()
             raise
+        return self._placed()
+
+    def _placed(self) -> StoredFile:
         self._done = True
         log.info("stored %s (%d bytes)", self.target, self.received)
         return StoredFile(self.target.name, self.received, self.target)
@@ -205,3 +234,68 @@ class Upload:
                 await trio.to_thread.run_sync(remove)
             except OSError:
                 log.warning("could not remove %s", self._part, exc_info=True)
+
+
+class UploadBatch:
+    """Files sent together, stored all or none. Each is written as a hidden ``.part``;
+    ``finish`` renames them into place once all are written, and if one rename fails it puts
+    back what the earlier ones replaced; ``abort`` removes every part. Until ``finish`` returns
+    nothing of the batch is visible, and a file it would replace is untouched."""
+
+    def __init__(self, directory: Path, names: list[str], max_bytes: int) -> None:
+        self._directory = directory
+        self.names = names
+        self._max_bytes = max_bytes
+        self._uploads: list[Upload] = []
+
+    async def open_next(self) -> Upload:
+        """Start writing the next file, in the order of ``names``; ``close`` it once written."""
+        name = self.names[len(self._uploads)]
+        upload = await _open_part(self._directory, name, self._max_bytes)
+        self._uploads.append(upload)
+        return upload
+
+    async def finish(self) -> list[StoredFile]:
+        if len(self._uploads) != len(self.names):
+            await self.abort()
+            raise FileError("not every file of the upload was written")
+        try:
+            with trio.CancelScope(shield=True):
+                await _on_disk(self._place_all)
+        except FileStorageFailed:
+            await self.abort()
+            raise
+        return [upload._placed() for upload in self._uploads]
+
+    def _place_all(self) -> None:
+        """Rename every part into place; on a failure, undo the renames already done. A file
+        about to be replaced is first kept under a hidden hard link, so that it can be put
+        back and is never missing meanwhile."""
+        placed: list[tuple[Upload, Path | None]] = []
+        try:
+            for upload in self._uploads:
+                kept: Path | None = None
+                if upload.target.exists():
+                    kept = self._directory / f".{secrets.token_hex(8)}.kept"
+                    os.link(upload.target, kept)
+                placed.append((upload, kept))
+                upload._part.replace(upload.target)
+        except OSError:
+            for upload, kept in reversed(placed):
+                try:
+                    if kept is not None:
+                        kept.replace(upload.target)
+                    elif not upload._part.exists():
+                        upload.target.unlink(missing_ok=True)
+                except OSError:
+                    log.error("could not undo the upload of %s", upload.target, exc_info=True)
+            raise
+        finally:
+            for _, kept in placed:
+                if kept is not None:
+                    kept.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        """Remove every part written so far (safe to call more than once)."""
+        for upload in self._uploads:
+            await upload.abort()

@@ -13,10 +13,10 @@ jobs: [file_storage, authorization]
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aether.core.errors import AetherError
-from aether.core.files import ConversationFiles, StoredFile, Upload
+from aether.core.files import ConversationFiles, StoredFile, Upload, UploadBatch
 from aether.core.history.store import HistoryStore, UnknownConversation
 
 
@@ -78,6 +78,25 @@ class FileChat:
             await upload.abort()
             raise
         return await upload.finish()
+
+    async def open_batch(
+        self, owner: str, conversation_id: str, names: Sequence[str]
+    ) -> UploadBatch:
+        """Check every name and that all the files fit, before any is written."""
+        self._require()
+        return await self.files.open_batch(owner, conversation_id, names)
+
+    async def finish_batch(
+        self, owner: str, conversation_id: str, batch: UploadBatch
+    ) -> list[StoredFile]:
+        """Put every file of the batch in place, or (on any failure) none of them."""
+        history = self._require()
+        try:
+            await history.claim_conversation(owner, conversation_id, "")
+        except BaseException:
+            await batch.abort()
+            raise
+        return await batch.finish()
 
     async def stored(self, owner: str, conversation_id: str) -> list[StoredFile]:
         history = self._require()

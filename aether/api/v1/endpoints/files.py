@@ -2,8 +2,10 @@
 
 ``POST /v1/conversations/<id>/files`` stores each part named ``file`` in the caller's conversation
 of that id (conversation ids are per caller; a new one is created); the next chat in that
-conversation on the agentic path is told where they are. ``GET`` lists them; a conversation the
-caller does not have answers 404, whoever else has one of that id.
+conversation on the agentic path is told where they are. A request is all or nothing: every
+name, type and the count are checked before anything is written, and the files are put in place
+only once all of them are whole; on any failure none is stored. ``GET`` lists them; a
+conversation the caller does not have answers 404, whoever else has one of that id.
 
 @.architecture
 role: file chat REST endpoints
@@ -13,6 +15,7 @@ jobs: [file_storage, response_formatting]
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import trio
 from quart import Blueprint, Response, request
@@ -71,10 +74,8 @@ async def upload_files(conversation_id: str) -> Response:
     parts = (await request.files).getlist("file")
     if not parts:
         return json_error(400, "invalid_request", "no part named 'file' in the form")
-    stored: list[StoredFile] = []
     try:
-        for part in parts:
-            stored.append(await _store(conversation_id, part))
+        stored = await _store_all(conversation_id, parts)
     except AetherError as exc:
         return _error(exc)
     return json_response(
@@ -82,17 +83,20 @@ async def upload_files(conversation_id: str) -> Response:
     )
 
 
-async def _store(conversation_id: str, part: FileStorage) -> StoredFile:
+async def _store_all(conversation_id: str, parts: Sequence[FileStorage]) -> list[StoredFile]:
     file_chat = app_state().engine.file_chat
     owner = caller_identity()
-    upload = await file_chat.open_upload(owner, conversation_id, part.filename or "")
+    batch = await file_chat.open_batch(owner, conversation_id, [p.filename or "" for p in parts])
     try:
-        while data := await trio.to_thread.run_sync(part.stream.read, COPY_CHUNK_BYTES):
-            await upload.write(data)
+        for part in parts:
+            upload = await batch.open_next()
+            while data := await trio.to_thread.run_sync(part.stream.read, COPY_CHUNK_BYTES):
+                await upload.write(data)
+            await upload.close()
     except BaseException:
-        await upload.abort()
+        await batch.abort()
         raise
-    return await file_chat.finish_upload(owner, conversation_id, upload)
+    return await file_chat.finish_batch(owner, conversation_id, batch)
 
 
 @blueprint.get("/v1/conversations/<conversation_id>/files")
