@@ -31,6 +31,8 @@ from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
 from aether.config import ConfigError, ProviderName, Settings, load_settings
+from aether.core.history.sqlite import prepare_database
+from aether.core.history.store import StorageError
 from aether.logs import configure_logging
 from aether.server.worker import serve_app
 from aether.ws.hub import CLOSE_GOING_AWAY
@@ -265,6 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    if settings.history:
+        # Checked before serving: a bad file is one line here, not a failed app startup.
+        try:
+            prepare_database(settings.db_path)
+        except StorageError as exc:
+            print(f"aether: {exc.message}", file=sys.stderr)
+            return 1
     tune_garbage_collector()
     trio.run(serve_until_signalled, settings)
     return 0

@@ -17,6 +17,12 @@ fifty chats ending at once cost one commit, not fifty.
 Error handling: every ``sqlite3.Error`` becomes ``StorageError`` (logged with its detail); a
 failed transaction is rolled back, so what was stored before stays intact.
 
+Startup: ``prepare_database`` checks the file before anything else touches it, and fails with one
+``StorageError`` naming the file and the problem (a directory, no permission, empty, not a
+database, a newer schema). A new database is built under a temporary name and linked into place
+once its schema is written, so a file of zero bytes is never Aether's: it may be a truncated
+database, and it is refused rather than silently started afresh.
+
 @.architecture
 role: SQLite history store
 jobs: [history_management, schema_migration, crash_recovery]
@@ -26,7 +32,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import secrets
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -217,6 +226,135 @@ _MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, crea
 _CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
 
 
+def prepare_database(path: Path) -> None:
+    """Check the history database file, create it if there is none, and bring its schema up to
+    date. Raises StorageError, with a message that names the file and the problem."""
+    if not _check_file(path):
+        _create(path)
+    try:
+        # mode=rw: never creates the file (that is ``_create``'s job).
+        uri = path.absolute().as_uri() + "?mode=rw"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as connection:
+            connection.execute("PRAGMA busy_timeout = 5000")
+            # Read first: a database that is not Aether's is left exactly as it was.
+            version = _schema_version(connection, path)
+            connection.execute("PRAGMA journal_mode = WAL")
+            _migrate(connection, path, version)
+    except sqlite3.Error as exc:
+        raise StorageError(_describe(path, exc)) from exc
+
+
+def _check_file(path: Path) -> bool:
+    """Whether the database exists; raises StorageError if the file cannot be one of ours."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(f"history database {path}: {exc.strerror}") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise StorageError(f"history database {path} is a directory, not a database file")
+    if not stat.S_ISREG(info.st_mode):
+        raise StorageError(f"history database {path} is not a regular file")
+    if not os.access(path, os.R_OK | os.W_OK):
+        raise StorageError(
+            f"history database {path}: permission denied (Aether must be able to read and write it)"
+        )
+    if info.st_size == 0:
+        raise StorageError(
+            f"history database {path} is empty (0 bytes): it may be a truncated database. "
+            "Restore it, or move it away to start a new history"
+        )
+    return True
+
+
+def _create(path: Path) -> None:
+    """A new database, built under a temporary name and linked into place once its schema is
+    written: a half-made (or empty) database is never found at ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"history database {path}: {exc.strerror}") from exc
+    building = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    try:
+        # The default rollback journal writes everything into the file itself; WAL mode is
+        # switched on last, and closing leaves no log beside the file.
+        with contextlib.closing(sqlite3.connect(building, isolation_level=None)) as connection:
+            _migrate(connection, path, 0)
+            connection.execute("PRAGMA journal_mode = WAL")
+        try:
+            os.link(building, path)  # never replaces: a database made meanwhile wins
+        except FileExistsError:
+            pass
+        except OSError:
+            os.replace(building, path)  # a file system without hard links
+    except sqlite3.Error as exc:
+        raise StorageError(_describe(path, exc)) from exc
+    except OSError as exc:
+        raise StorageError(f"history database {path}: {exc.strerror}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            building.unlink(missing_ok=True)
+
+
+def _describe(path: Path, exc: sqlite3.Error) -> str:
+    """One line for an operator: what is wrong with the database file."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return f"history database {path} is not a SQLite database, or it is damaged ({exc})"
+    if name.startswith("SQLITE_READONLY"):
+        return f"history database {path} cannot be written ({exc})"
+    if name.startswith("SQLITE_CANTOPEN"):
+        return f"history database {path} cannot be opened ({exc}): check the directory's rights"
+    return f"history database {path}: {exc}"
+
+
+def _schema_version(connection: sqlite3.Connection, path: Path) -> int:
+    """The database's schema version (0 for a new one); StorageError if it is not Aether's."""
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    row = None
+    if "schema_version" in tables:
+        row = connection.execute("SELECT version FROM schema_version").fetchone()
+    version = int(row[0]) if row else 0
+    if version == 0 and tables - {"schema_version"}:
+        raise StorageError(
+            f"history database {path} is a SQLite database of something else (it has tables "
+            "but no Aether schema version)"
+        )
+    if version > len(MIGRATIONS):
+        raise StorageError(
+            f"history database {path} has schema version {version}, newer than this Aether "
+            f"({len(MIGRATIONS)}): run a newer Aether, or use another db_path"
+        )
+    return version
+
+
+def _migrate(connection: sqlite3.Connection, path: Path, version: int) -> None:
+    """Run the migrations after ``version``, each in one transaction."""
+    if version == len(MIGRATIONS):
+        return
+    connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    # A migration may rebuild a table others refer to: foreign keys are off while it runs
+    # (they cannot be switched inside a transaction) and checked before it commits.
+    connection.execute("PRAGMA foreign_keys = OFF")
+    try:
+        for number, migration in enumerate(MIGRATIONS[version:], version + 1):
+            with _transaction(connection):
+                for statement in migration.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                if connection.execute("PRAGMA foreign_key_check").fetchall():
+                    raise StorageError(
+                        f"migrating the history database to schema version {number} "
+                        "broke a foreign key; nothing was changed"
+                    )
+                connection.execute("DELETE FROM schema_version")
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
+            log.info("history schema migrated to version %d", number)
+    finally:
+        connection.execute("PRAGMA foreign_keys = ON")
+
+
 class WALCheckpointer:
     """A thread that checkpoints the WAL when asked, at most every ``CHECKPOINT_EVERY_S``, on a
     connection of its own (PASSIVE: it never blocks the writer or the readers)."""
@@ -338,11 +476,10 @@ class SQLiteHistoryStore:
 
     async def open(self) -> None:
         def open_sync() -> int:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            prepare_database(self.path)
             self._writer = _connect(self.path)
             # Commits never checkpoint (that waits for the disk); the checkpointer does.
             self._writer.execute("PRAGMA wal_autocheckpoint = 0")
-            self._migrate(self._writer)
             self._reader = _connect(self.path)
             with _transaction(self._writer):
                 cursor = self._writer.execute(
@@ -355,35 +492,6 @@ class SQLiteHistoryStore:
         log.info(
             "history in %s (%d answers left streaming marked interrupted)", self.path, interrupted
         )
-
-    @staticmethod
-    def _migrate(connection: sqlite3.Connection) -> None:
-        connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = connection.execute("SELECT version FROM schema_version").fetchone()
-        version = row[0] if row else 0
-        if version > len(MIGRATIONS):
-            raise StorageError(
-                f"the history database has schema version {version}, newer than this Aether"
-            )
-        # A migration may rebuild a table others refer to: foreign keys are off while it runs
-        # (they cannot be switched inside a transaction) and checked before it commits.
-        connection.execute("PRAGMA foreign_keys = OFF")
-        try:
-            for number, migration in enumerate(MIGRATIONS[version:], version + 1):
-                with _transaction(connection):
-                    for statement in migration.split(";"):
-                        if statement.strip():
-                            connection.execute(statement)
-                    if connection.execute("PRAGMA foreign_key_check").fetchall():
-                        raise StorageError(
-                            f"migrating the history database to schema version {number} "
-                            "broke a foreign key; nothing was changed"
-                        )
-                    connection.execute("DELETE FROM schema_version")
-                    connection.execute("INSERT INTO schema_version (version) VALUES (?)", (number,))
-                log.info("history schema migrated to version %d", number)
-        finally:
-            connection.execute("PRAGMA foreign_keys = ON")
 
     async def close(self) -> None:
         def close_sync() -> None:
