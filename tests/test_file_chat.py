@@ -139,7 +139,7 @@ async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) 
                 headers=bob,
             )
             async with ws_client(
-                server.ws_url, subprotocols=["aether.v1", "bearer.k-bob-0123456789"]
+                server.ws_url, subprotocols=["aether.v2", "bearer.k-bob-0123456789"]
             ) as bob_ws:
                 bob_ws_upload = await send_file(bob_ws, "ws.txt", b"over ws", conversation_id="c1")
             mine = await rest.get("/v1/conversations/c1/files", headers=alice)

@@ -6,7 +6,6 @@ import os
 import signal
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -18,18 +17,13 @@ from tests.helpers import (
     assert_stream_invariants,
     content_of,
     fresh_db_path,
+    http_settings,
     make_settings,
     running_server,
     ws_client,
 )
 
 DEADLINE_S = 15
-
-
-def http_settings(fake: FakeLLM, **overrides: Any) -> Any:
-    return make_settings(
-        provider="http", llm_base_url=fake.base_url, llm_model="fake-model", **overrides
-    )
 
 
 async def test_follow_up_turns_send_the_conversation_as_context(fake_llm: FakeLLM) -> None:
@@ -172,8 +166,8 @@ async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
             alice_first = await chat(ALICE, "alice 1")
             bob_first = await chat(BOB, "bob 1")  # Alice holds "c1": Bob gets his own
             async with (
-                ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_A}"]) as alice,
-                ws_client(server.ws_url, subprotocols=["aether.v1", f"bearer.{KEY_B}"]) as bob,
+                ws_client(server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_A}"]) as alice,
+                ws_client(server.ws_url, subprotocols=["aether.v2", f"bearer.{KEY_B}"]) as bob,
             ):
                 alice_second = await alice.chat("alice 2", id="a2", conversation_id="c1")
                 bob_second = await bob.chat("bob 2", id="b2", conversation_id="c1")

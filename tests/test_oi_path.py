@@ -452,3 +452,32 @@ async def test_an_interpreter_in_use_is_not_closed_to_make_room(fake_llm: FakeLL
             stopped = await client.finish("a")
     assert assert_stream_invariants(other)["type"] == "completion"
     assert assert_stream_invariants(stopped)["type"] == "stopped"
+
+
+async def test_two_callers_conversations_of_the_same_id_have_separate_interpreters(
+    fake_llm: FakeLLM,
+) -> None:
+    """Conversation ids are per caller: Alice's "c1" and Bob's "c1" are two conversations, and
+    what Alice's approved code leaves in its interpreter is not Bob's to read."""
+    define = ("Setting it.\n", "```", "python\n", "secret_of_alice = 4711\n", "```", "\n")
+    read = ("Reading it.\n", "```", "python\n", "print(secret_of_alice)\n", "```", "\n")
+    fake_llm.script(
+        Behaviour(reply=define),
+        Behaviour(reply="Done."),
+        Behaviour(reply=read),
+        Behaviour(reply="?"),
+    )
+    settings = oi_settings(fake_llm, api_keys="key-alice-0123456789,key-bob-0123456789")
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            for key in ("alice", "bob"):
+                async with ws_client(
+                    server.ws_url, subprotocols=["aether.v2", f"bearer.key-{key}-0123456789"]
+                ) as client:
+                    await client.send(
+                        {"type": "chat", "id": key, "message": "go", "conversation_id": "c1"}
+                    )
+                    await client.approve_when_asked(key)
+                    outputs = await client.finish(key)
+    assert "4711" not in console_of(outputs)  # Bob's turn: a fresh interpreter
+    assert "NameError" in console_of(outputs)

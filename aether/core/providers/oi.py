@@ -99,8 +99,9 @@ class OIProvider:
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
-        conversation_id = request.conversation_id or request.id
-        async with self._manager.turn(conversation_id, request.history) as instance:
+        # Conversation ids are per caller: two callers' "c1" are two conversations.
+        conversation_key = f"{request.owner}\0{request.conversation_id or request.id}"
+        async with self._manager.turn(conversation_key, request.history) as instance:
             await self._turn(instance, request, send)
 
     async def _turn(
