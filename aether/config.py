@@ -94,6 +94,15 @@ class Settings(BaseModel):
     llm_max_connections: int = Field(
         1000, ge=1, description="Most concurrent upstream connections."
     )
+    llm_transport: Literal["aether", "httpx"] = Field(
+        "aether",
+        description="HTTP path transport: aether (HTTP/1.1, least CPU per chunk) or httpx "
+        "(httpx's own, HTTP/2 where offered). Proxy variables (HTTPS_PROXY, NO_PROXY) apply "
+        "to both.",
+    )
+    llm_ca_file: Path | None = Field(
+        None, description="PEM bundle of the CAs upstream certificates are checked against."
+    )
     oi_auto_run: bool = Field(
         False, description="Run the agentic path's code without asking the client (dangerous)."
     )
@@ -299,6 +308,8 @@ class Settings(BaseModel):
         for name, path in (("tls_certfile", self.tls_certfile), ("tls_keyfile", self.tls_keyfile)):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {path} is not a readable file")
+        if self.llm_ca_file is not None and not self.llm_ca_file.is_file():
+            raise ValueError(f"llm_ca_file {self.llm_ca_file} is not a readable file")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file} is not a readable file")
         if not self.auth_enabled and not self.binds_loopback_only:

@@ -26,6 +26,13 @@ def settings_for(base_url: str, **overrides: Any) -> Any:
     )
 
 
+@pytest.fixture(params=["aether", "httpx"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Each upstream fault, with either transport of the HTTP path."""
+    value: str = request.param
+    return value
+
+
 @pytest.mark.parametrize(
     ("behaviour", "code", "partial"),
     [
@@ -56,10 +63,12 @@ def settings_for(base_url: str, **overrides: Any) -> Any:
     ids=["500", "401", "reset", "malformed", "error-event", "no-done", "first-token-timeout"],
 )
 async def test_upstream_failure_becomes_an_error_terminal(
-    fake_llm: FakeLLM, behaviour: Behaviour, code: str, partial: str
+    fake_llm: FakeLLM, behaviour: Behaviour, code: str, partial: str, transport: str
 ) -> None:
     fake_llm.script(behaviour)
-    settings = settings_for(fake_llm.base_url, llm_first_token_timeout_s=0.3)
+    settings = settings_for(
+        fake_llm.base_url, llm_first_token_timeout_s=0.3, llm_transport=transport
+    )
     with trio.fail_after(DEADLINE_S):
         async with running_server(settings) as server, ws_client(server.ws_url) as client:
             failed = await client.chat("hi", id="bad")
@@ -86,11 +95,13 @@ async def test_an_unterminated_last_event_with_finish_reason_is_a_whole_answer(
     assert content_of(messages) == "tok0 tok1 end."
 
 
-async def test_refused_connection_is_upstream_unavailable(nursery: trio.Nursery) -> None:
+async def test_refused_connection_is_upstream_unavailable(
+    nursery: trio.Nursery, transport: str
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = settings_for(f"http://127.0.0.1:{port}/v1")
+    settings = settings_for(f"http://127.0.0.1:{port}/v1", llm_transport=transport)
     with trio.fail_after(DEADLINE_S):
         async with running_server(settings) as server, ws_client(server.ws_url) as client:
             first = await client.chat("hi", id="a")

@@ -36,11 +36,12 @@ async def test_http_path_streams_the_upstream_answer(fake_llm: FakeLLM) -> None:
     assert fake_llm.streams[0].outcome == "completed"
 
 
-async def test_stop_closes_the_upstream_stream(fake_llm: FakeLLM) -> None:
+@pytest.mark.parametrize("transport", ["aether", "httpx"])
+async def test_stop_closes_the_upstream_stream(fake_llm: FakeLLM, transport: str) -> None:
     fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(http_settings(fake_llm)) as server,
+            running_server(http_settings(fake_llm, llm_transport=transport)) as server,
             ws_client(server.ws_url) as client,
         ):
             await client.send({"type": "chat", "id": "r1", "message": "go"})

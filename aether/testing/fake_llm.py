@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -124,8 +125,16 @@ class _ClientGone(Exception):
 
 
 class FakeLLM:
-    def __init__(self, default: Behaviour | None = None, *, model: str = "fake-model") -> None:
+    def __init__(
+        self,
+        default: Behaviour | None = None,
+        *,
+        model: str = "fake-model",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.default = default or Behaviour()
+        # With a server context, it speaks HTTPS (an upstream with a certificate of its own).
+        self.ssl_context = ssl_context
         self.model = model
         self.port: int | None = None
         self.streams: list[StreamRecord] = []
@@ -140,7 +149,8 @@ class FakeLLM:
     def base_url(self) -> str:
         if self.port is None:
             raise RuntimeError("the fake LLM is not serving yet")
-        return f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
 
     @property
     def search_url(self) -> str:
@@ -159,8 +169,14 @@ class FakeLLM:
     async def serve(
         self, host: str = "127.0.0.1", port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        self.port = listeners[0].socket.getsockname()[1]
+        tcp = await trio.open_tcp_listeners(port, host=host)
+        self.port = tcp[0].socket.getsockname()[1]
+        listeners: list[Any] = list(tcp)
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(listener, self.ssl_context, https_compatible=True)
+                for listener in tcp
+            ]
         log.info("fake LLM listening on %s", self.base_url)
         await trio.serve_listeners(self._handle_connection, listeners, task_status=task_status)
 
@@ -372,8 +388,13 @@ class FakeLLM:
         record.outcome = f"failed: {failure}"
         if failure == "reset":
             # SO_LINGER 0 makes close() send RST: the peer sees "connection reset".
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            stream.socket.close()
+            raw = (
+                stream.transport_stream.socket
+                if isinstance(stream, trio.SSLStream)
+                else stream.socket
+            )
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
             return
         if failure == "malformed":
             await self._send(connection, stream, h11.Data(data=b"data: {not json\n\n"))

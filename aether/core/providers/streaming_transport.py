@@ -12,7 +12,9 @@ The client API stays httpx's: ``client.stream(...)``, ``httpx.Timeout`` and http
 What it does: ``http`` and ``https`` (TLS with certifi's CAs by default), keep-alive with idle
 connections reused last-in first-out and closed after ``keepalive_expiry``, a request retried
 once on a fresh connection when a kept-alive one turns out closed before any byte of its
-answer. What it does not: proxies, HTTP/2, request bodies streamed while the answer arrives.
+answer. What it does not: proxies (``upstream_client`` mounts httpx's own transport for proxied
+origins), HTTP/2 (``llm_transport = httpx`` has it), request bodies streamed while the answer
+arrives.
 
 @.architecture
 role: upstream HTTP transport

@@ -23,7 +23,6 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-import httpx
 import trio
 
 from aether.config import Settings
@@ -44,7 +43,7 @@ from aether.core.history.store import (
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.providers.oi import OIProvider
-from aether.core.providers.streaming_transport import StreamingTransport
+from aether.core.providers.upstream_client import upstream_client
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
 from aether.core.runtime.file_chat import FileChat
@@ -114,19 +113,6 @@ class RuntimeEngine:
             raise RuntimeError("the engine is not started")
         return self._streamer
 
-    def _http_client(self) -> httpx.AsyncClient:
-        s = self.settings
-        return httpx.AsyncClient(
-            transport=StreamingTransport(max_connections=s.llm_max_connections),
-            timeout=httpx.Timeout(
-                connect=s.llm_connect_timeout_s,
-                read=s.llm_read_timeout_s,
-                write=s.llm_read_timeout_s,
-                pool=s.llm_connect_timeout_s,
-            ),
-            trust_env=False,
-        )
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the engine until ``stop``: upstream client, streamer, detached request nursery."""
         if self._history is not None:
@@ -168,7 +154,7 @@ class RuntimeEngine:
         record.note(f"code {'approved' if approved else 'denied'} ({confirmation_id})")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        async with self._http_client() as client, trio.open_nursery() as nursery:
+        async with upstream_client(self.settings) as client, trio.open_nursery() as nursery:
             self._streamer = ChatStreamer(self.settings, client, self._oi_provider())
             self._nursery = nursery
             log.info("engine started; default path: %s", self._streamer.default_path)
