@@ -54,4 +54,10 @@ class SecurityHeadersMiddleware:
                 message["headers"] = [*kept, *extra]
             await send(message)
 
-        await self._app(scope, receive, send_with_headers)
+        try:
+            await self._app(scope, receive, send_with_headers)
+        finally:
+            # Hypercorn's WebSocket stream holds this scope and ``send`` is its bound method: the
+            # key would close a reference cycle that keeps the whole connection (its zlib
+            # compression state included) alive until a full collection.
+            scope.pop(SCOPE_RAW_SEND_KEY, None)
