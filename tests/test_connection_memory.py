@@ -5,6 +5,9 @@ anything a closed connection leaves in a reference cycle stays in memory until a
 Every browser negotiates permessage-deflate, whose zlib state costs tens of KiB per connection,
 so these tests open deflate connections and count, with the collector switched off, the server's
 compression states still alive once the connections closed.
+
+A closed connection is freed at once; one whose peer vanished (no close frame) stays in wsproto's
+own cycle, which only a collection frees: full collections are paced by closes.
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
+from aether.core.collection_pacing import FULL_COLLECTIONS, FullCollectionPacer
 from tests.helpers import make_settings, running_server
 
 DEADLINE_S = 10
 CONNECTIONS = 40
 
 
-async def deflate_session(ws_url: str) -> None:
+async def deflate_session(ws_url: str, *, close_frame: bool = True) -> None:
     """Open a WebSocket offering permessage-deflate (as browsers do), read the server's hello
-    (sent compressed), then close with a close frame and wait for the server's and its EOF."""
+    (sent compressed), then send a close frame and read until the server ends the stream; or,
+    without ``close_frame``, end the TCP connection at once, as a vanished peer's ends."""
     parts = urlsplit(ws_url)
     assert parts.hostname is not None
     assert parts.port is not None
@@ -48,6 +53,8 @@ async def deflate_session(ws_url: str) -> None:
                     assert [type(ext) for ext in event.extensions] == [PerMessageDeflate]
                 elif isinstance(event, TextMessage) and not closing:
                     assert json.loads(event.data)["type"] == "hello"
+                    if not close_frame:
+                        return
                     await stream.send_all(ws.send(CloseConnection(code=1000)))
                     closing = True
         assert closing, "the server closed the connection before its hello"
@@ -82,6 +89,15 @@ def collector_off() -> Iterator[None]:
         gc.collect()
 
 
+@contextmanager
+def full_collections_paced(min_closes: int) -> Iterator[None]:
+    FULL_COLLECTIONS.enable(min_closes)
+    try:
+        yield
+    finally:
+        FULL_COLLECTIONS.disable()
+
+
 async def test_a_closed_deflate_websocket_is_freed_without_a_collection() -> None:
     settings = make_settings(rate_limit_exempt_ips=("127.0.0.1",), history=False)
     with trio.fail_after(DEADLINE_S):
@@ -93,3 +109,46 @@ async def test_a_closed_deflate_websocket_is_freed_without_a_collection() -> Non
                 assert len(server.state.hub) == 0
                 assert hypercorn_websocket_streams() == 0
                 assert server_compression_states() == 0
+
+
+async def test_vanished_deflate_websockets_are_collected_every_so_many_closes() -> None:
+    settings = make_settings(rate_limit_exempt_ips=("127.0.0.1",), history=False)
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            with collector_off(), full_collections_paced(min_closes=10):
+                for _ in range(CONNECTIONS):
+                    await deflate_session(server.ws_url, close_frame=False)
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(server.state.hub) == 0
+                # The last collection ran as the 40th closed: only that one is left.
+                assert 0 < server_compression_states() <= 10
+
+
+def test_full_collections_come_once_as_many_connections_closed_as_are_open() -> None:
+    collected_at: list[int] = []
+    closes = 0
+
+    def collect() -> int:
+        collected_at.append(closes)
+        return 0
+
+    pacer = FullCollectionPacer(collect)
+
+    def close(times: int, still_open: int) -> None:
+        nonlocal closes
+        for _ in range(times):
+            closes += 1
+            pacer.connection_closed(still_open)
+
+    close(250, still_open=0)
+    assert collected_at == []  # off until enabled
+    pacer.enable(min_closes=100)
+    close(200, still_open=0)
+    assert collected_at == [350, 450]
+    close(999, still_open=1_000)  # with 1,000 open: after as many closes
+    assert collected_at == [350, 450]
+    close(1, still_open=1_000)
+    assert collected_at == [350, 450, 1_450]
+    pacer.disable()
+    close(2_000, still_open=0)
+    assert collected_at == [350, 450, 1_450]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 import trio
 
+from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.metrics import Metrics
 from aether.core.runtime.chat import Chunk
 from aether.core.runtime.outbox import Outbox
@@ -97,6 +98,7 @@ class ClientHub:
                 extra={"client_id": client.id},
             )
             self._client_left.unpark_all()
+            FULL_COLLECTIONS.connection_closed(still_open=len(self))
 
     def count_from(self, ip: str) -> int:
         """How many clients are connected from ``ip``."""
