@@ -370,18 +370,27 @@ class RawWebSocket:
 
 
 class AetherProcess:
-    """A real ``python -m aether --port 0`` process, its stderr log and its URLs."""
+    """A real ``python -m aether --port 0`` process, its stderr log and its URLs. The log is
+    read all along (a server whose log fills the pipe would block on its next line)."""
 
     def __init__(self, process: trio.Process, log: bytes, base_url: str) -> None:
         self.process = process
         self.log = log
         self.base_url = base_url
         self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
+        self._log_ended = trio.Event()
+
+    async def keep_reading_log(self) -> None:
+        assert self.process.stderr is not None
+        try:
+            async for chunk in self.process.stderr:
+                self.log += chunk
+        finally:
+            self._log_ended.set()
 
     async def read_log_to_end(self) -> bytes:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.log += chunk
+        """The whole log, once the process closed its stderr (it exited)."""
+        await self._log_ended.wait()
         return self.log
 
 
@@ -407,7 +416,15 @@ async def aether_process(
             log += chunk
         match = re.search(rb"serving on (http://127\.0\.0\.1:\d+)", log)
         assert match is not None, log.decode()
-        yield AetherProcess(process, log, match.group(1).decode())
+        server = AetherProcess(process, log, match.group(1).decode())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.keep_reading_log)
+            try:
+                yield server
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
     finally:
         if process.returncode is None:
             process.kill()
