@@ -254,6 +254,22 @@ async def test_duplicate_live_id_is_refused_without_touching_the_first(
     assert assert_stream_invariants(messages)["type"] == "stopped"
 
 
+async def test_a_refused_duplicate_leaves_the_first_to_be_stopped_by_a_disconnect(
+    autojump_clock: Any, server: MemoryServer, ws: MemoryWebSocket
+) -> None:
+    await ws.send({"type": "chat", "id": "r1", "message": MESSAGE})
+    await wait_for_deltas(ws, "r1", 1)
+    await ws.send({"type": "chat", "id": "r1", "message": "again"})
+    await trio.testing.wait_all_tasks_blocked()
+    left_at = trio.current_time()
+    await ws.disconnect()
+    await server.engine.tracker.wait_until_idle()
+    record = server.engine.tracker.get("r1", "anonymous")
+    assert record is not None
+    assert (record.state, record.stop_reason) == ("stopped", "disconnect")
+    assert record.ended_at == left_at
+
+
 async def test_concurrent_chat_limit_per_connection(
     autojump_clock: Any, nursery: trio.Nursery
 ) -> None:

@@ -134,7 +134,7 @@ class WebSocketEndpoint:
             await outbox.stalled.wait_value(True)
             # Stalled means streams wait for room; a client that still takes messages is slow,
             # not stuck: the deadline runs from the later of the stall and the last send.
-            deadline = max(outbox.stalled_since, outbox.last_sent_at) + timeout_s
+            deadline = max(outbox.stalled_since, client.last_sent_at) + timeout_s
             if trio.current_time() < deadline:
                 await trio.sleep_until(deadline)
                 continue
@@ -149,11 +149,11 @@ class WebSocketEndpoint:
         connection alive until the next ping, which holds up every graceful shutdown.)"""
         interval_s = self._settings.ws_keepalive_s
         outbox = client.outbox
-        last_keepalive = outbox.last_sent_at
+        last_keepalive = client.last_sent_at
         while True:
-            due = max(outbox.last_sent_at, last_keepalive) + interval_s
+            due = max(client.last_sent_at, last_keepalive) + interval_s
             await trio.sleep_until(due)
-            if trio.current_time() >= max(outbox.last_sent_at, last_keepalive) + interval_s:
+            if trio.current_time() >= max(client.last_sent_at, last_keepalive) + interval_s:
                 last_keepalive = trio.current_time()
                 if not outbox.pending_messages:  # something queued will do as well
                     outbox.put_control({"role": "server", "type": "keepalive"})

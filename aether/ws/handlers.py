@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+from dataclasses import dataclass
 
 import trio
 
@@ -67,6 +68,9 @@ class MessageHandler:
         self._settings = settings
         rate = settings.max_messages_per_second
         self._messages = TokenBucket(2 * rate, 2.0, trio.current_time())
+        # One slot per chat running on this connection; each running chat holds its slot.
+        self._chat_slots = trio.CapacityLimiter(settings.max_requests_per_connection)
+        self._running: set[_RunningChat] = set()
         self.files = FileReceiver(engine.file_chat, client.owner)
 
     def _reply(self, message: dict[str, object]) -> None:
@@ -169,8 +173,18 @@ class MessageHandler:
             self._reply(reply)
 
     async def _start_chat(self, message: ChatMessage) -> None:
-        client = self._client
-        if len(client.requests) >= self._settings.max_requests_per_connection:
+        chat = _RunningChat(
+            ChatRequest(
+                id=message.id or new_request_id(),
+                owner=self._client.owner,
+                message=message.message,
+                path=message.path,
+                conversation_id=message.conversation_id,
+            )
+        )
+        try:
+            self._chat_slots.acquire_on_behalf_of_nowait(chat)
+        except trio.WouldBlock:
             self._reply_error(
                 "too_many_requests",
                 f"at most {self._settings.max_requests_per_connection} chats may run at once "
@@ -178,26 +192,22 @@ class MessageHandler:
                 {"type": "chat", **({"id": message.id} if message.id else {})},
             )
             return
-        request = ChatRequest(
-            id=message.id or new_request_id(),
-            owner=client.owner,
-            message=message.message,
-            path=message.path,
-            conversation_id=message.conversation_id,
-        )
         try:
-            await self._nursery.start(self._run_chat, request)
+            await self._nursery.start(self._run_chat, chat)
         except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
-            self._reply_error(exc.code, exc.message, {"type": "chat", "id": request.id})
+            self._reply_error(exc.code, exc.message, {"type": "chat", "id": chat.request.id})
 
     async def _run_chat(
-        self, request: ChatRequest, *, task_status: trio.TaskStatus[RequestRecord]
+        self, chat: _RunningChat, *, task_status: trio.TaskStatus[RequestRecord]
     ) -> None:
-        registration = _Registration(self._client.requests, request.id, task_status)
+        """Run one chat, holding its slot; the engine reports its record once it accepted it
+        (a refused chat, a duplicate id say, raises before that)."""
+        self._running.add(chat)
         try:
-            await self._engine.run_chat(request, self._client.outbox, task_status=registration)
+            await self._engine.run_chat(chat.request, self._client.outbox, task_status=task_status)
         finally:
-            registration.release()
+            self._running.discard(chat)
+            self._chat_slots.release_on_behalf_of(chat)
 
     def _stop(self, message: StopMessage) -> None:
         try:
@@ -206,31 +216,16 @@ class MessageHandler:
             self._reply_error(exc.code, exc.message, {"type": "stop", "id": message.id})
 
     def stop_all(self) -> None:
-        """The client left: stop its requests with reason ``disconnect``."""
-        for request_id in list(self._client.requests):
+        """The client left: stop its chats with reason ``disconnect``."""
+        for chat in list(self._running):
             with contextlib.suppress(UnknownRequest):
-                self._engine.stop_generation(request_id, self._client.owner, "disconnect")
+                self._engine.stop_generation(chat.request.id, self._client.owner, "disconnect")
 
 
-class _Registration:
-    """Records a request id as the client's once the engine accepted it (so a duplicate id,
-    refused by the engine, never removes the live request of that id from the client)."""
+@dataclass(eq=False, slots=True)
+class _RunningChat:
+    """A chat of this connection, from its frame to its end: a borrower of one of the
+    connection's slots. Compared by identity, so a refused duplicate id is never mistaken for
+    the running chat of that id."""
 
-    def __init__(
-        self, requests: set[str], request_id: str, task_status: trio.TaskStatus[RequestRecord]
-    ) -> None:
-        self._requests = requests
-        self._request_id = request_id
-        self._task_status = task_status
-        self._registered = False
-
-    def started(self, value: RequestRecord | None = None) -> None:
-        if value is None:
-            raise TypeError("run_chat reports its RequestRecord")
-        self._requests.add(self._request_id)
-        self._registered = True
-        self._task_status.started(value)
-
-    def release(self) -> None:
-        if self._registered:
-            self._requests.discard(self._request_id)
+    request: ChatRequest

@@ -33,14 +33,15 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 @dataclass(eq=False)
 class ClientConnection:
-    """One connected client. ``requests`` are the ids of its chats still running."""
+    """One connected client. ``last_sent_at`` is when its writer last sent a message (the
+    watchdogs' clock: keepalives, stalls)."""
 
     id: str
     owner: str
     outbox: Outbox
     ip: str
     remote: str
-    requests: set[str] = field(default_factory=set)
+    last_sent_at: float = field(default_factory=trio.current_time)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int = CLOSE_NORMAL
     close_reason: str = ""
@@ -149,4 +150,4 @@ async def write_outbox(
             return
         for message in batch:
             await send_text(encode(message))
-            outbox.last_sent_at = trio.current_time()
+            client.last_sent_at = trio.current_time()

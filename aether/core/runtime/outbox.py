@@ -63,9 +63,9 @@ class Outbox:
         self._room = trio.lowlevel.ParkingLot()
         self.messages_coalesced = 0
         # True while a relay waits for room: the client is not keeping up. With ``stalled_since``
-        # and the writer's ``last_sent_at`` a watchdog tells a stalled client from a slow one.
+        # and the time its writer last sent, a watchdog tells a stalled client from a slow one.
         self.stalled = AsyncBool(False)
-        self.stalled_since = self.last_sent_at = trio.current_time()
+        self.stalled_since = trio.current_time()
         self.reader_attached = trio.Event()
 
     @property
