@@ -32,8 +32,8 @@ from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
 from aether.config import ConfigError, ProviderName, Settings, load_settings
 from aether.core.collection_pacing import FULL_COLLECTIONS
+from aether.core.errors import StorageError
 from aether.core.history.sqlite import prepare_database
-from aether.core.history.store import StorageError
 from aether.logs import configure_logging
 from aether.server.worker import serve_app
 from aether.ws.hub import CLOSE_GOING_AWAY

@@ -48,6 +48,8 @@ def fresh_db_path() -> Path:
 OI_MARKS = (
     pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # Importing it imports python-multipart's old module name, which warns since 0.0.34.
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.usefixtures("collect_garbage_after"),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from aether.core.files import ConversationFiles, FileStorageFailed
+from aether.core.errors import FileStorageFailed
+from aether.core.files import ConversationFiles
 
 
 async def test_a_failed_rename_puts_back_what_the_batch_replaced(tmp_path: Path) -> None:

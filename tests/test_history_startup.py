@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from aether.core.errors import StorageError
 from aether.core.history import sqlite as sqlite_store
 from aether.core.history.sqlite import MIGRATIONS, prepare_database
-from aether.core.history.store import StorageError
 
 DEADLINE_S = 30
 

@@ -11,8 +11,9 @@ from typing import cast
 import pytest
 import trio
 
+from aether.core.errors import StorageError, UnknownConversation
 from aether.core.history.sqlite import CHECKPOINT_OVERDUE_S, MIGRATIONS, SQLiteHistoryStore
-from aether.core.history.store import MessageStatus, StorageError, UnknownConversation
+from aether.core.history.store import MessageStatus
 
 
 async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:

@@ -29,33 +29,19 @@ from typing import BinaryIO, TypeVar
 
 import trio
 
-from aether.core.errors import AetherError
+from aether.core.errors import (
+    FileError,
+    FileStorageFailed,
+    FileTooLarge,
+    FileTypeNotAllowed,
+    TooManyFiles,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_NAME_CHARS = 100
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._()+\-]")
-
-
-class FileError(AetherError):
-    code = "invalid_file"
-
-
-class FileTooLarge(FileError):
-    code = "file_too_large"
-
-
-class FileTypeNotAllowed(FileError):
-    code = "file_type_not_allowed"
-
-
-class TooManyFiles(FileError):
-    code = "too_many_files"
-
-
-class FileStorageFailed(FileError):
-    code = "storage_error"
 
 
 async def _on_disk(fn: Callable[[], T]) -> T:

@@ -24,10 +24,12 @@ from aether.core.errors import (
     DuplicateRequest,
     ShuttingDown,
     StaleConfirmation,
+    StorageError,
     TooManyRequests,
+    UnknownConversation,
     UnknownRequest,
 )
-from aether.core.history.store import StorageError, UnknownConversation, message_json
+from aether.core.history.store import message_json
 from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord

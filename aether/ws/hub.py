@@ -105,14 +105,6 @@ class ClientHub:
         """How many clients are connected from ``ip``."""
         return self._per_ip.get(ip, 0)
 
-    def get(self, client_id: str) -> ClientConnection | None:
-        return self._clients.get(client_id)
-
-    def send_to_client(self, client_id: str, message: Chunk) -> bool:
-        """Queue a control message for one client; False if it is gone or not reading."""
-        client = self._clients.get(client_id)
-        return client is not None and client.outbox.put_control(message)
-
     def broadcast(self, message: Chunk) -> int:
         """Queue a control message for every client; returns how many accepted it."""
         return sum(client.outbox.put_control(dict(message)) for client in self)

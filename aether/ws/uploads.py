@@ -16,17 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from aether.core.errors import AetherError
+from aether.core.errors import BinaryNotSupported, UploadInProgress, UploadSizeMismatch
 from aether.core.files import Upload
 from aether.core.runtime.engine import new_conversation_id
 from aether.core.runtime.file_chat import FileChat
 from aether.ws.protocols import FileMessage
-
-
-class UploadError(AetherError):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class FileReceiver:
@@ -46,8 +40,7 @@ class FileReceiver:
     async def begin(self, message: FileMessage) -> dict[str, Any] | None:
         """Start receiving the announced file; its ``file`` reply at once if it is empty."""
         if self._upload is not None:
-            raise UploadError(
-                "upload_in_progress",
+            raise UploadInProgress(
                 f"{self._upload.name!r} still has {self._remaining} bytes to come",
             )
         conversation_id = message.conversation_id or new_conversation_id()
@@ -69,14 +62,12 @@ class FileReceiver:
             self._discarding = max(0, self._discarding - len(data))
             return None
         if upload is None:
-            raise UploadError(
-                "binary_not_supported",
+            raise BinaryNotSupported(
                 "binary frames carry a file announced by a 'file' message; send JSON text frames",
             )
         if len(data) > self._remaining:
             await self.abort()
-            raise UploadError(
-                "upload_size_mismatch",
+            raise UploadSizeMismatch(
                 f"more bytes than announced for {upload.name!r}: the file was dropped",
             )
         try:

@@ -17,8 +17,8 @@ import logging
 
 import trio
 
-from aether.core.errors import AetherError
-from aether.core.history.store import HistoryStore, MessageStatus, StorageError
+from aether.core.errors import AetherError, StorageError
+from aether.core.history.store import HistoryStore, MessageStatus
 
 log = logging.getLogger(__name__)
 

@@ -46,13 +46,8 @@ from typing import Any, Generic, TypeVar
 import outcome
 import trio
 
-from aether.core.history.store import (
-    Conversation,
-    MessageStatus,
-    StorageError,
-    StoredMessage,
-    UnknownConversation,
-)
+from aether.core.errors import StorageError, UnknownConversation
+from aether.core.history.store import Conversation, MessageStatus, StoredMessage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

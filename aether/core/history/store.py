@@ -15,19 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from aether.core.errors import AetherError
-
 MessageStatus = Literal["streaming", "complete", "stopped", "error", "interrupted"]
-
-
-class StorageError(AetherError):
-    """The history store failed (disk full, database locked, ...). Nothing stored is lost."""
-
-    code = "storage_error"
-
-
-class UnknownConversation(AetherError):
-    code = "unknown_conversation"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from aether.core.errors import AetherError
+from aether.core.errors import FilesUnavailable, UnknownConversation
 from aether.core.files import ConversationFiles, StoredFile, Upload, UploadBatch
-from aether.core.history.store import HistoryStore, UnknownConversation
-
-
-class FilesUnavailable(AetherError):
-    code = "files_unavailable"
+from aether.core.history.store import HistoryStore
 
 
 def describe_files(files: list[StoredFile], message: str) -> str:

@@ -99,10 +99,6 @@ class RequestTracker:
             self.cancel_request(record.id, record.owner, reason)
         return len(records)
 
-    def is_cancelled(self, request_id: str, owner: str) -> bool:
-        record = self._live.get((owner, request_id))
-        return record is not None and record.cancel_scope.cancel_called
-
     def end_request(self, record: RequestRecord, state: RequestState) -> None:
         record.state = state
         record.ended_at = trio.current_time()

@@ -25,8 +25,9 @@ from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
-from aether.api.responses import json_error, json_response
+from aether.api.responses import json_response
 from aether.api.schemas import (
     ApprovalAccepted,
     ApproveBody,
@@ -37,7 +38,6 @@ from aether.api.schemas import (
     errors,
 )
 from aether.core.errors import (
-    AetherError,
     DuplicateRequest,
     ShuttingDown,
     StaleConfirmation,
@@ -55,25 +55,8 @@ log = logging.getLogger(__name__)
 
 blueprint = Blueprint("chat", __name__)
 
-# HTTP status for a chat the engine refused to start.
-REFUSAL_STATUS = {DuplicateRequest: 409, TooManyRequests: 429, ShuttingDown: 503}
-REFUSED = tuple(REFUSAL_STATUS)
-
-
-def refusal(exc: AetherError) -> Response:
-    return json_error(REFUSAL_STATUS.get(type(exc), 400), exc.code, exc.message)
-
-
-# HTTP status for a chat that ended with an error, by the error's code.
-ERROR_STATUS = {
-    "upstream_timeout": 504,
-    "upstream_unavailable": 502,
-    "upstream_http_error": 502,
-    "upstream_disconnected": 502,
-    "upstream_protocol_error": 502,
-    "path_unavailable": 404,  # this server has no such model path
-    "unknown_conversation": 404,
-}
+# Why the engine may refuse to start a chat.
+REFUSED = (DuplicateRequest, TooManyRequests, ShuttingDown)
 
 
 async def _chat_request() -> ChatRequest | Response:
@@ -119,7 +102,7 @@ class AnswerCollector:
         self.body["content"] = "".join(self._parts)
         status = 200
         if self.body["status"] == "error":
-            status = ERROR_STATUS.get(self.body["error"]["code"], 500)
+            status = status_for(self.body["error"]["code"])
         return json_response(self.body, status)
 
 
@@ -169,7 +152,7 @@ async def run_to_end(
         try:
             await nursery.start(run)
         except REFUSED as exc:
-            return refusal(exc)
+            return error_response(exc)
         while True:
             try:
                 batch = await outbox.get_batch()
@@ -224,7 +207,7 @@ async def chat_stream() -> Response:
     try:
         record = await state.engine.start_detached_chat(chat_request, outbox)
     except REFUSED as exc:
-        return refusal(exc)
+        return error_response(exc)
     response = Response(
         _sse_body(state.engine, record, outbox, state.settings.sse_heartbeat_s),
         mimetype="text/event-stream",
@@ -241,7 +224,7 @@ async def stop_chat(request_id: str) -> Response:
     try:
         app_state().engine.stop_generation(request_id, caller_identity())
     except UnknownRequest as exc:
-        return json_error(404, exc.code, exc.message)
+        return error_response(exc)
     return json_response({"id": request_id, "status": "stopping"}, 202)
 
 
@@ -257,8 +240,6 @@ async def approve_chat(request_id: str) -> Response:
     try:
         engine = app_state().engine
         engine.approve(request_id, caller_identity(), body.confirmation_id, body.approved)
-    except UnknownRequest as exc:
-        return json_error(404, exc.code, exc.message)
-    except StaleConfirmation as exc:
-        return json_error(409, exc.code, exc.message)
+    except (UnknownRequest, StaleConfirmation) as exc:
+        return error_response(exc)
     return json_response({"id": request_id, "approved": body.approved}, 202)

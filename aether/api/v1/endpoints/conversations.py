@@ -17,6 +17,7 @@ from quart import Blueprint, Response, request
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.errors import error_response, status_for
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import (
     ConversationPage,
@@ -26,14 +27,8 @@ from aether.api.schemas import (
     NoContent,
     errors,
 )
-from aether.core.errors import AetherError
-from aether.core.history.store import (
-    HistoryStore,
-    StorageError,
-    UnknownConversation,
-    conversation_json,
-    message_json,
-)
+from aether.core.errors import AetherError, StorageError, UnknownConversation
+from aether.core.history.store import HistoryStore, conversation_json, message_json
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("conversations", __name__)
@@ -45,7 +40,9 @@ MAX_PAGE = 100
 def _store() -> HistoryStore | Response:
     store = app_state().engine.history
     if store is None:
-        return json_error(404, "history_unavailable", "this server keeps no history")
+        return json_error(
+            status_for("history_unavailable"), "history_unavailable", "this server keeps no history"
+        )
     return store
 
 
@@ -69,7 +66,7 @@ async def list_conversations() -> Response:
     try:
         page = await store.list_conversations(caller_identity(), limit, before_ts)
     except StorageError as exc:
-        return json_error(503, exc.code, exc.message)
+        return error_response(exc)
     next_before = page[-1].updated_at if len(page) == limit else None
     return json_response(
         {"conversations": [conversation_json(c) for c in page], "next_before": next_before}
@@ -87,10 +84,8 @@ async def chat_history() -> Response:
         return json_error(400, "invalid_request", "conversation_id is required")
     try:
         messages = await store.messages(caller_identity(), conversation_id)
-    except UnknownConversation as exc:
-        return json_error(404, exc.code, exc.message)
-    except StorageError as exc:
-        return json_error(503, exc.code, exc.message)
+    except (UnknownConversation, StorageError) as exc:
+        return error_response(exc)
     return json_response(
         {"conversation_id": conversation_id, "messages": [message_json(m) for m in messages]}
     )
@@ -105,7 +100,7 @@ async def delete_conversation(conversation_id: str) -> Response:
     try:
         deleted = await store.delete_conversation(caller_identity(), conversation_id)
     except StorageError as exc:
-        return json_error(503, exc.code, exc.message)
+        return error_response(exc)
     log.info(
         "conversation %s %s",
         conversation_id,
@@ -113,9 +108,7 @@ async def delete_conversation(conversation_id: str) -> Response:
         extra={"conversation_id": conversation_id},
     )
     if not deleted:
-        return json_error(
-            404, UnknownConversation.code, f"no conversation with id {conversation_id!r}"
-        )
+        return error_response(UnknownConversation(f"no conversation with id {conversation_id!r}"))
     try:
         await app_state().engine.file_chat.files.delete_conversation(
             caller_identity(), conversation_id

@@ -23,39 +23,19 @@ from quart_schema import DataSource, document
 from werkzeug.datastructures import FileStorage
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.errors import error_response
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ConversationFiles, FileUpload, errors
-from aether.core.errors import AetherError
-from aether.core.files import (
-    FileStorageFailed,
-    FileTooLarge,
-    FileTypeNotAllowed,
-    StoredFile,
-    TooManyFiles,
-    file_json,
+from aether.core.errors import (
+    AetherError,
 )
-from aether.core.history.store import StorageError, UnknownConversation
-from aether.core.runtime.file_chat import FilesUnavailable
+from aether.core.files import StoredFile, file_json
 from aether.ws.protocols import valid_conversation_id
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("files", __name__)
 
 COPY_CHUNK_BYTES = 256 * 1024
-STATUS: dict[type[AetherError], int] = {
-    FilesUnavailable: 404,
-    UnknownConversation: 404,
-    FileTooLarge: 413,
-    FileTypeNotAllowed: 415,
-    TooManyFiles: 409,
-    FileStorageFailed: 503,
-    StorageError: 503,
-}
-
-
-def _error(exc: AetherError) -> Response:
-    status = next((s for kind, s in STATUS.items() if isinstance(exc, kind)), 400)
-    return json_error(status, exc.code, exc.message)
 
 
 @blueprint.post("/v1/conversations/<conversation_id>/files")
@@ -77,7 +57,7 @@ async def upload_files(conversation_id: str) -> Response:
     try:
         stored = await _store_all(conversation_id, parts)
     except AetherError as exc:
-        return _error(exc)
+        return error_response(exc)
     return json_response(
         {"conversation_id": conversation_id, "files": [file_json(f) for f in stored]}, 201
     )
@@ -105,7 +85,7 @@ async def list_files(conversation_id: str) -> Response:
     try:
         stored = await app_state().engine.file_chat.stored(caller_identity(), conversation_id)
     except AetherError as exc:
-        return _error(exc)
+        return error_response(exc)
     return json_response(
         {"conversation_id": conversation_id, "files": [file_json(f) for f in stored]}
     )

@@ -26,10 +26,11 @@ from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, errors
-from aether.api.v1.endpoints.chat import ERROR_STATUS, REFUSED, refusal, run_to_end
+from aether.api.v1.endpoints.chat import REFUSED, run_to_end
 from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
@@ -181,7 +182,7 @@ async def chat_completions() -> Response:
         try:
             record = await state.engine.start_detached_chat(chat, outbox)
         except REFUSED as exc:
-            return refusal(exc)
+            return error_response(exc)
         response = Response(
             _stream_body(state.engine, record, outbox, model),
             mimetype="text/event-stream",
@@ -205,7 +206,7 @@ async def chat_completions() -> Response:
         return refused
     error = errors[0] if errors else None
     if error is not None:
-        status = ERROR_STATUS.get(error["code"], 500)
+        status = status_for(error["code"])
         return json_error(status, error["code"], error["message"], type=error["code"])
     return json_response(
         {
