@@ -12,6 +12,7 @@ jobs: [config_loading, validation]
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -299,6 +300,16 @@ class Settings(BaseModel):
             raise ValueError(
                 f"provider {self.provider!r} needs {missing} (AETHER_{missing.upper()})"
             )
+        if (self.llm_base_url is None) != (self.llm_model is None):
+            given, missing = (
+                ("llm_base_url", "llm_model")
+                if self.llm_model is None
+                else ("llm_model", "llm_base_url")
+            )
+            raise ValueError(
+                f"{given} is set but {missing} is not (AETHER_{missing.upper()}): a model needs "
+                "both, the built-in echo model neither"
+            )
         if self.llm_model is not None and not self.llm_model.strip():
             raise ValueError("llm_model must not be empty")
         if self.max_message_bytes > self.max_frame_bytes:
@@ -372,6 +383,20 @@ def _is_wildcard(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_unspecified
     except ValueError:
         return False
+
+
+def unknown_environment_settings(environ: Mapping[str, str]) -> list[str]:
+    """One warning per ``AETHER_*`` variable that names no setting, with the closest name (a
+    typo in the environment would otherwise be ignored without a word)."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}?" if close else ""
+        warnings.append(f"{name} names no setting and is ignored{hint}")
+    return warnings
 
 
 def _coerce_env(raw: Mapping[str, str]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import socket
 import sys
@@ -30,7 +31,13 @@ from trio_util import move_on_when
 from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
 from aether.app import WEBSOCKET_PATH, create_app
-from aether.config import ConfigError, ProviderName, Settings, load_settings
+from aether.config import (
+    ConfigError,
+    ProviderName,
+    Settings,
+    load_settings,
+    unknown_environment_settings,
+)
 from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
 from aether.core.history.sqlite import prepare_database
@@ -273,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    for warning in unknown_environment_settings(os.environ):
+        log.warning("%s", warning)
     if settings.history:
         # Checked before serving: a bad file is one line here, not a failed app startup.
         try:

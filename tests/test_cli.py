@@ -106,3 +106,13 @@ async def test_a_second_signal_stops_every_chat_at_once_with_its_terminal() -> N
             "SELECT status, content FROM messages WHERE role = 'assistant' AND request_id = 'long'"
         ).fetchall()
     assert rows == [("stopped", received)]
+
+
+async def test_a_mistyped_variable_is_named_in_the_log() -> None:
+    env = aether_env(AETHER_PROT="9000")
+    with trio.fail_after(30):
+        async with aether_process(env) as server:
+            server.process.send_signal(signal.SIGTERM)
+            log = await server.read_log_to_end()
+            assert await server.process.wait() == 0
+    assert b"AETHER_PROT names no setting and is ignored: did you mean AETHER_PORT?" in log

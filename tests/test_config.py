@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from aether.config import ConfigError, load_settings
+from aether.config import ConfigError, load_settings, unknown_environment_settings
 from tests.helpers import make_settings, running_server
 
 
@@ -93,3 +93,27 @@ async def test_the_server_listens_with_listen_backlog() -> None:
     somaxconn = int(await trio.Path("/proc/sys/net/core/somaxconn").read_text())
     assert listed[0] == "LISTEN"
     assert int(listed[2]) == min(1500, somaxconn)
+
+
+def test_an_unknown_aether_variable_is_named_with_the_closest_setting() -> None:
+    warnings = unknown_environment_settings(
+        {"AETHER_PROT": "9000", "AETHER_PORT": "1", "AETHER_ZZZZZZ": "x", "HOME": "/root"}
+    )
+    assert warnings == [
+        "AETHER_PROT names no setting and is ignored: did you mean AETHER_PORT?",
+        "AETHER_ZZZZZZ names no setting and is ignored",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("environ", "missing"),
+    [
+        ({"AETHER_LLM_BASE_URL": "http://127.0.0.1:11434/v1"}, "AETHER_LLM_MODEL"),
+        ({"AETHER_LLM_MODEL": "llama3"}, "AETHER_LLM_BASE_URL"),
+    ],
+)
+def test_half_a_model_setting_says_which_half_is_missing(
+    environ: dict[str, str], missing: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"is set but .* is not \\({missing}\\)"):
+        load_settings(environ=environ)
