@@ -117,3 +117,48 @@ async def test_the_client_asks_before_code_runs(fake_llm: FakeLLM) -> None:
     assert no.returncode == 0, no.stderr
     assert "Run it? [y/N]" in no.stderr.decode()
     assert "42" not in no.stdout.decode().split("print(6*7)")[-1]
+
+
+async def test_interactive_banner_and_commands() -> None:
+    settings = make_settings(provider="echo", echo_token_delay_s=0)
+    script = (
+        b"/help\nhello\n/new\nagain\n/path nope\n/path echo\n//slash\n/dance\n/quit\nnot sent\n"
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            result = await run_client("--url", server.ws_url, stdin=script)
+            store = server.state.engine.history
+            assert store is not None
+            conversations = await store.list_conversations("anonymous", 10, None)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert f"Aether 0.1.0 at {server.ws_url}, echo path." in stderr.splitlines()[0]
+    assert "/new          start a new conversation" in stderr
+    assert "/path takes one of: auto, echo, http, oi" in stderr
+    assert "[path: echo]" in stderr
+    assert "unknown command /dance: /help lists them" in stderr
+    assert result.stdout.decode() == "hello\nagain\n/slash\n"
+    assert len(conversations) == 2  # /new began the second
+
+
+async def test_a_server_that_goes_away_while_the_client_waits_is_noticed() -> None:
+    settings = make_settings(provider="echo", echo_token_delay_s=0, shutdown_grace_s=0)
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "aether", "chat", "--url", server.ws_url],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=client_env(),
+            )
+            assert process.stderr is not None
+            seen = b""
+            while b"/quit or Ctrl-D leaves" not in seen:
+                seen += await process.stderr.receive_some(4096)
+            server.stop()  # the user has typed nothing
+            async for chunk in process.stderr:
+                seen += chunk
+            code = await process.wait()
+    assert code == 75, seen
+    assert b"the server closed the connection (1001 server shutting down): bye" in seen

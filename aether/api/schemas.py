@@ -196,6 +196,9 @@ class ToolCatalog(BaseModel):
 
     paths: list[str]
     default_path: str
+    model: str | None = Field(
+        description="The model the http and oi paths ask (null when only the echo model runs)."
+    )
     code_execution: CodeExecution
     web_search: Capability
     file_chat: FileChatCapability

@@ -1,9 +1,12 @@
 """``python -m aether chat``: a terminal client for Aether's WebSocket protocol.
 
 One-shot (``python -m aether chat "hello"``) or interactive (no message: one turn per line, in
-one conversation). Answers stream to stdout as they arrive. Ctrl-C during an answer sends
-``stop`` and waits for ``stopped``; a second Ctrl-C leaves at once. Code proposed on the agentic
-path is shown and needs a yes before it runs.
+one conversation, after a one-line banner naming the server, its model and path). Answers
+stream to stdout as they arrive. Ctrl-C during an answer sends ``stop`` and waits for
+``stopped``; a second Ctrl-C leaves at once. Code proposed on the agentic path is shown and
+needs a yes before it runs. Interactive commands: ``/help``, ``/new`` (a new conversation),
+``/path NAME``, ``/quit`` (or Ctrl-D); ``//`` sends a line that starts with ``/``. A server that
+closes the connection while the client waits for a line is noticed at once.
 
 Exit codes, for scripts: 0 the (last) answer completed; 1 it ended with an error from the server;
 3 the server could not be reached or refused the connection; 130 stopped with Ctrl-C;
@@ -24,6 +27,7 @@ import signal
 import sys
 from typing import Any, TextIO
 
+import httpx
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -76,7 +80,7 @@ class TerminalChat:
         err: TextIO = sys.stderr,
     ) -> None:
         self._ws = ws
-        self._path = path
+        self.path = path
         self.conversation_id = conversation_id
         self._out = out
         self._err = err
@@ -89,7 +93,7 @@ class TerminalChat:
         """Send one chat and show its answer; returns the exit code it deserves."""
         request_id = "t-" + secrets.token_hex(6)
         chat: dict[str, Any] = {"type": "chat", "id": request_id, "message": text}
-        chat["path"] = self._path
+        chat["path"] = self.path
         if self.conversation_id:
             chat["conversation_id"] = self.conversation_id
         self._interrupts = 0
@@ -176,6 +180,21 @@ async def read_line(prompt: str) -> str | None:
     return line.rstrip("\n") if line else None
 
 
+HELP = """commands:
+  /help         this list
+  /new          start a new conversation
+  /path NAME    answer with another model path: auto, echo, http or oi
+  /quit         leave (so does Ctrl-D)
+  //text        send a message that starts with /
+Ctrl-C stops an answer; a second Ctrl-C quits.
+"""
+PATHS = ("auto", "echo", "http", "oi")
+
+
+class ServerGone(Exception):
+    """The server closed the connection while the client waited for the user."""
+
+
 async def converse(ws: WebSocketConnection, args: argparse.Namespace) -> int:
     hello = json.loads(await ws.get_message())
     if hello.get("type") != "hello":
@@ -184,12 +203,95 @@ async def converse(ws: WebSocketConnection, args: argparse.Namespace) -> int:
     chat = TerminalChat(ws, path=args.path, conversation_id=args.conversation)
     if args.message:
         return await chat.turn(" ".join(args.message))
+    sys.stderr.write(await banner(args, hello) + "\n")
     code = EXIT_OK
     prompt = "> " if sys.stdin.isatty() else ""
-    while (line := await read_line(prompt)) is not None:
-        if line.strip():
-            code = await chat.turn(line)
-    return code
+    while True:
+        try:
+            line = await read_line_watching(ws, prompt)
+        except ServerGone as gone:
+            sys.stderr.write(f"\nthe server closed the connection ({gone}): bye\n")
+            return EXIT_TEMPFAIL
+        if line is None:
+            return code
+        text = line.strip()
+        if text.startswith("/") and not text.startswith("//"):
+            command, _, argument = text.partition(" ")
+            if command == "/quit":
+                return code
+            sys.stderr.write(run_command(chat, command, argument.strip()))
+            continue
+        if text:
+            code = await chat.turn(line[1:] if text.startswith("//") else line)
+
+
+def run_command(chat: TerminalChat, command: str, argument: str) -> str:
+    """Carry out an interactive command; returns what to tell the user."""
+    if command == "/help":
+        return HELP
+    if command == "/new":
+        chat.conversation_id = None
+        return "[a new conversation]\n"
+    if command == "/path":
+        if argument not in PATHS:
+            return f"/path takes one of: {', '.join(PATHS)}\n"
+        chat.path = argument
+        return f"[path: {argument}]\n"
+    return f"unknown command {command}: /help lists them\n"
+
+
+async def banner(args: argparse.Namespace, hello: dict[str, Any]) -> str:
+    """One line: the server, the model and path that will answer, how to leave."""
+    version = hello.get("server_version", "?")
+    described = f"Aether {version} at {args.url}"
+    tools = await fetch_tools(args)
+    if tools is not None:
+        path = args.path if args.path != "auto" else tools.get("default_path", "auto")
+        model = tools.get("model") if path in ("http", "oi") else None
+        described += f", answering with {model} ({path} path)" if model else f", {path} path"
+    return described + ". /help lists commands; /quit or Ctrl-D leaves."
+
+
+async def fetch_tools(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``GET /v1/tools`` of the server the WebSocket URL names (None if it cannot be read)."""
+    base = args.url.replace("ws", "http", 1).rsplit("/ws", 1)[0]
+    headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            response = await client.get(f"{base}/v1/tools", headers=headers)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    tools: dict[str, Any] = response.json()
+    return tools
+
+
+async def read_line_watching(ws: WebSocketConnection, prompt: str) -> str | None:
+    """The user's next line (None at end of input), while watching the connection: a server
+    that closes it meanwhile raises ServerGone at once, not at the next line."""
+    line: str | None = None
+    gone: str | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def read() -> None:
+            nonlocal line
+            line = await read_line(prompt)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(read)
+        try:
+            while True:
+                message = json.loads(await ws.get_message())
+                if message.get("type") == "going_away":
+                    sys.stderr.write("\n[the server is shutting down]\n")
+        except ConnectionClosed as closed:
+            reason = closed.reason
+            gone = f"{reason.code} {reason.reason or ''}".strip() if reason else "no reason"
+            nursery.cancel_scope.cancel()
+    if gone is not None:
+        raise ServerGone(gone)
+    return line
 
 
 async def run(args: argparse.Namespace) -> int:

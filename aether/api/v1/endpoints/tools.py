@@ -35,6 +35,7 @@ async def tools() -> Response:
         {
             "paths": paths,
             "default_path": streamer.default_path,
+            "model": settings.llm_model if settings.model_configured else None,
             "code_execution": {
                 "available": code,
                 "requires_approval": code and not state.settings.oi_auto_run,
