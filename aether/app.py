@@ -20,7 +20,6 @@ from werkzeug.exceptions import HTTPException
 
 from aether.api.body_limits import BODY_LIMITS_KEY, BodyLimitedHTTPConnection, upload_body_limit
 from aether.api.dependencies import EXTENSION_KEY, AppState
-from aether.api.middleware.asgi import ASGIApp, Receive, Scope, Send
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
 from aether.api.middleware.browser_guard import BrowserGuardMiddleware, BrowserPolicy
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
@@ -31,6 +30,7 @@ from aether.api.responses import json_error, request_id
 from aether.api.schemas import API_INFO, AetherOpenAPIProvider
 from aether.api.v1.router import register_v1
 from aether.api.web import PAGE_FILES_PREFIX, PAGE_PATHS
+from aether.asgi import ASGIApp, Receive, Scope, Send
 from aether.config import Settings
 from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
@@ -42,6 +42,13 @@ from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
 log = logging.getLogger(__name__)
 
 WEBSOCKET_PATH = "/ws"
+# Where create_app keeps the WebSocket clients' hub (the REST routes never need it).
+HUB_KEY = "aether.hub"
+
+
+def websocket_hub(app: QuartTrio) -> ClientHub:
+    hub: ClientHub = app.extensions[HUB_KEY]
+    return hub
 
 
 class WebSocketMount:
@@ -81,9 +88,8 @@ def create_app(settings: Settings) -> QuartTrio:
     history = SQLiteHistoryStore(settings.db_path) if settings.history else None
     engine = RuntimeEngine(settings, metrics, history)
     hub = ClientHub(metrics)
-    app.extensions[EXTENSION_KEY] = AppState(
-        settings=settings, engine=engine, hub=hub, metrics=metrics
-    )
+    app.extensions[EXTENSION_KEY] = AppState(settings=settings, engine=engine, metrics=metrics)
+    app.extensions[HUB_KEY] = hub
 
     @app.before_serving
     async def start_engine() -> None:

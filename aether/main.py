@@ -30,7 +30,7 @@ from trio_util import move_on_when
 
 from aether import __version__
 from aether.api.dependencies import EXTENSION_KEY, AppState
-from aether.app import WEBSOCKET_PATH, create_app
+from aether.app import WEBSOCKET_PATH, create_app, websocket_hub
 from aether.config import (
     ConfigError,
     ProviderName,
@@ -41,9 +41,10 @@ from aether.config import (
 from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
 from aether.core.history.sqlite import prepare_database
+from aether.core.runtime.engine import RuntimeEngine
 from aether.logs import configure_logging
 from aether.server.worker import serve_app
-from aether.ws.hub import CLOSE_GOING_AWAY
+from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
 
 log = logging.getLogger("aether")
 
@@ -185,10 +186,11 @@ def describe_model(settings: Settings, default_path: str) -> None:
         log.info("model: %s at %s", settings.llm_model, settings.llm_base_url)
 
 
-async def drain(state: AppState, settings: Settings, hurried: trio.Event) -> None:
+async def drain(
+    engine: RuntimeEngine, hub: ClientHub, settings: Settings, hurried: trio.Event
+) -> None:
     """Give running chats the grace period (until ``hurried``), stop the rest, then close every
     WebSocket (1001)."""
-    engine = state.engine
     live = engine.tracker.live_count
     if live:
         log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
@@ -200,7 +202,7 @@ async def drain(state: AppState, settings: Settings, hurried: trio.Event) -> Non
             log.info("stopping %d chats still running", stopped)
             # Let each send its block end and `stopped` before the sockets close.
             await engine.wait_idle(SHUTDOWN_BACKSTOP_S)
-    state.hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
+    hub.close_all(CLOSE_GOING_AWAY, "server shutting down")
 
 
 async def serve(
@@ -219,16 +221,17 @@ async def serve(
     """
     app = app or create_app(settings)
     state: AppState = app.extensions[EXTENSION_KEY]
+    hub = websocket_hub(app)
     hurried = hurried if hurried is not None else trio.Event()
 
     async def shutdown() -> None:
         """Hypercorn stops listening when this returns: return at once, drain in the app."""
         await shutdown_trigger()
         state.engine.begin_drain()
-        state.hub.broadcast(
+        hub.broadcast(
             {"role": "server", "type": "going_away", "grace_s": settings.shutdown_grace_s}
         )
-        app.nursery.start_soon(drain, state, settings, hurried)
+        app.nursery.start_soon(drain, state.engine, hub, settings, hurried)
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(

@@ -22,10 +22,11 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from wsproto.events import Message
 
 from aether.api.dependencies import EXTENSION_KEY, AppState
-from aether.app import create_app
+from aether.app import create_app, websocket_hub
 from aether.config import Settings, load_settings
 from aether.main import serve
 from aether.testing.fake_llm import FakeLLM
+from aether.ws.hub import ClientHub
 
 TERMINALS = {"completion", "stopped", "error"}
 
@@ -232,10 +233,11 @@ async def ws_client(url: str, **kwargs: Any) -> AsyncIterator[WSClient]:
 
 
 class RunningServer:
-    def __init__(self, base_url: str, stop: trio.Event, state: AppState) -> None:
+    def __init__(self, base_url: str, stop: trio.Event, state: AppState, hub: ClientHub) -> None:
         self.base_url = base_url
         self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
         self.state = state
+        self.hub = hub
         self._stop = stop
 
     def stop(self) -> None:
@@ -256,7 +258,7 @@ async def running_server(
                 settings, shutdown_trigger=stop.wait, app=app, task_status=task_status
             )
         )
-        server = RunningServer(binds[0], stop, app.extensions[EXTENSION_KEY])
+        server = RunningServer(binds[0], stop, app.extensions[EXTENSION_KEY], websocket_hub(app))
         try:
             yield server
         finally:

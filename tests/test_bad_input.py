@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aether.ws.protocols import ProtocolError, parse_client_message
+from aether.protocol.messages import ProtocolError, parse_client_message
 from tests.helpers import assert_stream_invariants, content_of, make_settings
 from tests.memory_ws import MemoryServer
 

@@ -106,7 +106,7 @@ async def test_a_closed_deflate_websocket_is_freed_without_a_collection() -> Non
                 for _ in range(CONNECTIONS):
                     await deflate_session(server.ws_url)
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(server.state.hub) == 0
+                assert len(server.hub) == 0
                 assert hypercorn_websocket_streams() == 0
                 assert server_compression_states() == 0
 
@@ -119,7 +119,7 @@ async def test_vanished_deflate_websockets_are_collected_every_so_many_closes() 
                 for _ in range(CONNECTIONS):
                     await deflate_session(server.ws_url, close_frame=False)
                 await trio.testing.wait_all_tasks_blocked()
-                assert len(server.state.hub) == 0
+                assert len(server.hub) == 0
                 # The last collection ran as the 40th closed: only that one is left.
                 assert 0 < server_compression_states() <= 10
 

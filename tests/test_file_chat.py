@@ -265,7 +265,7 @@ async def test_a_connection_closed_mid_upload_leaves_no_file(fake_llm: FakeLLM) 
                 await client.ws.send_message(b"only part of it")
                 await client.send({"type": "ping"})
                 await client.receive_control()  # the frame was taken before the pong
-            await server.state.hub.wait_until_empty()  # the connection's clean-up is over
+            await server.hub.wait_until_empty()  # the connection's clean-up is over
             root = server.state.engine.file_chat.files.root
             leftovers = [p.name for p in root.rglob("*") if p.is_file()]
             history = server.state.engine.history

@@ -43,7 +43,7 @@ async def test_metrics_follow_chats_stops_and_failures(fake_llm: FakeLLM) -> Non
                 # (its answer is stored first).
                 await server.state.engine.tracker.wait_until_idle()
                 during = samples((await rest.get("/metrics")).text)
-            await server.state.hub.wait_until_empty()
+            await server.hub.wait_until_empty()
             after = samples((await rest.get("/metrics")).text)
     assert during[("aether_websocket_connections", ())] == 1
     assert after[("aether_websocket_connections", ())] == 0

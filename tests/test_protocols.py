@@ -6,7 +6,7 @@ import pytest
 
 from aether.core.errors import UpstreamProtocolError
 from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
-from aether.ws.protocols import (
+from aether.protocol.messages import (
     ChatMessage,
     PingMessage,
     ProtocolError,

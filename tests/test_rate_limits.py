@@ -110,7 +110,7 @@ async def test_websocket_connections_per_ip_are_limited() -> None:
         async with running_server(settings) as server:
             async with ws_client(server.ws_url), ws_client(server.ws_url):
                 pass
-            await server.state.hub.wait_until_empty()
+            await server.hub.wait_until_empty()
             async with ws_client(server.ws_url) as again:
                 assert again.hello["type"] == "hello"
     assert third == 429

@@ -41,7 +41,7 @@ async def test_a_client_that_stops_reading_is_bounded_then_disconnected(
                 await client.send({"type": "chat", "id": "r1", "message": "go"})
                 record = await fake_llm.wait_for_stream(0)
                 # While stalled, what the server holds for the client stays within its budget.
-                connection = next(iter(server.state.hub))
+                connection = next(iter(server.hub))
                 await connection.outbox.stalled.wait_value(True)
                 assert connection.outbox.pending_bytes <= 4096 + 1024
                 started = trio.current_time()
@@ -49,7 +49,7 @@ async def test_a_client_that_stops_reading_is_bounded_then_disconnected(
                 detected_after = trio.current_time() - started
             finally:
                 await client.aclose()
-            await server.state.hub.wait_until_empty()
+            await server.hub.wait_until_empty()
     assert record.outcome == "client_closed"
     assert record.tokens_sent < 1_000_000  # backpressure reached the upstream
     assert detected_after < 3.0
@@ -73,7 +73,7 @@ async def test_a_vanished_client_stops_its_streams_and_leaves_the_server_idle(
             for record in records:
                 await record.closed.wait()
             closed_after = trio.current_time() - vanished_at
-            await server.state.hub.wait_until_empty()
+            await server.hub.wait_until_empty()
             await server.state.engine.tracker.wait_until_idle()
             cpu_before = time.process_time()
             await trio.sleep(0.5)
@@ -136,7 +136,7 @@ async def test_shutdown_completes_while_a_client_has_stopped_reading(fake_llm: F
             client = await RawWebSocket.connect(server.ws_url, receive_buffer=4096)
             await client.send({"type": "chat", "id": "r1", "message": "go"})
             record = await fake_llm.wait_for_stream(0)
-            connection = next(iter(server.state.hub))
+            connection = next(iter(server.hub))
             await connection.outbox.stalled.wait_value(True)
             stopping_at = trio.current_time()
             server.stop()

@@ -177,7 +177,7 @@ async def test_the_page_says_it_lost_the_connection_and_reconnects() -> None:
                 status = page.locator("#status")
                 expect(status).to_have_text("Connected")
                 # The server drops every WebSocket, as a restart would.
-                trio.from_thread.run_sync(server.state.hub.close_all, 1012, "restarting")
+                trio.from_thread.run_sync(server.hub.close_all, 1012, "restarting")
                 expect(status).to_contain_text("reconnecting in")
                 lost = status.inner_text()
                 expect(status).to_have_text("Connected", timeout=10_000)

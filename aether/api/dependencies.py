@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 from quart import current_app, request
 
+from aether.asgi import identity_from_scope
 from aether.config import Settings
-from aether.core.identity import identity_from_scope
 from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
-from aether.ws.hub import ClientHub
 
 EXTENSION_KEY = "aether"
 
@@ -27,7 +26,6 @@ EXTENSION_KEY = "aether"
 class AppState:
     settings: Settings
     engine: RuntimeEngine
-    hub: ClientHub
     metrics: Metrics
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from quart import Response, has_request_context, request
 
-from aether.api.middleware.asgi import REQUEST_ID_KEY
+from aether.asgi import REQUEST_ID_KEY
 
 
 def request_id() -> str | None:

@@ -13,24 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 ANONYMOUS = "anonymous"
-# The ASGI scope key under which the authentication layer records the caller's identity.
-SCOPE_IDENTITY_KEY = "aether.identity"
-# The ASGI scope key under which the error handling layer records the request id.
-SCOPE_REQUEST_ID_KEY = "aether.request_id"
-# The server's own ``send`` for a WebSocket, recorded by the outermost middleware: once the
-# handshake is accepted, frames need none of the middleware (which only touch HTTP responses),
-# and skipping their wrappers saves a few calls per frame on the hottest path.
-SCOPE_RAW_SEND_KEY = "aether.raw_send"
-
-
-def identity_from_scope(scope: Mapping[str, Any]) -> str:
-    identity = scope.get(SCOPE_IDENTITY_KEY)
-    return identity if isinstance(identity, str) and identity else ANONYMOUS
 
 
 def _digest(secret: str) -> bytes:

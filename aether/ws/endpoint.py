@@ -22,33 +22,33 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import MutableMapping
-from typing import Any
 
 import orjson
 import trio
 
 from aether import __version__
+from aether.asgi import (
+    RAW_SEND_KEY,
+    REQUEST_ID_KEY,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    identity_from_scope,
+)
 from aether.config import Settings
-from aether.core.identity import SCOPE_RAW_SEND_KEY, SCOPE_REQUEST_ID_KEY, identity_from_scope
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
+from aether.protocol.messages import hello_message, select_subprotocol
 from aether.ws.handlers import MessageHandler
 from aether.ws.hub import CLOSE_TRY_AGAIN_LATER, ClientConnection, ClientHub, write_outbox
-from aether.ws.protocols import hello_message, select_subprotocol
 
 log = logging.getLogger(__name__)
 
-ASGIMessage = dict[str, Any]
-Receive = Any
-Send = Any
 
-
-async def refuse(
-    scope: MutableMapping[str, Any], send: Send, status: int, code: str, message: str
-) -> None:
+async def refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
     """Refuse a handshake with an HTTP status and a JSON error (no upgrade)."""
-    request_id = scope.get(SCOPE_REQUEST_ID_KEY)
+    request_id = scope.get(REQUEST_ID_KEY)
     body = orjson.dumps({"error": {"code": code, "message": message, "request_id": request_id}})
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
     await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
@@ -61,8 +61,8 @@ class WebSocketEndpoint:
         self._hub = hub
         self._settings = settings
 
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
-        event: ASGIMessage = await receive()
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        event = await receive()
         if event["type"] != "websocket.connect":
             return
         host, port = scope.get("client") or ("?", 0)
@@ -73,7 +73,7 @@ class WebSocketEndpoint:
                 scope, send, 429, "too_many_connections", f"at most {limit} connections per IP"
             )
             return
-        accept: ASGIMessage = {"type": "websocket.accept"}
+        accept: Message = {"type": "websocket.accept"}
         subprotocol = select_subprotocol(scope.get("subprotocols", ()))
         if subprotocol is not None:
             accept["subprotocol"] = subprotocol
@@ -91,7 +91,7 @@ class WebSocketEndpoint:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
                 # After the accept, frames go straight to the server (no middleware needs them).
-                nursery.start_soon(self._write, client, scope.get(SCOPE_RAW_SEND_KEY, send))
+                nursery.start_soon(self._write, client, scope.get(RAW_SEND_KEY, send))
                 nursery.start_soon(self._watch_for_stall, client)
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
@@ -112,7 +112,7 @@ class WebSocketEndpoint:
         connection (a flood, a stall), frames still arriving are dropped: nothing may start on
         a connection whose writer will send nothing more."""
         while True:
-            event: ASGIMessage = await receive()
+            event = await receive()
             kind = event["type"]
             if kind == "websocket.receive" and client.closing:
                 continue

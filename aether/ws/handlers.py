@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 from dataclasses import dataclass
 
 import trio
@@ -34,8 +33,7 @@ from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord
 from aether.core.token_bucket import TokenBucket
-from aether.ws.hub import CLOSE_POLICY_VIOLATION, ClientConnection
-from aether.ws.protocols import (
+from aether.protocol.messages import (
     ApproveMessage,
     ChatMessage,
     FileMessage,
@@ -44,16 +42,14 @@ from aether.ws.protocols import (
     ProtocolError,
     StopMessage,
     error_message,
+    new_request_id,
     parse_client_message,
     pong_message,
 )
+from aether.ws.hub import CLOSE_POLICY_VIOLATION, ClientConnection
 from aether.ws.uploads import FileReceiver
 
 log = logging.getLogger(__name__)
-
-
-def new_request_id() -> str:
-    return "r-" + secrets.token_hex(8)
 
 
 class MessageHandler:

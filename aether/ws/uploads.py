@@ -20,7 +20,7 @@ from aether.core.errors import BinaryNotSupported, UploadInProgress, UploadSizeM
 from aether.core.files import Upload
 from aether.core.runtime.engine import new_conversation_id
 from aether.core.runtime.file_chat import FileChat
-from aether.ws.protocols import FileMessage
+from aether.protocol.messages import FileMessage
 
 
 class FileReceiver:

@@ -1,4 +1,4 @@
-"""Small ASGI helpers the middleware share: header access and JSON error responses.
+"""The middleware's JSON error responses (ASGI types and scope keys are in ``aether.asgi``).
 
 An error sent by middleware has the same shape as one from a route:
 ``{"error": {"code", "message", "request_id"}}``. On a WebSocket handshake it is sent with the
@@ -12,28 +12,11 @@ jobs: [response_formatting]
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import Any
+from collections.abc import Iterable
 
 import orjson
 
-from aether.core.identity import SCOPE_REQUEST_ID_KEY
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-REQUEST_ID_KEY = SCOPE_REQUEST_ID_KEY
-
-
-def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of a request header (``name`` in lower case), decoded as latin-1."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+from aether.asgi import REQUEST_ID_KEY, Receive, Scope, Send
 
 
 def error_body(code: str, message: str, request_id: str | None) -> bytes:

@@ -21,16 +21,9 @@ from __future__ import annotations
 
 import logging
 
-from aether.api.middleware.asgi import (
-    REQUEST_ID_KEY,
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    header,
-    send_error,
-)
-from aether.core.identity import SCOPE_IDENTITY_KEY, KeyRing
+from aether.api.middleware.asgi import send_error
+from aether.asgi import IDENTITY_KEY, REQUEST_ID_KEY, ASGIApp, Receive, Scope, Send, header
+from aether.core.identity import KeyRing
 
 log = logging.getLogger(__name__)
 
@@ -87,5 +80,5 @@ class AuthMiddleware:
                     [(b"www-authenticate", b'Bearer realm="aether"')],
                 )
                 return
-            scope[SCOPE_IDENTITY_KEY] = identity
+            scope[IDENTITY_KEY] = identity
         await self._app(scope, receive, send)

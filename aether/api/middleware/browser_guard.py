@@ -30,15 +30,8 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from aether.api.middleware.asgi import (
-    REQUEST_ID_KEY,
-    ASGIApp,
-    Receive,
-    Scope,
-    Send,
-    header,
-    send_error,
-)
+from aether.api.middleware.asgi import send_error
+from aether.asgi import REQUEST_ID_KEY, ASGIApp, Receive, Scope, Send, header
 
 log = logging.getLogger(__name__)
 

@@ -17,16 +17,8 @@ import logging
 import re
 import secrets
 
-from aether.api.middleware.asgi import (
-    REQUEST_ID_KEY,
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    header,
-    send_error,
-)
+from aether.api.middleware.asgi import send_error
+from aether.asgi import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send, header
 
 log = logging.getLogger(__name__)
 

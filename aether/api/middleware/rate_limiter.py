@@ -25,15 +25,8 @@ from dataclasses import dataclass
 
 import trio
 
-from aether.api.middleware.asgi import (
-    REQUEST_ID_KEY,
-    ASGIApp,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    send_error,
-)
+from aether.api.middleware.asgi import send_error
+from aether.asgi import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
 from aether.core.metrics import Metrics
 from aether.core.token_bucket import TokenBucket
 

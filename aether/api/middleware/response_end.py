@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import trio
 
-from aether.api.middleware.asgi import ASGIApp, Message, Receive, Scope, Send
+from aether.asgi import ASGIApp, Message, Receive, Scope, Send
 
 FINAL_SEND_TIMEOUT_S = 10.0
 

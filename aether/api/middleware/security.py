@@ -11,8 +11,7 @@ jobs: [response_interception, header_injection]
 
 from __future__ import annotations
 
-from aether.api.middleware.asgi import ASGIApp, Message, Receive, Scope, Send
-from aether.core.identity import SCOPE_RAW_SEND_KEY
+from aether.asgi import RAW_SEND_KEY, ASGIApp, Message, Receive, Scope, Send
 
 API_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"cache-control", b"no-store"),
@@ -37,9 +36,7 @@ class SecurityHeadersMiddleware:
             await self._app(scope, receive, send)
             return
         if scope["type"] == "websocket":
-            scope[SCOPE_RAW_SEND_KEY] = (
-                send  # the outermost layer for WebSockets: see the key's note
-            )
+            scope[RAW_SEND_KEY] = send  # the outermost layer for WebSockets: see the key's note
         added = [*API_HEADERS, HSTS] if scope.get("scheme") in ("https", "wss") else API_HEADERS
 
         async def send_with_headers(message: Message) -> None:
@@ -60,4 +57,4 @@ class SecurityHeadersMiddleware:
             # Hypercorn's WebSocket stream holds this scope and ``send`` is its bound method: the
             # key would close a reference cycle that keeps the whole connection (its zlib
             # compression state included) alive until a full collection.
-            scope.pop(SCOPE_RAW_SEND_KEY, None)
+            scope.pop(RAW_SEND_KEY, None)

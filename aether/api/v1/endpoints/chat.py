@@ -48,8 +48,7 @@ from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.request import RequestRecord
-from aether.ws.handlers import new_request_id
-from aether.ws.protocols import ChatBody
+from aether.protocol.messages import ChatBody, new_request_id
 
 log = logging.getLogger(__name__)
 

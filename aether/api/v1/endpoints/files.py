@@ -30,7 +30,7 @@ from aether.core.errors import (
     AetherError,
 )
 from aether.core.files import StoredFile, file_json
-from aether.ws.protocols import valid_conversation_id
+from aether.protocol.messages import valid_conversation_id
 
 log = logging.getLogger(__name__)
 blueprint = Blueprint("files", __name__)

@@ -11,6 +11,7 @@ jobs: [message_parsing, schema_validation]
 
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -91,6 +92,11 @@ _client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
 _conversation_id: TypeAdapter[str] = TypeAdapter(ConversationId)
+
+
+def new_request_id() -> str:
+    """An id for a chat whose client gave none."""
+    return "r-" + secrets.token_hex(8)
 
 
 def valid_conversation_id(value: str) -> bool:

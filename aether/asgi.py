@@ -1,0 +1,44 @@
+"""ASGI types and the scope keys Aether's layers pass each other, shared by the REST middleware
+and the WebSocket endpoint (which import it; it imports neither).
+
+The middleware record, in the connection's scope: the request id (``REQUEST_ID_KEY``), the
+caller's identity once authenticated (``IDENTITY_KEY``), and for a WebSocket the server's own
+``send`` (``RAW_SEND_KEY``): once the handshake is accepted, frames need none of the
+middleware (which only touch HTTP responses), and skipping their wrappers saves a few calls per
+frame on the hottest path.
+
+@.architecture
+role: ASGI scope
+jobs: [identity_resolution]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+from aether.core.identity import ANONYMOUS
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+IDENTITY_KEY = "aether.identity"
+REQUEST_ID_KEY = "aether.request_id"
+RAW_SEND_KEY = "aether.raw_send"
+
+
+def header(scope: Mapping[str, Any], name: bytes) -> str | None:
+    """The first value of a request header (``name`` in lower case), decoded as latin-1."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def identity_from_scope(scope: Mapping[str, Any]) -> str:
+    """The caller's identity the authentication layer recorded (anonymous without keys)."""
+    identity = scope.get(IDENTITY_KEY)
+    return identity if isinstance(identity, str) and identity else ANONYMOUS
