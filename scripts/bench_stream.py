@@ -23,10 +23,18 @@ Workloads:
 - ``storm``: every stream runs, then half the clients vanish at once (socket reset, no close
   frame): how soon the server closes their upstream streams, that none is left open, that the
   other half finish, and how long the server stays busy after the last of them.
+- ``chat-cost`` (not in the defaults): a chat's fixed cost. Server CPU per request, over a fixed
+  number of requests on keep-alive connections after a warm-up, for each route: ``GET /health``,
+  ``POST /v1/chat``, ``/v1/chat/completions``, ``/v1/chat/stream`` and a chat over an open
+  WebSocket; Aether runs its echo model without pauses, with and without history
+  (``aether-no-history``), against a bare ASGI app on Hypercorn's trio worker
+  (``hypercorn-asgi``: ``scripts/bench/hypercorn_asgi.py``) and FastAPI + uvicorn echoing the
+  same chats.
 Stream counts above ``--baselines-up-to`` (1000) run for Aether only (idle connections excepted).
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200,1000 --json out.json
+    python scripts/bench_stream.py --workloads chat-cost
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
 shares the machine with the servers, so compare ratios, not absolute figures across machines.
@@ -73,7 +81,17 @@ SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse"
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
 SSE_WORKLOADS = ("capacity", "paced")
 # Also measurable: Aether without conversation history (the cost of storing every answer).
-OPTIONAL_SERVERS = ("aether-no-history",)
+OPTIONAL_SERVERS = ("aether-no-history", "hypercorn-asgi")
+STREAM_WORKLOADS = ("capacity", "paced", "stop", "idle", "storm")
+# chat-cost: the servers measured by default, and the routes each of them answers.
+CHAT_COST_SERVERS = ("aether", "aether-no-history", "hypercorn-asgi", "fastapi-uvicorn")
+AETHER_ROUTES = ("health", "chat", "chat-completions", "chat-stream", "ws-chat")
+CHAT_COST_ROUTES = {
+    "aether": AETHER_ROUTES,
+    "aether-no-history": AETHER_ROUTES,
+    "hypercorn-asgi": ("health", "chat"),
+    "fastapi-uvicorn": ("health", "chat", "chat-stream", "ws-chat"),
+}
 DB_DIR = Path(tempfile.mkdtemp(prefix="aether-bench-"))
 # How long idle connections sit before the server's memory is read (let buffers settle).
 IDLE_SETTLE_S = 1.0
@@ -83,6 +101,8 @@ IDLE_CPU_SHARE = 0.05
 IDLE_WINDOW_S = 0.1
 CPU_SAMPLE_S = 0.02
 STORM_TAIL_S = 1.5
+# chat-cost: the deadline for one route's warm-up and measured requests together.
+CHAT_COST_ROUTE_TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -155,30 +175,39 @@ async def start_upstream(tokens: int, delay_ms: float) -> Process:
     return await start_process("upstream", argv, port, {})
 
 
-async def start_server(name: str, upstream_url: str) -> Process:
+async def start_server(name: str, upstream_url: str | None, log_level: str = "WARNING") -> Process:
+    """Start a server under test; Aether without ``upstream_url`` serves its echo model."""
     port = free_port()
     name = PROCESS_OF.get(name, name)
     if name in ("aether", "aether-no-history"):
-        argv = [PY, "-m", "aether", "--port", str(port), "--provider", "http"]
-        argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model"]
-        argv += ["--log-level", "WARNING"]
+        argv = [PY, "-m", "aether", "--port", str(port), "--log-level", log_level]
+        if upstream_url is None:
+            argv += ["--provider", "echo"]
+        else:
+            argv += ["--provider", "http", "--llm-base-url", upstream_url]
+            argv += ["--llm-model", "fake-model"]
         # Production settings, except the limits meant for many clients: here the whole load
         # comes from one address and one (anonymous) caller.
         env = {
             "AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
             "AETHER_MAX_CONNECTIONS_PER_IP": "100000",
             "AETHER_MAX_REQUESTS_PER_CALLER": "100000",
+            "AETHER_MAX_MESSAGES_PER_SECOND": "100000",
+            "AETHER_ECHO_TOKEN_DELAY_S": "0",
             "AETHER_DB_PATH": str(DB_DIR / f"history-{port}.sqlite3"),
             "AETHER_HISTORY": "false" if name == "aether-no-history" else "true",
         }
+    elif name == "hypercorn-asgi":
+        argv = [PY, "scripts/bench/hypercorn_asgi.py", "--port", str(port)]
+        env = {}
     elif name == "trio-websocket":
         argv = [PY, "scripts/bench/trio_ws_relay.py", "--port", str(port)]
-        argv += ["--upstream", upstream_url]
+        argv += ["--upstream", upstream_url or ""]
         env = {}
     elif name == "fastapi-uvicorn":
         argv = [PY, "-m", "uvicorn", "fastapi_relay:app", "--app-dir", "scripts/bench"]
         argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
-        env = {"AETHER_BENCH_UPSTREAM": upstream_url}
+        env = {"AETHER_BENCH_UPSTREAM": upstream_url} if upstream_url else {}
     else:
         raise ValueError(name)
     return await start_process(name, argv, port, env)
@@ -467,10 +496,10 @@ async def sample_rss(process: Process | None, peak: list[int]) -> None:
 
 
 async def measure(
-    server: str, upstream: Process, streams: int, workload: Workload
+    server: str, upstream: Process, streams: int, workload: Workload, log_level: str
 ) -> dict[str, Any]:
     upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
-    process = None if server == "direct" else await start_server(server, upstream_url)
+    process = None if server == "direct" else await start_server(server, upstream_url, log_level)
     try:
         url = upstream_url
         if process is not None:
@@ -508,9 +537,11 @@ async def measure(
     return summary
 
 
-async def measure_idle(server: str, upstream: Process, connections: int) -> dict[str, Any]:
+async def measure_idle(
+    server: str, upstream: Process, connections: int, log_level: str
+) -> dict[str, Any]:
     """Open ``connections`` WebSockets that wait after ``hello``; the server's RSS per one."""
-    process = await start_server(server, f"http://127.0.0.1:{upstream.port}/v1")
+    process = await start_server(server, f"http://127.0.0.1:{upstream.port}/v1", log_level)
     url = f"ws://127.0.0.1:{process.port}/ws"
     try:
         before = process.psutil.memory_info().rss
@@ -543,6 +574,223 @@ async def measure_idle(server: str, upstream: Process, connections: int) -> dict
         "rss_per_connection_kib": (after - before) / 1024 / connections,
         "terminals": {"open": connections},
     }
+
+
+@dataclass(frozen=True)
+class Route:
+    """One request of the chat-cost workload, and how to tell that it succeeded."""
+
+    label: str
+    method: str
+    path: str
+    body: Callable[[str], Any] | None = None
+    ok: Callable[[bytes], bool] = lambda _body: True
+
+
+def chat_body(message: str) -> dict[str, str]:
+    return {"message": message, "path": "echo"}
+
+
+def completions_body(message: str) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": message}]}
+
+
+ROUTES = {
+    "health": Route("GET /health", "GET", "/health"),
+    "chat": Route(
+        "POST /v1/chat",
+        "POST",
+        "/v1/chat",
+        chat_body,
+        lambda body: orjson.loads(body).get("status") == "completed",
+    ),
+    "chat-completions": Route(
+        "POST /v1/chat/completions",
+        "POST",
+        "/v1/chat/completions",
+        completions_body,
+        lambda body: bool(orjson.loads(body).get("choices")),
+    ),
+    "chat-stream": Route(
+        "POST /v1/chat/stream",
+        "POST",
+        "/v1/chat/stream",
+        chat_body,
+        lambda body: b'"type":"completion"' in body,
+    ),
+    "ws-chat": Route("WS chat", "WS", "/ws"),
+}
+
+
+class KeepAliveClient:
+    """Sequential HTTP/1.1 requests on one connection (h11 on a Trio socket, like
+    ``post_lines``: the load client shares the machine with the server it measures)."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._host = f"127.0.0.1:{port}"
+        self._stream: trio.SocketStream | None = None
+        self._conn = h11.Connection(h11.CLIENT)
+
+    async def _connected(self) -> trio.SocketStream:
+        if self._stream is None:
+            self._stream = await trio.open_tcp_stream("127.0.0.1", self._port)
+            self._conn = h11.Connection(h11.CLIENT)
+        return self._stream
+
+    async def request(self, method: str, path: str, body: Any) -> tuple[int, bytes]:
+        """Send one request and read its whole answer; returns the status and the body."""
+        stream = await self._connected()
+        conn = self._conn
+        headers = [("host", self._host)]
+        payload = b""
+        if body is not None:
+            payload = orjson.dumps(body)
+            headers += [("content-type", "application/json")]
+            headers += [("content-length", str(len(payload)))]
+        data = conn.send(h11.Request(method=method, target=path, headers=headers)) or b""
+        if payload:
+            data += conn.send(h11.Data(data=payload)) or b""
+        await stream.send_all(data + (conn.send(h11.EndOfMessage()) or b""))
+        status = 0
+        parts: list[bytes] = []
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                parts.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                raise h11.RemoteProtocolError("the server closed the connection")
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:  # the server said Connection: close
+            await self.aclose()
+        return status, b"".join(parts)
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+
+
+@dataclass
+class CostTally:
+    ok: int = 0
+    failed: int = 0
+
+
+async def http_requests(
+    port: int, route: Route, message: str, count: int, tally: CostTally
+) -> None:
+    """``count`` requests of ``route``, one after another on one keep-alive connection."""
+    client = KeepAliveClient(port)
+    body = route.body(message) if route.body is not None else None
+    try:
+        for _ in range(count):
+            status, answer = await client.request(route.method, route.path, body)
+            if status == 200 and route.ok(answer):
+                tally.ok += 1
+            else:
+                tally.failed += 1
+    finally:
+        await client.aclose()
+
+
+async def ws_chats(port: int, tag: str, message: str, count: int, tally: CostTally) -> None:
+    """``count`` chats, one after another, over one open WebSocket."""
+    async with (
+        trio.open_nursery(),  # trio-websocket#184: each connection in its own nursery
+        open_websocket_url(f"ws://127.0.0.1:{port}/ws") as ws,
+    ):
+        await ws.get_message()  # hello
+        for index in range(count):
+            request_id = f"{tag}-{index}"
+            chat = {"type": "chat", "id": request_id, "message": message, "path": "echo"}
+            await ws.send_message(orjson.dumps(chat).decode())
+            while True:
+                reply = orjson.loads(await ws.get_message())
+                if reply.get("id") == request_id and reply.get("type") in TERMINALS:
+                    break
+            if reply["type"] == "completion":
+                tally.ok += 1
+            else:
+                tally.failed += 1
+
+
+async def run_requests(
+    port: int, route: Route, message: str, count: int, connections: int, tag: str
+) -> CostTally:
+    """``count`` requests of ``route`` spread over ``connections`` concurrent connections."""
+    tally = CostTally()
+    async with trio.open_nursery() as nursery:
+        for index in range(connections):
+            share = count // connections + (index < count % connections)
+            if route.method == "WS":
+                nursery.start_soon(ws_chats, port, f"{tag}{index}", message, share, tally)
+            else:
+                nursery.start_soon(http_requests, port, route, message, share, tally)
+    return tally
+
+
+async def measure_chat_cost(
+    server: str, routes: tuple[str, ...], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Server CPU per request of each route: psutil's CPU times of the server process before
+    and after ``--chat-cost-requests`` requests, after ``--chat-cost-warmup`` of them."""
+    process = await start_server(server, None, args.aether_log_level)
+    rows: list[dict[str, Any]] = []
+    try:
+        handle = process.psutil
+        for name in routes:
+            route = ROUTES[name]
+            print(f"  {route.label}", file=sys.stderr)
+            count, connections = args.chat_cost_requests, args.chat_cost_connections
+            with trio.fail_after(CHAT_COST_ROUTE_TIMEOUT_S):
+                await run_requests(
+                    process.port, route, args.chat_cost_message, args.chat_cost_warmup, 1, "w"
+                )
+                before = handle.cpu_times()
+                started = now()
+                tally = await run_requests(
+                    process.port, route, args.chat_cost_message, count, connections, "m"
+                )
+                wall = now() - started
+                after = handle.cpu_times()
+            cpu_s = (after.user - before.user) + (after.system - before.system)
+            rows.append(
+                {
+                    "workload": "chat-cost",
+                    "server": server,
+                    "route": route.label,
+                    "requests": count,
+                    "connections": connections,
+                    "server_cpu_s": cpu_s,
+                    "cpu_ms_per_request": cpu_s / count * 1000,
+                    "wall_ms_per_request": wall / count * 1000 * connections,
+                    "requests_per_s": count / wall,
+                    "failed": tally.failed,
+                    "terminals": {"ok": tally.ok, "failed": tally.failed},
+                }
+            )
+    finally:
+        await process.stop()
+    return rows
+
+
+async def run_chat_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
+    servers = [s for s in args.servers or CHAT_COST_SERVERS if s in CHAT_COST_ROUTES]
+    rows: list[dict[str, Any]] = []
+    for server in servers:
+        print(f"chat-cost {server:16} requests={args.chat_cost_requests}", file=sys.stderr)
+        rows += await measure_chat_cost(server, CHAT_COST_ROUTES[server], args)
+    # Each route's rows together, in the order of ROUTES, servers in the order they ran.
+    order = [route.label for route in ROUTES.values()]
+    return sorted(rows, key=lambda row: order.index(row["route"]))
 
 
 def summarize(
@@ -648,6 +896,8 @@ def cases(args: argparse.Namespace) -> list[Case]:
         chosen.append(
             Case("storm", args.storm_streams, args.paced_tokens, delay, vanish_after_tokens=10)
         )
+    if "chat-cost" in args.workloads:
+        chosen.append(Case("chat-cost", args.chat_cost_connections, 0, 0.0))
     return chosen
 
 
@@ -702,6 +952,13 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("busy after last stream ms", "busy_after_ms", 0),
         ("failed", "failed", 0),
     ],
+    "chat-cost": [
+        ("requests", "requests", 0),
+        ("server cpu ms/request", "cpu_ms_per_request", 3),
+        ("wall ms/request", "wall_ms_per_request", 3),
+        ("requests/s", "requests_per_s", 0),
+        ("failed", "failed", 0),
+    ],
 }
 RATIO_KEY = {
     "capacity": "deltas_per_s",
@@ -709,7 +966,10 @@ RATIO_KEY = {
     "stop": "stop_p99_ms",
     "idle": "rss_per_connection_kib",
     "storm": "upstream_closed_p99_ms",
+    "chat-cost": "cpu_ms_per_request",
 }
+# The column rows are compared within (Aether's row against the others'): streams by default.
+GROUP_KEY = {"chat-cost": "route"}
 
 
 def add_derived(rows: list[dict[str, Any]], paced_rate: float) -> None:
@@ -749,17 +1009,18 @@ def render(rows: list[dict[str, Any]]) -> str:
         if not selected:
             continue
         key = RATIO_KEY[workload]
-        header = ["server", "streams", *[c[0] for c in columns], f"aether / this ({key})"]
+        group = GROUP_KEY.get(workload, "streams")
+        header = ["server", group, *[c[0] for c in columns], f"aether / this ({key})"]
         lines += [f"\n{workload}", "| " + " | ".join(header) + " |"]
         lines.append("|" + "---|" * len(header))
         for row in selected:
             reference = "aether-sse" if row["server"].endswith("-sse") else "aether"
-            same = [r for r in selected if r["streams"] == row["streams"]]
+            same = [r for r in selected if r[group] == row[group]]
             aether = next((r for r in same if r["server"] == reference), None)
             ratio = "-"
             if aether and row[key] and not math.isnan(row[key]) and not math.isnan(aether[key]):
                 ratio = f"{aether[key] / row[key]:.2f}x"
-            cells = [row["server"], str(row["streams"])]
+            cells = [row["server"], str(row[group])]
             cells += [fmt(row[name], digits) for _, name, digits in columns]
             lines.append("| " + " | ".join([*cells, ratio]) + " |")
     return "\n".join(lines)
@@ -768,9 +1029,14 @@ def render(rows: list[dict[str, Any]]) -> str:
 async def main(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     for case in cases(args):
+        if case.workload == "chat-cost":
+            rows += await run_chat_cost(args)  # the echo model: no upstream
+            continue
         upstream = await start_upstream(case.tokens, case.delay_ms)
         try:
-            for server in args.servers:
+            for server in args.servers or SERVERS:
+                if server == "hypercorn-asgi":
+                    continue  # it answers chat-cost's routes only
                 if case.workload in ("stop", "idle", "storm") and server == "direct":
                     continue
                 if server.endswith("-sse") and case.workload not in SSE_WORKLOADS:
@@ -780,7 +1046,9 @@ async def main(args: argparse.Namespace) -> None:
                     continue
                 print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
                 if case.workload == "idle":
-                    summary = await measure_idle(server, upstream, case.streams)
+                    summary = await measure_idle(
+                        server, upstream, case.streams, args.aether_log_level
+                    )
                 else:
                     workload = Workload(
                         case.stop_after_tokens,
@@ -788,7 +1056,9 @@ async def main(args: argparse.Namespace) -> None:
                         case.stagger_s,
                         case.vanish_after_tokens,
                     )
-                    summary = await measure(server, upstream, case.streams, workload)
+                    summary = await measure(
+                        server, upstream, case.streams, workload, args.aether_log_level
+                    )
                 rows.append({"workload": case.workload, "server": server, **summary})
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
         finally:
@@ -810,13 +1080,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         type=lambda t: t.split(","),
-        default=list(SERVERS),
-        help=f"comma-separated, from {', '.join(SERVERS + OPTIONAL_SERVERS)}",
+        help=f"comma-separated, from {', '.join(SERVERS + OPTIONAL_SERVERS)} (default: "
+        f"{', '.join(SERVERS)}; for chat-cost: {', '.join(CHAT_COST_SERVERS)})",
     )
     parser.add_argument(
         "--workloads",
         type=lambda t: t.split(","),
-        default=["capacity", "paced", "stop", "idle", "storm"],
+        default=list(STREAM_WORKLOADS),
+        help=f"comma-separated, from {', '.join(STREAM_WORKLOADS)}, chat-cost",
     )
     parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 50, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
@@ -838,6 +1109,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1000,
         help="more streams than this run for Aether alone (idle connections excepted)",
+    )
+    parser.add_argument("--chat-cost-requests", type=int, default=2000, help="per route")
+    parser.add_argument("--chat-cost-warmup", type=int, default=200, help="per route, unmeasured")
+    parser.add_argument(
+        "--chat-cost-connections",
+        type=int,
+        default=1,
+        help="keep-alive connections (or WebSockets) the requests are spread over",
+    )
+    parser.add_argument("--chat-cost-message", default="hello world", help="what each chat says")
+    parser.add_argument(
+        "--aether-log-level",
+        default="WARNING",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Aether's log level (its default is INFO)",
     )
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser.parse_args(argv)

@@ -10,13 +10,22 @@ jobs: [benchmarking]
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
+# The tokens of Aether's echo model: the message, split before each run of spaces.
+_ECHO_TOKEN = re.compile(r"\s*\S+")
+
 
 def upstream_body(message: str, model: str) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": message}], "stream": True}
+
+
+def echo_tokens(message: str) -> list[str]:
+    """What the echo path streams: the message back, token by token (as Aether's echo)."""
+    return _ECHO_TOKEN.findall(message) or [message]
 
 
 def delta_from_line(line: str) -> str | None:
