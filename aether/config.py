@@ -115,6 +115,16 @@ class Settings(BaseModel):
         description="Agentic path: interpreters kept at once (one per conversation; each that "
         "ran code holds a Python kernel process of about 110 MiB); the least recent is closed.",
     )
+    oi_sandbox: Literal["bwrap", "none"] = Field(
+        "bwrap",
+        description="Agentic path: run approved code in a bubblewrap sandbox (bwrap), or 'none': "
+        "with the server's rights, environment and files (dangerous).",
+    )
+    oi_sandbox_network: bool = Field(
+        False,
+        description="Agentic path: let sandboxed code use the network (on anyway with "
+        "search_url, for web search).",
+    )
     search_url: str | None = Field(
         None,
         description="Agentic path: a SearxNG-style search API (GET ?q=...&format=json) that "

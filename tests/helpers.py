@@ -43,6 +43,10 @@ def fresh_db_path() -> Path:
     return _DB_DIR / f"{uuid.uuid4().hex}.sqlite3"
 
 
+# Code the model writes runs in bubblewrap's sandbox (scripts/test installs it).
+NEEDS_BWRAP = pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"
+)
 # Tests of the agentic path run the real open-interpreter package, whose Jupyter kernel libraries
 # warn (deprecations, zmq sockets closed by the GC): warnings turned into errors would break the
 # kernel itself.
