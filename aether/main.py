@@ -42,6 +42,8 @@ from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
 from aether.core.history.sqlite import prepare_database
 from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.interpreter import agentic_path_enabled
+from aether.core.runtime.sandbox import require_sandbox
 from aether.logs import configure_logging
 from aether.server.worker import serve_app
 from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
@@ -279,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
+        if agentic_path_enabled(settings):
+            require_sandbox(settings)
     except ConfigError as exc:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2

@@ -49,9 +49,11 @@ NEEDS_BWRAP = pytest.mark.skipif(
 )
 # Tests of the agentic path run the real open-interpreter package, whose Jupyter kernel libraries
 # warn (deprecations, zmq sockets closed by the GC): warnings turned into errors would break the
-# kernel itself.
+# kernel itself. Its approved code runs in the sandbox (the default): without bwrap, they are
+# skipped too.
 OI_MARKS = (
     pytest.mark.skipif(find_spec("interpreter") is None, reason="the oi extra is not installed"),
+    NEEDS_BWRAP,
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     # Importing it imports python-multipart's old module name, which warns since 0.0.34.
     pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),

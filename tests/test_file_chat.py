@@ -45,7 +45,8 @@ async def test_a_file_sent_over_the_websocket_is_opened_by_the_agent(fake_llm: F
             stored = await send_file(client, "../../etc/cities.csv", DATA, conversation_id="c-f1")
             files = server.state.engine.file_chat.files
             path = (await files.stored(ANONYMOUS, "c-f1"))[0].path
-            code = f"print(open({str(path)!r}).read().splitlines()[1])\n"
+            # The code runs in the sandbox, where the conversation's directory is /workspace.
+            code = "print(open('/workspace/cities.csv').read().splitlines()[1])\n"
             fake_llm.script(
                 Behaviour(reply=("Reading it.\n", "```", "python\n", code, "```", "\n")),
                 Behaviour(reply="Lyon comes first."),
@@ -66,7 +67,7 @@ async def test_a_file_sent_over_the_websocket_is_opened_by_the_agent(fake_llm: F
     assert path.read_bytes() == DATA
     assert path.name == "cities.csv"
     told = fake_llm.streams[0].request["messages"][-1]["content"]
-    assert str(path.parent) in told
+    assert "in the directory /workspace:" in told
     assert "cities.csv" in told
     assert told.endswith("first city?")
     assert assert_stream_invariants(messages)["type"] == "completion"

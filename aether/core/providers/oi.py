@@ -99,9 +99,8 @@ class OIProvider:
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
-        # Conversation ids are per caller: two callers' "c1" are two conversations.
-        conversation_key = f"{request.owner}\0{request.conversation_id or request.id}"
-        async with self._manager.turn(conversation_key, request.history) as instance:
+        conversation_id = request.conversation_id or request.id
+        async with self._manager.turn(request.owner, conversation_id, request.history) as instance:
             await self._turn(instance, request, send)
 
     async def _turn(
@@ -110,7 +109,8 @@ class OIProvider:
         message = request.message
         if self._files is not None and request.conversation_id is not None:
             stored = await self._files.stored(request.owner, request.conversation_id)
-            message = describe_files(stored, message)
+            directory = self._manager.files_directory(request.owner, request.conversation_id)
+            message = describe_files(stored, message, directory)
         model_stream = _ModelStream()
         self._track_model_stream(instance, model_stream)
         gate = self._approval_for(request)

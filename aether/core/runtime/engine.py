@@ -47,10 +47,11 @@ from aether.core.providers.upstream_client import upstream_client
 from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
 from aether.core.runtime.file_chat import FileChat
-from aether.core.runtime.interpreter import InterpreterManager, oi_installed
+from aether.core.runtime.interpreter import InterpreterManager, agentic_path_enabled
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.relay import StreamRelay
 from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
+from aether.core.runtime.sandbox import require_sandbox
 from aether.core.runtime.streaming import ChatStreamer
 
 log = logging.getLogger(__name__)
@@ -128,10 +129,20 @@ class RuntimeEngine:
     def history(self) -> HistoryStore | None:
         return self._history
 
-    def _oi_provider(self) -> OIProvider | None:
-        if not (self.settings.model_configured and oi_installed()):
+    async def _oi_provider(self) -> OIProvider | None:
+        if not agentic_path_enabled(self.settings):
             return None
-        self._interpreters = InterpreterManager(self.settings)
+        sandbox = await trio.to_thread.run_sync(require_sandbox, self.settings)
+        if sandbox is not None:
+            network = "on" if sandbox.network else "off"
+            log.info("approved code runs in a bubblewrap sandbox (network %s)", network)
+        else:
+            log.warning(
+                "AETHER_OI_SANDBOX=none: approved code runs UNSANDBOXED, with the server's "
+                "rights: it can read the API keys in its environment, the history database and "
+                "every caller's files"
+            )
+        self._interpreters = InterpreterManager(self.settings, self.file_chat.files, sandbox)
 
         def approval_for(request: ChatRequest) -> ApprovalGate | None:
             record = self.tracker.get_live(request.id, request.owner)
@@ -154,16 +165,20 @@ class RuntimeEngine:
         record.note(f"code {'approved' if approved else 'denied'} ({confirmation_id})")
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
-        async with upstream_client(self.settings) as client, trio.open_nursery() as nursery:
-            self._streamer = ChatStreamer(self.settings, client, self._oi_provider())
-            self._nursery = nursery
-            log.info("engine started; default path: %s", self._streamer.default_path)
-            task_status.started()
-            await self._stopped.wait()
-            nursery.cancel_scope.cancel()
-        self._nursery = None
-        if self._interpreters is not None:
-            await self._interpreters.close()
+        try:
+            async with upstream_client(self.settings) as client, trio.open_nursery() as nursery:
+                self._streamer = ChatStreamer(self.settings, client, await self._oi_provider())
+                self._nursery = nursery
+                log.info("engine started; default path: %s", self._streamer.default_path)
+                task_status.started()
+                await self._stopped.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Also when the server's lifespan is cancelled while the client closes: the
+            # interpreters' kernels (and their sandboxes) end with the server.
+            self._nursery = None
+            if self._interpreters is not None:
+                await self._interpreters.close()
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.run)

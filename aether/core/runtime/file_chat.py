@@ -20,11 +20,11 @@ from aether.core.files import ConversationFiles, StoredFile, Upload, UploadBatch
 from aether.core.history.store import HistoryStore
 
 
-def describe_files(files: list[StoredFile], message: str) -> str:
-    """The user's message, preceded by where the conversation's files are, for the model."""
+def describe_files(files: list[StoredFile], message: str, directory: str) -> str:
+    """The user's message, preceded by where the conversation's files are, for the model:
+    ``directory`` is where the code it writes finds them (in the sandbox, /workspace)."""
     if not files:
         return message
-    directory = files[0].path.parent
     listing = ", ".join(f"{f.name} ({f.size} bytes)" for f in files)
     return (
         f"[The user uploaded these files to this conversation; they are in the directory "

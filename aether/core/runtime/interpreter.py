@@ -5,6 +5,13 @@ a worker thread), configured by server policy only, kept between the turns of a 
 and terminated (``computer.terminate()``) when evicted or when the server stops. Nothing a client
 sends reaches their settings: ``auto_run`` comes from ``AETHER_OI_AUTO_RUN`` alone.
 
+A conversation is its caller's: instances are kept by (owner, conversation id), since two callers
+may each name a conversation "c1". With the sandbox on (``oi_sandbox``, see
+``aether.core.runtime.sandbox``) an instance's code runs in bubblewrap, with the conversation's
+file directory (``ConversationFiles.directory``) as its only writable place, seen at
+/workspace. Without history, that directory holds nothing worth keeping and goes with the
+instance.
+
 @.architecture
 role: interpreter manager
 jobs: [oi_initialization, settings_configuration, cleanup]
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +31,8 @@ import trio
 
 from aether.config import Settings
 from aether.core.errors import PathUnavailable
+from aether.core.files import ConversationFiles
+from aether.core.runtime.sandbox import WORKSPACE, Sandbox
 from aether.core.runtime.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
 from aether.core.runtime.web_search import web_search_code
 
@@ -40,15 +49,32 @@ def oi_installed() -> bool:
     return find_spec("interpreter") is not None
 
 
+def agentic_path_enabled(settings: Settings) -> bool:
+    """Whether this server offers the agentic path: a model, and the extra installed."""
+    return settings.model_configured and oi_installed()
+
+
+Key = tuple[str, str]  # (owner, conversation id)
+
+
 class InterpreterManager:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, files: ConversationFiles, sandbox: Sandbox | None
+    ) -> None:
         self._settings = settings
         self._max = settings.oi_max_interpreters
-        self._instances: OrderedDict[str, Any] = OrderedDict()
+        self._files = files
+        self._sandbox = sandbox
+        self._instances: OrderedDict[Key, Any] = OrderedDict()
         self._class: Any = None
-        self._turns: dict[str, trio.Lock] = {}  # held by the turn running in a conversation
+        self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
         self.created = 0  # interpreters made so far
-        self._workdir = tempfile.mkdtemp(prefix="aether-oi-")
+
+    def files_directory(self, owner: str, conversation_id: str) -> str:
+        """Where the conversation's files are, as the code the model writes sees them."""
+        if self._sandbox is not None:
+            return WORKSPACE
+        return str(self._files.directory(owner, conversation_id))
 
     async def _interpreter_class(self) -> Any:
         if self._class is None:
@@ -68,50 +94,49 @@ class InterpreterManager:
 
     @asynccontextmanager
     async def turn(
-        self, conversation_id: str, history: tuple[tuple[str, str], ...] = ()
+        self, owner: str, conversation_id: str, history: tuple[tuple[str, str], ...] = ()
     ) -> AsyncIterator[Any]:
         """The conversation's interpreter, for one turn: created on first use (from the
         conversation's stored ``history``, after a restart or once an idle one was closed).
 
         An interpreter is not safe for two turns at once, so a conversation's turns take it one
         at a time: a turn that starts while another runs waits (cancellably) for it to end."""
-        lock = self._turns.setdefault(conversation_id, trio.Lock())
+        key = (owner, conversation_id)
+        lock = self._turns.setdefault(key, trio.Lock())
         try:
             async with lock:
-                yield await self._get_or_create(conversation_id, history)
+                yield await self._get_or_create(key, history)
         finally:
             if not lock.locked():
-                del self._turns[conversation_id]
+                del self._turns[key]
 
-    def _in_use(self, conversation_id: str) -> bool:
-        lock = self._turns.get(conversation_id)
+    def _in_use(self, key: Key) -> bool:
+        lock = self._turns.get(key)
         return lock is not None and lock.locked()
 
-    async def _get_or_create(
-        self, conversation_id: str, history: tuple[tuple[str, str], ...]
-    ) -> Any:
-        instance = self._instances.get(conversation_id)
+    async def _get_or_create(self, key: Key, history: tuple[tuple[str, str], ...]) -> Any:
+        instance = self._instances.get(key)
         if instance is not None:
-            self._instances.move_to_end(conversation_id)
+            self._instances.move_to_end(key)
             return instance
         cls = await self._interpreter_class()
-        created: Any = await trio.to_thread.run_sync(self._create, cls)
+        created: Any = await trio.to_thread.run_sync(self._create, cls, key)
         self.created += 1
         created.messages = [
             {"role": role, "type": "message", "content": content}
             for role, content in history
             if role in ("user", "assistant")
         ]
-        self._instances[conversation_id] = created
+        self._instances[key] = created
         # Close the least recently used beyond the cap, but never one a turn is using: the cap
         # is then exceeded until those turns end and a later creation closes them.
-        idle = [cid for cid in self._instances if not self._in_use(cid)]
-        for cid in idle[: max(0, len(self._instances) - self._max)]:
-            if cid != conversation_id:
-                await trio.to_thread.run_sync(self._terminate, self._instances.pop(cid))
+        idle = [other for other in self._instances if not self._in_use(other)]
+        for other in idle[: max(0, len(self._instances) - self._max)]:
+            if other != key:
+                await trio.to_thread.run_sync(self._close, other, self._instances.pop(other))
         return created
 
-    def _create(self, cls: Any) -> Any:
+    def _create(self, cls: Any, key: Key) -> Any:
         s = self._settings
         instance = cls()
         instance.auto_run = s.oi_auto_run
@@ -127,21 +152,26 @@ class InterpreterManager:
         instance.llm.context_window = s.oi_context_window
         instance.llm.max_tokens = s.oi_max_tokens
         instance.computer.import_computer_api = False
+        if self._sandbox is not None:
+            from aether.core.providers.oi_sandbox import confine
+
+            confine(instance, self._sandbox, self._files.directory(*key))
         search = web_search_code(s)
         if search is not None:
             instance.custom_instructions = SEARCH_INSTRUCTIONS
             instance.computer.run("python", search)
         return instance
 
-    @staticmethod
-    def _terminate(instance: Any) -> None:
+    def _close(self, key: Key, instance: Any) -> None:
         try:
             instance.computer.terminate()
         except Exception:
             log.exception("terminating an interpreter failed")
+        if self._sandbox is not None and not self._settings.history:
+            shutil.rmtree(self._files.directory(*key), ignore_errors=True)
 
     async def close(self) -> None:
         with trio.CancelScope(shield=True):
             while self._instances:
-                _, instance = self._instances.popitem()
-                await trio.to_thread.run_sync(self._terminate, instance)
+                key, instance = self._instances.popitem()
+                await trio.to_thread.run_sync(self._close, key, instance)
