@@ -9,7 +9,10 @@ Starts the fake upstream and ``python -m aether --provider oi`` as processes on 
   p50/max, against the same figures on the HTTP path of the same server (the baseline);
 - ``memory``: ``--conversations`` conversations each get one text turn (an interpreter each, no
   code run) and then one approved ``print`` (a Python kernel each); reports the server's RSS
-  growth per interpreter and the kernels' RSS (separate processes) per conversation.
+  growth per interpreter and the kernels' RSS (separate processes) per conversation;
+- ``sandbox``: with ``AETHER_OI_SANDBOX=bwrap`` and then ``none``, the first turn of
+  ``--conversations`` new conversations: chat -> first token, and approve -> the code's first
+  output (the conversation's kernel starts then), as p50/max, after one warm-up conversation.
 
     python scripts/bench_oi.py                 # about a minute on 2 cores
 
@@ -43,7 +46,7 @@ from bench_stream import DB_DIR, PY, Process, free_port, start_process
 CODE_REPLY = ("Here.\n", "```", "python\n", "print('ok')\n", "```", "\n")
 
 
-async def start_aether(upstream_url: str) -> Process:
+async def start_aether(upstream_url: str, sandbox: str = "bwrap") -> Process:
     port = free_port()
     argv = [PY, "-m", "aether", "--port", str(port), "--provider", "oi"]
     argv += ["--llm-base-url", upstream_url, "--llm-model", "fake-model", "--log-level", "WARNING"]
@@ -51,6 +54,7 @@ async def start_aether(upstream_url: str) -> Process:
         "AETHER_RATE_LIMIT_EXEMPT_IPS": "127.0.0.1",
         "AETHER_DB_PATH": str(DB_DIR / f"oi-{port}.sqlite3"),
         "AETHER_OI_AUTO_RUN": "false",
+        "AETHER_OI_SANDBOX": sandbox,
     }
     return await start_process("aether-oi", argv, port, env)
 
@@ -102,7 +106,11 @@ async def measure_stops(aether: Process, upstream: Process, stops: int) -> dict[
 
 
 def kernels_rss(process: psutil.Process) -> tuple[int, int]:
-    children = [c for c in process.children(recursive=True) if "ipykernel" in " ".join(c.cmdline())]
+    children = [
+        c
+        for c in process.children(recursive=True)
+        if "ipykernel" in " ".join(c.cmdline()) and c.name() != "bwrap"
+    ]
     return len(children), sum(c.memory_info().rss for c in children)
 
 
@@ -166,6 +174,53 @@ async def measure_memory(aether: Process, conversations: int) -> dict[str, Any]:
     }
 
 
+async def first_turn(ws: Any, conversation: str) -> tuple[float, float]:
+    """A new conversation's first turn, its code approved: (chat -> first token, approve ->
+    the code's first output), in ms."""
+    request_id = f"{conversation}-run"
+    chat = {"type": "chat", "id": request_id, "message": "run", "conversation_id": conversation}
+    sent = time.monotonic()
+    await ws.send_message(json.dumps({**chat, "path": "oi"}))
+    first_token = approved = output = None
+    answered = False
+    while True:
+        reply = json.loads(await ws.get_message())
+        if reply.get("id") != request_id:
+            continue
+        if first_token is None and reply.get("type") == "message" and reply.get("content"):
+            first_token = time.monotonic()
+        if reply.get("type") == "confirmation":
+            # The fake model proposes code after every output: only the first one runs.
+            await ws.send_message(
+                json.dumps({"type": "approve", "id": request_id, "approved": not answered})
+            )
+            approved, answered = approved or time.monotonic(), True
+        if output is None and reply.get("type") == "console" and reply.get("content"):
+            output = time.monotonic()
+        if reply.get("type") in ("completion", "stopped", "error"):
+            break
+    if first_token is None or approved is None or output is None:
+        raise RuntimeError(f"{conversation}: the turn ended without code output: {reply}")
+    return (first_token - sent) * 1000, (output - approved) * 1000
+
+
+async def measure_sandbox(aether: Process, conversations: int) -> dict[str, float]:
+    async with open_websocket_url(f"ws://127.0.0.1:{aether.port}/ws") as ws:
+        await ws.get_message()
+        await first_turn(ws, "warm-up")  # imports OI and starts a first kernel
+        tokens, outputs = [], []
+        for index in range(conversations):
+            token_ms, output_ms = await first_turn(ws, f"sandbox-{index}")
+            tokens.append(token_ms)
+            outputs.append(output_ms)
+    return {
+        "first_token_p50_ms": statistics.median(tokens),
+        "first_token_max_ms": max(tokens),
+        "first_output_p50_ms": statistics.median(outputs),
+        "first_output_max_ms": max(outputs),
+    }
+
+
 async def start_upstream(*extra: str) -> Process:
     port = free_port()
     argv = [PY, "-m", "aether.testing.fake_llm", "--port", str(port), *extra]
@@ -190,6 +245,14 @@ async def main(args: argparse.Namespace) -> None:
             memory = await measure_memory(aether, args.conversations)
         finally:
             await aether.stop()
+        sandboxes = {}
+        for sandbox in ("bwrap", "none"):
+            print(f"sandbox  {sandbox}: {args.conversations} first turns", file=sys.stderr)
+            aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1", sandbox)
+            try:
+                sandboxes[sandbox] = await measure_sandbox(aether, args.conversations)
+            finally:
+                await aether.stop()
     finally:
         await upstream.stop()
     machine = f"{platform.node()}: {psutil.cpu_count()} cores, Python {platform.python_version()}"
@@ -207,9 +270,16 @@ async def main(args: argparse.Namespace) -> None:
         f"{memory['server_kib_per_interpreter_with_kernel']:,.0f} KiB once each ran code; "
         f"{memory['kernels_started']} Python kernels, {memory['kernel_mib_each']:.1f} MiB each"
     )
+    print("\n| sandbox | first token p50 ms | max | approve -> first output p50 ms | max |")
+    print("|---|---|---|---|---|")
+    for sandbox, row in sandboxes.items():
+        print(
+            f"| {sandbox} | {row['first_token_p50_ms']:.0f} | {row['first_token_max_ms']:.0f} | "
+            f"{row['first_output_p50_ms']:.0f} | {row['first_output_max_ms']:.0f} |"
+        )
     if args.json:
         await trio.Path(args.json).write_text(
-            json.dumps({"stops": stops, "memory": memory}, indent=2)
+            json.dumps({"stops": stops, "memory": memory, "sandbox": sandboxes}, indent=2)
         )
 
 
