@@ -6,7 +6,11 @@ the `dev` extra (Playwright) enable it. Screenshots are kept in `artifacts/`.
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
+import re
 import shutil
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,9 @@ from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import make_settings, needs_oi, running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+STATIC = ROOT / "aether" / "web" / "static"
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no Chromium: `apt-get install chromium` to run the browser tests",
@@ -33,22 +39,79 @@ LAUNCH_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+DESKTOP = 1000
+NARROW = 360
 
 
-def drive_page(base_url: str, scenario: Any) -> Any:
+def drive_page(
+    base_url: str,
+    scenario: Any,
+    *,
+    width: int = DESKTOP,
+    height: int = 700,
+    bypass_csp: bool = False,
+    clipboard: bool = False,
+) -> Any:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            context = browser.new_context(
+                viewport={"width": width, "height": height},
+                bypass_csp=bypass_csp,
+                permissions=["clipboard-read", "clipboard-write"] if clipboard else [],
+            )
+            page = context.new_page()
             errors: list[str] = []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
             page.goto(base_url + "/")
             result = scenario(page)
             return result, errors
         finally:
             browser.close()
+
+
+def tab_to(page: Any, selector: str, key: str = "Tab", limit: int = 40) -> None:
+    """Press Tab (or Shift+Tab) until the focus is on `selector`, as a keyboard user would."""
+    for _ in range(limit):
+        page.keyboard.press(key)
+        if page.evaluate("(s) => document.activeElement.matches(s)", selector):
+            return
+    raise AssertionError(f"{key} never reached {selector}")
+
+
+def last_line(page: Any) -> dict[str, float]:
+    """Where the transcript's last element is, against the transcript and the composer."""
+    return page.evaluate(
+        """() => {
+            const t = document.getElementById("transcript");
+            const view = t.getBoundingClientRect();
+            const composer = document.getElementById("composer").getBoundingClientRect();
+            let node = document.getElementById("turns").lastElementChild;
+            while (node.lastElementChild) node = node.lastElementChild;
+            const box = node.getBoundingClientRect();
+            return {
+                top: box.top, bottom: box.bottom, view_top: view.top, view_bottom: view.bottom,
+                composer_top: composer.top, composer_bottom: composer.bottom,
+                window: window.innerHeight,
+                unscrolled: t.scrollHeight - t.scrollTop - t.clientHeight,
+            };
+        }"""
+    )
+
+
+def assert_in_view(where: dict[str, float]) -> None:
+    assert where["view_top"] <= where["top"] + 1
+    assert where["bottom"] <= where["view_bottom"] + 1, where
+    assert where["view_bottom"] <= where["composer_top"] + 1, where
+    assert where["composer_bottom"] <= where["window"] + 1, where
+    assert where["unscrolled"] <= 1, where
+
+
+def http_settings(fake: FakeLLM) -> Any:
+    return make_settings(provider="http", llm_base_url=fake.base_url, llm_model="fake-model")
 
 
 async def test_chat_streams_and_stop_ends_it_in_a_browser() -> None:
@@ -69,10 +132,10 @@ async def test_chat_streams_and_stop_ends_it_in_a_browser() -> None:
         page.click("#stop")
         page.wait_for_selector("article.assistant[data-state='(stopped)']")
         stopped = page.inner_text("article.assistant >> nth=1")
-        page.wait_for_selector("#conversations li button")
-        titles = page.locator("#conversations li button").all_inner_texts()
+        page.wait_for_selector("#conversations li button.open")
+        titles = page.locator("#conversations li button.open").all_inner_texts()
         ARTIFACTS.mkdir(exist_ok=True)
-        expect(page.locator("#conversations li button").first).to_be_visible()
+        expect(page.locator("#conversations li button.open").first).to_be_visible()
         page.screenshot(path=str(ARTIFACTS / "web-chat.png"), full_page=True)
         return {"first": first, "stopped": stopped, "titles": titles}
 
@@ -128,6 +191,9 @@ async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: F
         # first agentic turn imports Open Interpreter and starts a kernel, seconds on a busy VM.
         expect(approve).to_be_focused(timeout=45_000)
         proposed = page.locator("article.assistant pre.code").all_inner_texts()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-confirm-narrow.png"))
+        expect(approve).to_be_focused()
         page.keyboard.press("Enter")
         page.wait_for_selector("article.assistant[data-state='done']")
         console = page.inner_text("article.assistant pre.console")
@@ -189,4 +255,445 @@ async def test_the_page_says_it_lost_the_connection_and_reconnects() -> None:
             result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
     assert result["lost"].startswith("Disconnected")
     assert result["answer"] == "still there?"
+    assert errors == []
+
+
+def _vendor_sums() -> dict[str, str]:
+    readme = (STATIC / "vendor" / "README.md").read_text()
+    return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M)}
+
+
+async def test_the_vendored_libraries_are_served_as_pinned_and_nothing_else_is() -> None:
+    sums = _vendor_sums()
+    shipped = sorted(
+        str(path.relative_to(STATIC))
+        for path in STATIC.rglob("*")
+        if path.is_file() and path.name != "README.md"
+    )
+    html = (STATIC / "index.html").read_text()
+    referenced = re.findall(r'(?:src|href)="/static/([^"]+)"', html)
+    probes = [
+        "/static/vendor/README.md",
+        "/static/vendor/../app.js",
+        "/static/vendor/%2e%2e/app.js",
+        "/static/vendor/..%2F..%2F..%2Fapi%2Fweb.py",
+        "/static/vendor%2Fpurify.min.js",
+        "/static/..%2Fapi%2Fweb.py",
+        "/static/vendor/",
+        "/static/vendor/index.html",
+    ]
+    with trio.fail_after(20):
+        async with (
+            running_server(make_settings(provider="echo")) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            served = {
+                name: await client.get("/static/" + name if name != "index.html" else "/")
+                for name in shipped
+            }
+            refused = {probe: await client.get(probe) for probe in probes}
+    assert set(referenced) <= set(shipped)
+    assert {"vendor/markdown-it.umd.min.js", "vendor/purify.min.js"} <= set(referenced)
+    for name, response in served.items():
+        assert response.status_code == 200, name
+        assert response.content == (STATIC / name).read_bytes()
+        assert "unsafe" not in response.headers["content-security-policy"]
+        expected = {
+            ".js": "text/javascript",
+            ".css": "text/css",
+            ".txt": "text/plain",
+            ".html": "text/html",
+        }
+        suffix = Path(name).suffix
+        assert response.headers["content-type"].startswith(expected[suffix]), name
+    # The libraries are the pinned builds the vendor README names.
+    assert set(sums) == {Path(n).name for n in referenced if n.startswith("vendor/")}
+    for name, digest in sums.items():
+        assert hashlib.sha256((STATIC / "vendor" / name).read_bytes()).hexdigest() == digest
+    listed = {response.content for response in served.values()}
+    for probe, response in refused.items():
+        # Whatever a path says, only the listed files answer (a client that resolves "../" or
+        # "%2F" itself asks for one of them).
+        assert response.status_code == 404 or response.content in listed, probe
+    assert refused["/static/vendor/README.md"].status_code == 404
+    assert refused["/static/..%2Fapi%2Fweb.py"].status_code == 404
+    # The wheel ships every one of them.
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["aether.web"]
+    for name in shipped:
+        assert any(fnmatch.fnmatch("static/" + name, glob) for glob in globs), name
+
+
+MARKDOWN_ANSWER = (
+    "# Plan\n\n"
+    "Here is **the plan**, with `inline code` and a [documented link](https://example.com/docs).\n\n"
+    "1. First step\n2. Second step\n3. Third step\n\n"
+    "| name | value |\n|:--|--:|\n| answer | 42 |\n\n"
+    "```python\ndef add(a, b):\n    return a + b\n```\n\n"
+    + "".join(
+        f"Step {i}: one more line of a long answer that has to scroll.\n\n" for i in range(40)
+    )
+    + "The end."
+)
+
+
+@pytest.mark.parametrize("width", [DESKTOP, NARROW])
+async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, width: int) -> None:
+    fake_llm.script(Behaviour(reply=MARKDOWN_ANSWER, piece_chars=8, delay_s=0.015))
+
+    from playwright.sync_api import expect
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.fill("#message", "make a plan")
+        page.keyboard.press("Enter")
+        answer = page.locator("article.assistant")
+        # Rendered while it streams: the heading, the list and the highlighted code are there
+        # before the answer ends.
+        expect(answer.locator(".hljs-keyword").first).to_have_text("def")
+        expect(answer.locator("p", has_text="Step 5:")).to_be_visible()
+        streaming = answer.get_attribute("aria-busy") == "true"
+        during = last_line(page)
+        page.screenshot(path=str(ARTIFACTS / f"web-markdown-{width}.png"))
+        # The reader scrolls up: the page stops following, offers a way back, and keeps the
+        # reader's place while the answer goes on.
+        page.hover("#transcript")
+        page.mouse.wheel(0, -300)
+        expect(page.locator("#jump")).to_be_visible()
+        expect(answer.locator("p", has_text="Step 25:")).to_be_visible()
+        held = last_line(page)
+        page.click("#jump")
+        page.wait_for_selector("article.assistant[data-state='done']")
+        after = last_line(page)
+        code_box = answer.locator(".codeblock").first
+        code_box.locator("button.copy").focus()
+        page.keyboard.press("Enter")
+        expect(code_box.locator("button.copy .said")).to_have_text("Copied")
+        copied = page.evaluate("() => navigator.clipboard.readText()")
+        link = answer.locator("a", has_text="documented link")
+        return {
+            "streaming": streaming,
+            "during": during,
+            "held": held,
+            "after": after,
+            "heading": answer.locator(".md h2").inner_text(),
+            "items": answer.locator(".md ol li").all_inner_texts(),
+            "cells": answer.locator(".md td").all_inner_texts(),
+            "right": answer.locator(".md td.align-right").all_inner_texts(),
+            "code": code_box.locator("pre code").inner_text(),
+            "language": code_box.locator(".code-head .lang").inner_text(),
+            "copied": copied,
+            "link": [link.get_attribute(a) for a in ("href", "target", "rel")],
+            "inline_code": answer.locator(".md p code").first.inner_text(),
+            "meta": answer.locator(".who").inner_text(),
+            "label": answer.get_attribute("aria-label"),
+            "user_label": page.locator("article.user").get_attribute("aria-label"),
+            "you": page.locator("article.user .who").inner_text(),
+        }
+
+    with trio.fail_after(60):
+        async with running_server(http_settings(fake_llm)) as server:
+            result, errors = await trio.to_thread.run_sync(
+                lambda: drive_page(server.base_url, scenario, width=width, clipboard=True)
+            )
+    assert result["streaming"]
+    assert result["heading"] == "Plan"
+    assert result["items"] == ["First step", "Second step", "Third step"]
+    assert result["cells"] == ["answer", "42"]
+    assert result["right"] == ["42"]
+    assert result["code"].rstrip("\n") == "def add(a, b):\n    return a + b"
+    assert result["language"] == "python"
+    assert result["copied"].rstrip("\n") == "def add(a, b):\n    return a + b"
+    assert result["link"] == ["https://example.com/docs", "_blank", "noopener noreferrer"]
+    assert result["inline_code"] == "inline code"
+    # Who answered, and by which path; the two roles read differently.
+    assert "Aether" in result["meta"]
+    assert "via the http path" in result["meta"]
+    assert result["label"] == "Aether, via the http path"
+    assert result["user_label"] == "You"
+    assert result["you"] == "You"
+    # The transcript follows the stream to its last line, above the composer, at this width...
+    assert_in_view(result["during"])
+    # ...but not while the reader has scrolled up...
+    assert result["held"]["unscrolled"] > 100
+    # ...and again once asked to, to the answer's end.
+    assert_in_view(result["after"])
+    assert errors == []
+
+
+# Model output that would run script if the page let it: each payload sets window.__pwned or
+# changes the title. Around them, markdown that must still render.
+HOSTILE_ANSWER = """# Safe heading
+
+- item one
+- item **two**
+
+A [documented link](https://example.com/docs) and `inline code`.
+
+<script>window.__pwned = "script"; document.title = "pwned"</script>
+
+<img src="x" onerror="window.__pwned = 'img'; document.title = 'pwned'">
+
+[click me](javascript:window.__pwned='link') [case](JaVaScRiPt:window.__pwned='case')
+[entity](jav&#x09;ascript:window.__pwned='entity') <javascript:window.__pwned='autolink'>
+[data](data:text/html;base64,PHNjcmlwdD53aW5kb3cuX19wd25lZD0xPC9zY3JpcHQ+)
+
+<a href="javascript:window.__pwned='raw-a'">raw link</a>
+
+<svg onload="window.__pwned = 'svg'; document.title = 'pwned'"></svg>
+
+<svg><script>window.__pwned = 'svg-script'</script></svg>
+
+<iframe src="javascript:top.__pwned='iframe'"></iframe>
+
+<style>body { display: none }</style>
+
+![tracker](https://example.com/pixel.png) ![bad](javascript:window.__pwned='image')
+
+```html
+<script>window.__pwned = "code"</script>
+```
+"""
+# Elements no answer may hold, whatever its text.
+DANGEROUS_TAGS = [
+    "script",
+    "img",
+    "svg",
+    "iframe",
+    "object",
+    "embed",
+    "style",
+    "link",
+    "form",
+    "input",
+    "math",
+    "base",
+    "meta",
+]
+# The same attacks straight at the sanitiser, as a second layer behind markdown-it (which shows
+# HTML as text): what DOMPurify lets through must be just as harmless.
+RAW_HTML = (
+    "<p onclick=\"window.__pwned='attr'\">text</p>"
+    '<a href="javascript:window.__pwned=\'href\'">a</a><a href="/v1/conversations">relative</a>'
+    "<img src=x onerror=\"window.__pwned='img'\"><svg onload=\"window.__pwned='svg'\"></svg>"
+    "<svg><script>window.__pwned='svg-script'</script></svg><math><mi>x</mi></math>"
+    '<form action=https://example.com><input name=q></form><a href="https://ok.example">ok</a>'
+)
+
+
+@pytest.mark.parametrize("csp", ["with-csp", "without-csp"])
+async def test_model_output_cannot_run_script_in_the_page(fake_llm: FakeLLM, csp: str) -> None:
+    """Without the page's policy too: the sanitiser alone must hold, the policy is a second wall."""
+    fake_llm.script(Behaviour(reply=HOSTILE_ANSWER, piece_chars=7))
+
+    def scenario(page: Any) -> dict[str, Any]:
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.fill("#message", "show me everything")
+        page.keyboard.press("Enter")
+        # (Attached, not visible: a payload that hid the page must fail the asserts, not this.)
+        page.wait_for_selector("article.assistant[data-state='done']", state="attached")
+        answer = page.locator("article.assistant")
+        page.screenshot(path=str(ARTIFACTS / f"web-hostile-{csp}.png"), full_page=True)
+        inspected = page.evaluate(
+            """(tags) => {
+                const turns = document.getElementById("turns");
+                const all = Array.from(turns.querySelectorAll("*"));
+                const attributes = (e) => Array.from(e.attributes).map((a) => a.name);
+                return {
+                    pwned: window.__pwned === undefined ? null : String(window.__pwned),
+                    title: document.title,
+                    dangerous: all.map((e) => e.localName).filter((name) => tags.includes(name)),
+                    handlers: all.flatMap((e) => attributes(e)
+                        .filter((name) => name.startsWith("on") || name === "style")
+                        .map((name) => e.localName + "@" + name)),
+                    hrefs: Array.from(turns.querySelectorAll("[href]"), (e) => e.href),
+                    body_visible: getComputedStyle(document.body).display !== "none",
+                };
+            }""",
+            DANGEROUS_TAGS,
+        )
+        sanitized = page.evaluate(
+            """(html) => {
+                const holder = document.createElement("div");
+                holder.append(sanitized(html));
+                return holder.innerHTML;
+            }""",
+            RAW_HTML,
+        )
+        return {
+            **inspected,
+            "sanitized": sanitized,
+            "text": answer.locator(".md").first.inner_text(),
+            "items": answer.locator(".md ul li").all_inner_texts(),
+            "heading": answer.locator(".md h2").inner_text(),
+            "offsite": [url for url in requests if not url.startswith("http://127.0.0.1")],
+        }
+
+    with trio.fail_after(60):
+        async with running_server(http_settings(fake_llm)) as server:
+            result, errors = await trio.to_thread.run_sync(
+                lambda: drive_page(server.base_url, scenario, bypass_csp=csp == "without-csp")
+            )
+    assert result["pwned"] is None
+    assert result["title"] == "Aether"
+    assert result["body_visible"]
+    assert result["dangerous"] == []
+    assert result["handlers"] == []
+    # Every link left is an https one; a picture is a link to it, not loaded.
+    assert result["hrefs"] == ["https://example.com/docs", "https://example.com/pixel.png"]
+    assert result["offsite"] == []
+    # Ordinary markdown still renders; the HTML shows as the text it is.
+    assert result["heading"] == "Safe heading"
+    assert result["items"] == ["item one", "item two"]
+    assert "<script>window.__pwned" in result["text"]
+    assert "<svg onload=" in result["text"]
+    assert "Image: tracker" in result["text"]
+    # The second layer alone: no handler, no script, no svg, no form, no relative link.
+    assert result["sanitized"] == (
+        "<p>text</p><a>a</a><a>relative</a>"
+        '<a href="https://ok.example" target="_blank" rel="noopener noreferrer">ok</a>'
+    )
+    # Nothing was even refused by the page's policy: the payloads never reached the DOM.
+    assert errors == []
+
+
+async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(status=503), Behaviour(reply="All **good** now."))
+
+    from playwright.sync_api import expect
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.wait_for_selector("#status:has-text('Connected')")
+        expect(page.locator("#empty-path")).to_contain_text("http path")
+        page.screenshot(path=str(ARTIFACTS / "web-empty.png"))
+        empty = page.locator("#empty").inner_text()
+        paths = page.locator("#path option").all_inner_texts()
+        page.fill("#message", "hello")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("article.assistant[data-state='error']")
+        error = page.locator("article.assistant .note.error")
+        page.screenshot(path=str(ARTIFACTS / "web-error.png"))
+        failed = {"text": error.inner_text(), "role": error.get_attribute("role")}
+        page.fill("#message", "again")
+        page.keyboard.press("Enter")
+        second = page.locator("article.assistant").nth(1)
+        expect(second).to_have_attribute("data-state", "done")
+        return {
+            "empty": empty,
+            "empty_hidden": page.locator("#empty").is_hidden(),
+            "paths": paths,
+            "failed": failed,
+            "answer": second.locator(".md").inner_text(),
+            "bold": second.locator(".md strong").inner_text(),
+        }
+
+    with trio.fail_after(60):
+        async with running_server(http_settings(fake_llm)) as server:
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+    assert "Enter" in result["empty"]
+    assert "Esc" in result["empty"]
+    assert "http path" in result["empty"]
+    assert result["empty_hidden"]
+    assert result["paths"][0] == "default (http)"
+    assert "http: the model server" in result["paths"]
+    # The code, what it means and what to try, and the server's own words.
+    assert "upstream_http_error" in result["failed"]["text"]
+    assert "The model server refused the request" in result["failed"]["text"]
+    assert "HTTP 503" in result["failed"]["text"]
+    assert result["failed"]["role"] == "alert"
+    assert result["answer"] == "All good now."
+    assert result["bold"] == "good"
+    assert errors == []
+
+
+async def test_the_keyboard_alone_chats_stops_and_keeps_the_side_panel() -> None:
+    long_message = " ".join(f"w{i}" for i in range(300))
+
+    from playwright.sync_api import expect
+
+    def focused(page: Any, selector: str) -> None:
+        expect(page.locator(selector)).to_be_focused()
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.keyboard.press("Tab")
+        focused(page, "a.skip")
+        page.keyboard.press("Enter")
+        focused(page, "#message")
+        # Send with Enter.
+        page.keyboard.type("first question")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("article.assistant[data-state='done']")
+        # Stop with Esc.
+        page.fill("#message", long_message)
+        page.keyboard.press("Enter")
+        expect(page.locator("article.assistant").nth(1).locator(".body")).to_contain_text("w5 ")
+        page.keyboard.press("Escape")
+        page.wait_for_selector("article.assistant[data-state='(stopped)']")
+        focused(page, "#message")
+        # A new chat, from the side panel.
+        tab_to(page, "#new-chat", "Shift+Tab")
+        page.keyboard.press("Enter")
+        expect(page.locator("#empty")).to_be_visible()
+        focused(page, "#message")
+        page.keyboard.type("second question")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("article.assistant[data-state='done']")
+        expect(page.locator("#conversations li")).to_have_count(2)
+        # Through the list with the arrow keys; Enter opens a conversation.
+        tab_to(page, "#conversations button.open", "Shift+Tab")
+        page.keyboard.press("Home")
+        focused(page, "#conversations li:first-child button.open")
+        page.keyboard.press("ArrowDown")
+        focused(page, "#conversations li:nth-child(2) button.open")
+        page.keyboard.press("Enter")
+        expect(page.locator("article.user .body").first).to_have_text("first question")
+        reopened = page.locator("article.turn").all_inner_texts()
+        focused(page, "#message")
+        # Delete asks first; Esc keeps the conversation.
+        tab_to(page, "#conversations button.open[aria-current='true']", "Shift+Tab")
+        page.keyboard.press("Delete")
+        dialog = page.locator("#confirm-delete")
+        expect(dialog).to_be_visible()
+        focused(page, "#cancel-delete")
+        asked = page.locator("#confirm-delete-text").inner_text()
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        focused(page, "#conversations li:nth-child(2) button.delete")
+        expect(page.locator("#conversations li")).to_have_count(2)
+        # Enter on the delete button, Tab to Delete, Enter: gone, here and on the server.
+        page.keyboard.press("Enter")
+        expect(dialog).to_be_visible()
+        page.keyboard.press("Tab")
+        focused(page, "#do-delete")
+        page.keyboard.press("Enter")
+        expect(page.locator("#conversations li")).to_have_count(1)
+        focused(page, "#conversations li:first-child button.open")
+        return {
+            "reopened": reopened,
+            "asked": asked,
+            "left": page.locator("#conversations button.open").all_inner_texts(),
+            "empty": page.locator("#empty").is_visible(),
+            "turns": page.locator("article.turn").count(),
+        }
+
+    settings = make_settings(provider="echo", echo_token_delay_s=0.02)
+    with trio.fail_after(60):
+        async with running_server(settings) as server:
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+            await server.state.engine.tracker.wait_until_idle()
+            async with httpx.AsyncClient(base_url=server.base_url) as client:
+                stored = (await client.get("/v1/conversations")).json()["conversations"]
+    assert len(result["reopened"]) == 4
+    assert "first question" in result["reopened"][1]
+    assert "(stopped)" in result["reopened"][3]
+    assert "first question" in result["asked"]
+    assert result["left"] == ["second question"]
+    # The open conversation was the one deleted: the page is back to its empty state.
+    assert result["empty"]
+    assert result["turns"] == 0
+    assert [c["title"] for c in stored] == ["second question"]
     assert errors == []
