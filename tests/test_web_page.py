@@ -1,13 +1,15 @@
 """The built-in chat page in a real headless browser (Debian's Chromium driven by Playwright).
 
 Skipped, with a message, where no Chromium is installed: `apt-get install chromium` (Debian) and
-the `dev` extra (Playwright) enable it. Screenshots are kept in `artifacts/`.
+the `dev` extra (Playwright) enable it. Screenshots, and each accessibility audit's full result
+(axe-core, from the copy in `tests/vendor/`), are kept in `artifacts/`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import re
 import shutil
 import tomllib
@@ -25,6 +27,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"
 STATIC = ROOT / "aether" / "web" / "static"
+AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="no Chromium: `apt-get install chromium` to run the browser tests",
@@ -71,6 +74,32 @@ def drive_page(
             return result, errors
         finally:
             browser.close()
+
+
+def audit(page: Any, name: str) -> list[dict[str, Any]]:
+    """Run axe-core on the page as it is now; keep the whole result in `artifacts/axe-<name>.json`
+    and return the serious and critical violations."""
+    if not page.evaluate("() => typeof window.axe === 'object'"):
+        # Evaluated by the driver, not by the page: its policy does not apply (and stays strict).
+        page.evaluate(AXE.read_text())
+    result = page.evaluate(
+        """async () => {
+            const r = await axe.run(document, {resultTypes: ["violations"]});
+            return {
+                violations: r.violations.map((v) => ({
+                    id: v.id, impact: v.impact, help: v.help,
+                    nodes: v.nodes.map((n) => n.target.join(" ")),
+                })),
+                passes: r.passes.length,
+                incomplete: r.incomplete.map((v) => ({
+                    id: v.id, nodes: v.nodes.map((n) => n.target.join(" ")),
+                })),
+            };
+        }"""
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"axe-{name}.json").write_text(json.dumps(result, indent=2))
+    return [v for v in result["violations"] if v["impact"] in ("serious", "critical")]
 
 
 def tab_to(page: Any, selector: str, key: str = "Tab", limit: int = 40) -> None:
@@ -191,6 +220,7 @@ async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: F
         # first agentic turn imports Open Interpreter and starts a kernel, seconds on a busy VM.
         expect(approve).to_be_focused(timeout=45_000)
         proposed = page.locator("article.assistant pre.code").all_inner_texts()
+        blocking = audit(page, "confirmation-narrow")
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-confirm-narrow.png"))
         expect(approve).to_be_focused()
@@ -211,6 +241,7 @@ async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: F
             "answer": answer,
             "texts": texts,
             "boxes": boxes,
+            "blocking": blocking,
         }
 
     settings = make_settings(provider="oi", llm_base_url=fake_llm.base_url, llm_model="fake-model")
@@ -224,6 +255,7 @@ async def test_code_is_approved_from_the_keyboard_on_a_narrow_screen(fake_llm: F
     assert [text.strip() for text in result["texts"]] == ["Let me compute it.", "The answer is 42."]
     assert "42" in result["console"]
     assert "(approved)" in result["answer"]
+    assert result["blocking"] == []
     assert "The answer is 42." in result["answer"]
     for box in result["boxes"]:  # nothing runs off a narrow screen
         assert box is not None
@@ -355,6 +387,7 @@ async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, w
         expect(answer.locator("p", has_text="Step 5:")).to_be_visible()
         streaming = answer.get_attribute("aria-busy") == "true"
         during = last_line(page)
+        blocking = {"streaming": audit(page, f"streaming-{width}")}
         page.screenshot(path=str(ARTIFACTS / f"web-markdown-{width}.png"))
         # The reader scrolls up: the page stops following, offers a way back, and keeps the
         # reader's place while the answer goes on.
@@ -372,11 +405,16 @@ async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, w
         expect(code_box.locator("button.copy .said")).to_have_text("Copied")
         copied = page.evaluate("() => navigator.clipboard.readText()")
         link = answer.locator("a", has_text="documented link")
+        if width == DESKTOP:
+            page.emulate_media(color_scheme="dark")
+            blocking["dark"] = audit(page, "done-dark")
+            page.screenshot(path=str(ARTIFACTS / "web-markdown-dark.png"))
         return {
             "streaming": streaming,
             "during": during,
             "held": held,
             "after": after,
+            "blocking": blocking,
             "heading": answer.locator(".md h2").inner_text(),
             "items": answer.locator(".md ol li").all_inner_texts(),
             "cells": answer.locator(".md td").all_inner_texts(),
@@ -398,6 +436,7 @@ async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, w
                 lambda: drive_page(server.base_url, scenario, width=width, clipboard=True)
             )
     assert result["streaming"]
+    assert result["blocking"] == {key: [] for key in result["blocking"]}
     assert result["heading"] == "Plan"
     assert result["items"] == ["First step", "Second step", "Third step"]
     assert result["cells"] == ["answer", "42"]
@@ -568,6 +607,7 @@ async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLL
     def scenario(page: Any) -> dict[str, Any]:
         page.wait_for_selector("#status:has-text('Connected')")
         expect(page.locator("#empty-path")).to_contain_text("http path")
+        blocking = {"empty": audit(page, "empty")}
         page.screenshot(path=str(ARTIFACTS / "web-empty.png"))
         empty = page.locator("#empty").inner_text()
         paths = page.locator("#path option").all_inner_texts()
@@ -575,6 +615,7 @@ async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLL
         page.keyboard.press("Enter")
         page.wait_for_selector("article.assistant[data-state='error']")
         error = page.locator("article.assistant .note.error")
+        blocking["error"] = audit(page, "error")
         page.screenshot(path=str(ARTIFACTS / "web-error.png"))
         failed = {"text": error.inner_text(), "role": error.get_attribute("role")}
         page.fill("#message", "again")
@@ -582,6 +623,7 @@ async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLL
         second = page.locator("article.assistant").nth(1)
         expect(second).to_have_attribute("data-state", "done")
         return {
+            "blocking": blocking,
             "empty": empty,
             "empty_hidden": page.locator("#empty").is_hidden(),
             "paths": paths,
@@ -593,6 +635,7 @@ async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLL
     with trio.fail_after(60):
         async with running_server(http_settings(fake_llm)) as server:
             result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+    assert result["blocking"] == {"empty": [], "error": []}
     assert "Enter" in result["empty"]
     assert "Esc" in result["empty"]
     assert "http path" in result["empty"]
@@ -660,6 +703,7 @@ async def test_the_keyboard_alone_chats_stops_and_keeps_the_side_panel() -> None
         expect(dialog).to_be_visible()
         focused(page, "#cancel-delete")
         asked = page.locator("#confirm-delete-text").inner_text()
+        blocking = audit(page, "delete-dialog")
         page.keyboard.press("Escape")
         expect(dialog).to_be_hidden()
         focused(page, "#conversations li:nth-child(2) button.delete")
@@ -675,6 +719,7 @@ async def test_the_keyboard_alone_chats_stops_and_keeps_the_side_panel() -> None
         return {
             "reopened": reopened,
             "asked": asked,
+            "blocking": blocking,
             "left": page.locator("#conversations button.open").all_inner_texts(),
             "empty": page.locator("#empty").is_visible(),
             "turns": page.locator("article.turn").count(),
@@ -691,6 +736,7 @@ async def test_the_keyboard_alone_chats_stops_and_keeps_the_side_panel() -> None
     assert "first question" in result["reopened"][1]
     assert "(stopped)" in result["reopened"][3]
     assert "first question" in result["asked"]
+    assert result["blocking"] == []
     assert result["left"] == ["second question"]
     # The open conversation was the one deleted: the page is back to its empty state.
     assert result["empty"]
