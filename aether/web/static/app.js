@@ -16,6 +16,8 @@ const state = {
   pinnedTop: 0, // where the page itself last scrolled the transcript to
   dirty: new Set(), // blocks to render at the next frame
   frame: 0,
+  pause: 0, // a timer before the next frame's render, when renders are slow
+  renderMs: 0, // how long the last render took
   deleting: null, // the conversation the delete dialog asks about
 };
 
@@ -177,14 +179,31 @@ function renderBlock(block) {
 
 function markDirty(block) {
   state.dirty.add(block);
-  if (!state.frame) state.frame = requestAnimationFrame(flushRenders);
+  if (state.frame || state.pause) return;
+  // A block is rendered whole, so a long answer costs more each time (about 10 ms at 10 kB,
+  // 100 ms at 200 kB): renders then come less often, and the page keeps answering the reader.
+  const pause = state.renderMs > 8 ? state.renderMs * 3 : 0;
+  if (!pause) {
+    state.frame = requestAnimationFrame(flushRenders);
+    return;
+  }
+  state.pause = setTimeout(() => {
+    state.pause = 0;
+    state.frame = requestAnimationFrame(flushRenders);
+  }, pause);
 }
 
 function flushRenders() {
   if (state.frame) cancelAnimationFrame(state.frame);
+  clearTimeout(state.pause);
   state.frame = 0;
-  for (const block of state.dirty) renderBlock(block);
-  state.dirty.clear();
+  state.pause = 0;
+  if (state.dirty.size) {
+    const start = performance.now();
+    for (const block of state.dirty) renderBlock(block);
+    state.dirty.clear();
+    state.renderMs = performance.now() - start;
+  }
   keepEndInView();
 }
 
@@ -477,6 +496,7 @@ function startChat(text) {
   const el = addTurn("assistant", "");
   el.setAttribute("aria-busy", "true");
   state.current = { id, el, block: null, blocks: 0 };
+  state.renderMs = 0;
   const message = { type: "chat", id, message: text };
   if (state.conversationId) message.conversation_id = state.conversationId;
   if ($("path").value !== "auto") message.path = $("path").value;
