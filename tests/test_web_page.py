@@ -126,6 +126,7 @@ def last_line(page: Any) -> dict[str, float]:
                 composer_top: composer.top, composer_bottom: composer.bottom,
                 window: window.innerHeight,
                 unscrolled: t.scrollHeight - t.scrollTop - t.clientHeight,
+                page: document.documentElement.scrollHeight,
             };
         }"""
     )
@@ -137,6 +138,8 @@ def assert_in_view(where: dict[str, float]) -> None:
     assert where["view_bottom"] <= where["composer_top"] + 1, where
     assert where["composer_bottom"] <= where["window"] + 1, where
     assert where["unscrolled"] <= 1, where
+    # Only the transcript scrolls: nothing in it reaches out below the page.
+    assert where["page"] <= where["window"], where
 
 
 def http_settings(fake: FakeLLM) -> Any:
@@ -366,7 +369,7 @@ MARKDOWN_ANSWER = (
     + "".join(
         f"Step {i}: one more line of a long answer that has to scroll.\n\n" for i in range(40)
     )
-    + "The end."
+    + "```sh\necho the end\n```\n"
 )
 
 
