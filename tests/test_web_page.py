@@ -381,6 +381,7 @@ async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, w
 
     def scenario(page: Any) -> dict[str, Any]:
         page.wait_for_selector("#status:has-text('Connected')")
+        expect(page.locator("#empty-path")).to_contain_text("fake-model")
         page.fill("#message", "make a plan")
         page.keyboard.press("Enter")
         answer = page.locator("article.assistant")
@@ -451,8 +452,8 @@ async def test_answers_render_as_markdown_while_they_stream(fake_llm: FakeLLM, w
     assert result["inline_code"] == "inline code"
     # Who answered, and by which path; the two roles read differently.
     assert "Aether" in result["meta"]
-    assert "via the http path" in result["meta"]
-    assert result["label"] == "Aether, via the http path"
+    assert "via the http path · fake-model" in result["meta"]
+    assert result["label"] == "Aether, via the http path, model fake-model"
     assert result["user_label"] == "You"
     assert result["you"] == "You"
     # The transcript follows the stream to its last line, above the composer, at this width...
@@ -641,7 +642,7 @@ async def test_an_empty_page_then_an_error_that_says_what_to_do(fake_llm: FakeLL
     assert result["blocking"] == {"empty": [], "error": []}
     assert "Enter" in result["empty"]
     assert "Esc" in result["empty"]
-    assert "http path" in result["empty"]
+    assert "http path (the model server, fake-model)" in result["empty"]
     assert result["empty_hidden"]
     assert result["paths"][0] == "default (http)"
     assert "http: the model server" in result["paths"]

@@ -276,9 +276,15 @@ function addTurn(role, text) {
   return el;
 }
 
+// The model is named where the server says it (GET /v1/tools): the http and oi paths ask it.
+function modelOf(path) {
+  return state.tools && state.tools.model && (path === "http" || path === "oi") ? state.tools.model : null;
+}
+
 function setPath(turn, path) {
-  turn.el.querySelector(".meta").textContent = "via the " + path + " path";
-  turn.el.setAttribute("aria-label", "Aether, via the " + path + " path");
+  const model = modelOf(path);
+  turn.el.querySelector(".meta").textContent = "via the " + path + " path" + (model ? " · " + model : "");
+  turn.el.setAttribute("aria-label", "Aether, via the " + path + " path" + (model ? ", model " + model : ""));
 }
 
 function note(el, text) {
@@ -545,7 +551,8 @@ async function loadTools() {
     }
     select.value = tools.paths.includes(chosen) ? chosen : "auto";
     const code = tools.code_execution || {};
-    const what = PATHS[tools.default_path];
+    const model = modelOf(tools.default_path);
+    const what = [PATHS[tools.default_path], model].filter(Boolean).join(", ");
     const runs = code.requires_approval ? "runs code only once you approve it" : "runs code without asking";
     $("empty-path").textContent =
       "Answers come from the " + tools.default_path + " path" + (what ? " (" + what + ")." : ".") +
