@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
+from aether.core.chat import ChatRequest, Chunk
 from aether.core.providers.echo import EchoProvider
-from aether.core.runtime.chat import ChatRequest, Chunk
 from tests.helpers import assert_stream_invariants, content_of, make_settings
 from tests.memory_ws import MemoryServer, MemoryWebSocket
 
@@ -285,3 +285,20 @@ async def test_concurrent_chat_limit_per_connection(
     assert error["code"] == "too_many_requests"
     assert error["ref"] == {"type": "chat", "id": "c"}
     assert assert_stream_invariants(await ws.finish("a"))["type"] == "completion"
+
+
+async def test_a_stop_queues_the_terminal_in_its_own_step(
+    autojump_clock: Any, server: MemoryServer, ws: MemoryWebSocket
+) -> None:
+    """The terminal does not wait for the relay or the producer to notice the cancellation:
+    once the stop returns, the block end and `stopped` are queued for the writer."""
+    await ws.send({"type": "chat", "id": "r1", "message": MESSAGE})
+    await wait_for_deltas(ws, "r1", 1)
+    await trio.testing.wait_all_tasks_blocked()
+    connection = next(iter(server.hub))
+    assert connection.outbox.pending_messages == 0
+    server.engine.stop_generation("r1", "anonymous")
+    assert connection.outbox.pending_messages == 2
+    messages = await ws.finish("r1")
+    assert [m.get("end") or m["type"] for m in messages[-2:]] == [True, "stopped"]
+    assert assert_stream_invariants(messages)["type"] == "stopped"

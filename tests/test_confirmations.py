@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import trio
 
+from aether.core.chat import Chunk
 from aether.core.errors import StaleConfirmation
 from aether.core.runtime.approval import ApprovalGate
-from aether.core.runtime.chat import Chunk
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     assert_stream_invariants,

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from aether.core.runtime.chat import block_delta, block_end, block_start
+from aether.core.chat import block_delta, block_end, block_start
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.relay import StreamRelay
 from tests.helpers import assert_stream_invariants, content_of
@@ -146,4 +146,24 @@ async def test_closed_outbox_refuses_stream_messages() -> None:
     with pytest.raises(trio.BrokenResourceError):
         await relay.relay_chunk(block_start())
     relay.finish({"role": "server", "type": "completion"})  # dropped, no error
+    assert outbox.pending_messages == 0
+
+
+async def test_a_relay_waiting_for_room_queues_nothing_once_sealed() -> None:
+    """A stop seals the turn while its relay waits for room: the chunk it was about to queue
+    must not follow the terminal, whichever task runs first once room is made."""
+    outbox = Outbox(max_bytes=1024)
+    relay = StreamRelay("r1", outbox)
+    await relay.relay_chunk(block_start())
+    await relay.relay_chunk(block_delta("x" * 1024))  # past the limit: the next one waits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.relay_chunk, block_delta("late"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert outbox.stalled.value
+        relay.finish({"role": "server", "type": "stopped", "reason": "stop"})
+        first = await drain(outbox)  # makes room: the waiting relay wakes
+    messages = first
+    assert [m.get("content") for m in messages if "content" in m] == ["x" * 1024]
+    assert messages[-1]["type"] == "stopped"
+    assert assert_stream_invariants(messages)["type"] == "stopped"
     assert outbox.pending_messages == 0

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from aether.core.runtime.chat import ChatRequest
+from aether.core.chat import ChatRequest
 from aether.core.runtime.engine import READER_ATTACH_TIMEOUT_S, RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from tests.helpers import make_settings

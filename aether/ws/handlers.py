@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import trio
 
 from aether.config import Settings
+from aether.core.chat import ChatRequest
 from aether.core.errors import (
     AetherError,
     DuplicateRequest,
@@ -29,7 +30,6 @@ from aether.core.errors import (
     UnknownRequest,
 )
 from aether.core.history.store import message_json
-from aether.core.runtime.chat import ChatRequest
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.request import RequestRecord
 from aether.core.token_bucket import TokenBucket

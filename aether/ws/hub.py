@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import orjson
 import trio
 
+from aether.core.chat import Chunk
 from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.metrics import Metrics
-from aether.core.runtime.chat import Chunk
 from aether.core.runtime.outbox import Outbox
 
 log = logging.getLogger(__name__)

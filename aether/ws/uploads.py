@@ -18,7 +18,7 @@ from typing import Any
 
 from aether.core.errors import BinaryNotSupported, UploadInProgress, UploadSizeMismatch
 from aether.core.files import Upload
-from aether.core.runtime.engine import new_conversation_id
+from aether.core.history.turns import new_conversation_id
 from aether.core.runtime.file_chat import FileChat
 from aether.protocol.messages import FileMessage
 

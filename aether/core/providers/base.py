@@ -11,7 +11,7 @@ from typing import Protocol
 
 import trio
 
-from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.chat import ChatRequest, Chunk
 
 
 class Provider(Protocol):

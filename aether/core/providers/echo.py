@@ -14,7 +14,7 @@ import re
 
 import trio
 
-from aether.core.runtime.chat import ChatRequest, Chunk, block_delta, block_end, block_start
+from aether.core.chat import ChatRequest, Chunk, block_delta, block_end, block_start
 
 _TOKEN = re.compile(r"\s*\S+")
 

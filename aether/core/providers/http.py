@@ -18,6 +18,7 @@ from collections.abc import AsyncIterable
 import httpx
 import trio
 
+from aether.core.chat import ChatRequest, Chunk, block_delta, block_end, block_start
 from aether.core.errors import (
     UpstreamDisconnected,
     UpstreamHTTPError,
@@ -26,7 +27,6 @@ from aether.core.errors import (
     UpstreamUnavailable,
 )
 from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
-from aether.core.runtime.chat import ChatRequest, Chunk, block_delta, block_end, block_start
 
 # How long the rest of a response is read after its [DONE].
 AFTER_DONE_GRACE_S = 1.0

@@ -30,11 +30,11 @@ from typing import Any
 
 import trio
 
+from aether.core.chat import ChatRequest, Chunk
 from aether.core.errors import ProviderError, UpstreamUnavailable
 from aether.core.files import ConversationFiles
 from aether.core.providers.oi_kernel import interrupt_running_code, settle_kernels
 from aether.core.runtime.approval import ApprovalGate
-from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.file_chat import describe_files
 from aether.core.runtime.interpreter import InterpreterManager
 

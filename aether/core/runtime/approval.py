@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from aether.core.chat import Chunk
 from aether.core.errors import StaleConfirmation
-from aether.core.runtime.chat import Chunk
 
 
 def new_confirmation_id() -> str:

@@ -1,13 +1,13 @@
 """RuntimeEngine: the one entry point the transports use to run, stop and track chats.
 
+A thin facade: admission (draining, the per-caller limit, the path) and then a ``ChatTurn``
+(``core/runtime/turn.py``) runs each chat; the tracker holds the live ones, the streamer the
+paths, ``TurnHistory`` the store's side of a turn.
+
 Resource handling: ``run`` (or ``start(nursery)``) owns the upstream HTTP client and a nursery
 for requests that outlive their handler (SSE bodies); ``stop`` cancels every live request with
 reason ``shutdown`` and then that nursery. A request started with ``run_chat`` lives in the
 caller's task: a WebSocket connection's nursery, so a disconnect cancels all of its requests.
-
-Error handling: provider failures arrive as an error chunk and become the request's ``error``
-terminal; a failure of the relay itself is logged with its traceback and reported to the client
-as ``internal_error``; ``trio.Cancelled`` always propagates.
 
 @.architecture
 role: runtime engine
@@ -19,60 +19,40 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 
 import trio
 
 from aether.config import Settings
+from aether.core.chat import ChatRequest, StopReason
 from aether.core.errors import (
-    AetherError,
     PathUnavailable,
     ShuttingDown,
     TooManyRequests,
     UnknownRequest,
 )
 from aether.core.files import ConversationFiles
-from aether.core.history.recorder import TurnRecorder
 from aether.core.history.store import (
     HistoryStore,
-    MessageStatus,
-    StoredMessage,
 )
+from aether.core.history.turns import TurnHistory
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.providers.oi import OIProvider
 from aether.core.providers.upstream_client import upstream_client
 from aether.core.runtime.approval import ApprovalGate
-from aether.core.runtime.chat import ChatRequest, Chunk, StopReason, error_chunk
 from aether.core.runtime.file_chat import FileChat
 from aether.core.runtime.interpreter import InterpreterManager, agentic_path_enabled
 from aether.core.runtime.outbox import Outbox
-from aether.core.runtime.relay import StreamRelay
-from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
+from aether.core.runtime.request import RequestRecord, RequestTracker
 from aether.core.runtime.sandbox import require_sandbox
 from aether.core.runtime.streaming import ChatStreamer
+from aether.core.runtime.turn import ChatTurn, TurnServices
 
 log = logging.getLogger(__name__)
 
-# Chunks buffered between a producer and its relay. Small: a stop discards at most this many.
-CHUNK_BUFFER = 8
-# How an ended request's answer is stored.
-ANSWER_STATUS: dict[RequestState, MessageStatus] = {
-    "completed": "complete",
-    "stopped": "stopped",
-    "error": "error",
-    "running": "interrupted",
-}
-# A new conversation's title: the start of its first message.
-TITLE_CHARS = 60
 # A detached chat (SSE) whose reader has not started by then is stopped: its client is gone.
 READER_ATTACH_TIMEOUT_S = 10.0
-
-
-def new_conversation_id() -> str:
-    return "c-" + secrets.token_hex(8)
 
 
 class RuntimeEngine:
@@ -87,12 +67,14 @@ class RuntimeEngine:
         self._history = history
         self.tracker = RequestTracker()
         self._streamer: ChatStreamer | None = None
+        self._services: TurnServices | None = None
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._draining = False
         self._interpreters: InterpreterManager | None = None
-        # (owner, conversation id) -> set when the latest turn's answer is finally saved
-        self._saving_turns: dict[tuple[str, str], trio.Event] = {}
+        self._turn_history = (
+            TurnHistory(history, settings.history_context_messages) if history is not None else None
+        )
         files = ConversationFiles(
             settings.files_root,
             max_bytes=settings.max_file_bytes,
@@ -212,6 +194,11 @@ class RuntimeEngine:
         Raises, before ``task_status.started``: DuplicateRequest if the id is already live,
         TooManyRequests if the caller runs as many chats as it may, ShuttingDown while draining.
         """
+        turn = self._admit(request, outbox)
+        task_status.started(turn.record)
+        return await turn.run()
+
+    def _admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
         limit = self.settings.max_requests_per_caller
@@ -221,141 +208,21 @@ class RuntimeEngine:
         try:
             provider = self.streamer.select_provider(request.path)
         except PathUnavailable as exc:
-            provider = exc
+            provider = exc  # the turn tells the client, as its error terminal
         path = provider.name if not isinstance(provider, PathUnavailable) else request.path
         record = self.tracker.start_request(request.id, request.owner, path)
-        recorder: TurnRecorder | None = None
-        relay = StreamRelay(request.id, outbox)
-        in_flight = self.metrics.requests_in_flight.labels(path)
-        in_flight.inc()
-        task_status.started(record)
-        state: RequestState = "stopped"
-        failure: Chunk | None = None
+        return ChatTurn(self._turn_services(), request, outbox, provider, record)
 
-        def seal() -> None:
-            """Queue the request's terminal (once), after publishing its pending save."""
-            if relay.finished:
-                return
-            if recorder is not None:
-                # Published before the terminal is queued: a follow-up the client sends on
-                # seeing it then waits for this answer's save. A turn still streaming is not
-                # waited for (its answer is not part of a concurrent turn's context).
-                self._saving_turns[recorder.conversation_key] = recorder.saved
-            if state == "completed":
-                relay.finish({"role": "server", "type": "completion"})
-            elif state == "error":
-                relay.finish(failure or relay.error or {})
-            else:
-                reason = record.stop_reason or "disconnect"
-                relay.finish({"role": "server", "type": "stopped", "reason": reason})
-            # What the client was told; the record stays live until the request's tasks end.
-            record.state = state
-
-        try:
-            with record.cancel_scope:
-                if self._history is not None:
-                    request, recorder = await self._open_turn(request)
-                    relay.transcript = recorder.transcript
-                accepted: Chunk = {"path": path}
-                if request.conversation_id is not None:
-                    accepted["conversation_id"] = request.conversation_id
-                await relay.announce(accepted)
-                async with trio.open_nursery() as nursery:
-                    if recorder is not None:
-                        self._spawn(recorder.run)
-                        nursery.start_soon(recorder.check_start)
-                    send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
-                    nursery.start_soon(self.streamer.stream_chat, request, provider, send)
-                    async with receive:
-                        try:
-                            await relay.relay_stream(receive)
-                        finally:
-                            if record.cancel_scope.cancel_called:
-                                # Stopped: the terminal leaves now, while the producer closes
-                                # its upstream stream (the nursery waits for that). Nothing of
-                                # this request can follow it: the relay reads no more.
-                                seal()
-                    # The nursery also waits for the recorder's start check: an answer that
-                    # outran a failed start still ends with storage_error, never "completion".
-                if not relay.finished:  # else it was stopped, and the client was told so
-                    state = "error" if relay.error is not None else "completed"
-        except* trio.BrokenResourceError:
-            # The client's writer is gone: the client left while this request streamed.
-            record.stop_reason = record.stop_reason or "disconnect"
-        except* AetherError as group:
-            error = group.exceptions[0]
-            assert isinstance(error, AetherError)
-            log.warning("request %s: %s: %s", request.id, error.code, error.message)
-            state = "error"
-            failure = error_chunk(error.code, error.message)
-        except* Exception as group:
-            log.error("request %s: relay failed", request.id, exc_info=group)
-            state = "error"
-            failure = error_chunk(
-                AetherError.code, "the server failed while streaming this request"
+    def _turn_services(self) -> TurnServices:
+        if self._services is None:
+            self._services = TurnServices(
+                streamer=self.streamer,
+                tracker=self.tracker,
+                history=self._turn_history,
+                metrics=self.metrics,
+                spawn=self._spawn,
             )
-        finally:
-            seal()
-            state = record.state  # the outcome the client was told, also if told early
-            record.note(f"relayed {relay.chunks_relayed} chunks")
-            if recorder is not None:
-                error_code = (failure or relay.error or {}).get("code")
-                await recorder.finish(ANSWER_STATUS[state], error_code)
-                if self._saving_turns.get(recorder.conversation_key) is recorder.saved:
-                    del self._saving_turns[recorder.conversation_key]
-            self.tracker.end_request(record, state)
-            in_flight.dec()
-            self._observe(record, relay, failure or relay.error)
-        return record
-
-    async def _open_turn(self, request: ChatRequest) -> tuple[ChatRequest, TurnRecorder]:
-        """Name the request's conversation and load its context. Only reads happen here, on
-        the store's reader: the turn itself is written beside the stream by the recorder.
-        Conversation ids are the caller's own: a named one the caller does not have yet is
-        new, whoever else has a conversation of that id."""
-        assert self._history is not None
-        conversation_id = request.conversation_id
-        context: list[StoredMessage] = []
-        if conversation_id is None:
-            conversation_id = new_conversation_id()
-        else:
-            # A follow-up sent the moment the previous answer's terminal arrived must see that
-            # answer: wait (cancellably) until its final save is done.
-            previous = self._saving_turns.get((request.owner, conversation_id))
-            if previous is not None:
-                await previous.wait()
-            context = await self._history.context(
-                request.owner, conversation_id, self.settings.history_context_messages
-            )
-        # Stored context, if any; else whatever context the transport gave (OpenAI clients
-        # send the whole conversation with every request).
-        history = tuple((m.role, m.content) for m in context) if context else request.history
-        request = replace(request, conversation_id=conversation_id, history=history)
-        recorder = TurnRecorder(
-            self._history,
-            request.owner,
-            conversation_id,
-            request.message[:TITLE_CHARS],
-            request.id,
-            request.message,
-        )
-        return request, recorder
-
-    def _observe(self, record: RequestRecord, relay: StreamRelay, error: Chunk | None) -> None:
-        metrics = self.metrics
-        metrics.requests.labels(record.path, record.state).inc()
-        metrics.deltas_relayed.inc(relay.chunks_relayed)
-        if relay.first_content_at is not None:
-            ttft = relay.first_content_at - record.started_at
-            metrics.time_to_first_token.labels(record.path).observe(ttft)
-        if record.cancel_requested_at is not None and record.ended_at is not None:
-            reason = record.stop_reason or "stop"
-            latency = record.ended_at - record.cancel_requested_at
-            metrics.stop_latency.labels(reason).observe(latency)
-        if record.state == "error" and error is not None:
-            code = str(error.get("code", ""))
-            if code.startswith("upstream_"):
-                metrics.upstream_errors.labels(code).inc()
+        return self._services
 
     def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a helper of a request in the engine's nursery (it outlives the request's)."""

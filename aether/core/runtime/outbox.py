@@ -30,7 +30,7 @@ from collections import deque
 import trio
 from trio_util import AsyncBool
 
-from aether.core.runtime.chat import Chunk
+from aether.core.chat import Chunk
 
 # What a queued message costs besides its content, so that many empty messages also count.
 MESSAGE_OVERHEAD_BYTES = 64

@@ -4,7 +4,8 @@ The relay is where the stream invariants are kept, for every transport alike:
 
 - every message carries the request ``id`` and a ``seq`` that rises by one per message;
 - a block that was started is ended before the terminal message, whatever stopped the stream;
-- exactly one terminal message (``completion``, ``stopped`` or ``error``) ends the request;
+- exactly one terminal message (``completion``, ``stopped`` or ``error``) ends the request, and
+  nothing is queued after it, even by a relay that was waiting for room when it was sealed;
 - while the client lags, content deltas of one block are merged into the unsent one (see Outbox).
 
 @.architecture
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import trio
 
-from aether.core.runtime.chat import Chunk
+from aether.core.chat import Chunk
 from aether.core.runtime.outbox import Outbox, OutboxEntry
 
 BlockKey = tuple[str, str, str | None]
@@ -62,7 +63,8 @@ class StreamRelay:
     async def announce(self, fields: Chunk) -> None:
         """Send the request's first message: ``accepted``, with the fields the client needs."""
         await self.outbox.wait_for_room()
-        self.outbox.put_nowait(self._frame({"role": "server", "type": "accepted", **fields}))
+        if not self.finished:
+            self.outbox.put_nowait(self._frame({"role": "server", "type": "accepted", **fields}))
 
     async def relay_stream(self, chunks: trio.MemoryReceiveChannel[Chunk]) -> None:
         """Relay until the producer closes its channel. An error chunk is kept for ``finish``."""
@@ -96,6 +98,8 @@ class StreamRelay:
         last = self._last_delta
         await self.outbox.wait_for_room()
         # From here to the end nothing yields: a cancellation cannot split numbering from queueing.
+        if self.finished:
+            return  # sealed (a stop) while it waited: nothing follows the terminal
         if delta is not None:
             if self.first_content_at is None:
                 self.first_content_at = trio.current_time()

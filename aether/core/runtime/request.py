@@ -1,7 +1,8 @@
 """RequestTracker: the live requests, each with its own CancelScope, owner, state and audit trail.
 
-``cancel_request`` *is* the stop: it cancels the request's scope, so the producer and relay stop
-at their next checkpoint. Nothing polls a flag. Requests are keyed by (owner, id): a caller can
+``cancel_request`` *is* the stop: it seals the request's turn (its terminal is queued at once)
+and cancels its scope, so the producer and relay stop at their next checkpoint. Nothing polls a
+flag. Requests are keyed by (owner, id): a caller can
 only see and stop its own requests, from any of its connections.
 
 @.architecture
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import trio
 
+from aether.core.chat import StopReason
 from aether.core.errors import DuplicateRequest, UnknownRequest
 from aether.core.runtime.approval import ApprovalGate
-from aether.core.runtime.chat import StopReason
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class RequestRecord:
     ended_at: float | None = None
     events: list[tuple[float, str]] = field(default_factory=list)
     approval: ApprovalGate = field(default_factory=ApprovalGate)
+    # Called by a stop before the scope is cancelled: the turn queues its terminal at once.
+    on_stop: Callable[[], None] | None = None
 
     def note(self, event: str) -> None:
         self.events.append((trio.current_time(), event))
@@ -89,6 +93,8 @@ class RequestTracker:
                 reason,
                 extra={"request_id": request_id, "reason": reason},
             )
+        if record.on_stop is not None:
+            record.on_stop()
         record.cancel_scope.cancel()
         return record
 

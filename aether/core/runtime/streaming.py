@@ -16,11 +16,11 @@ import httpx
 import trio
 
 from aether.config import Settings
+from aether.core.chat import ChatRequest, Chunk, PathName, error_chunk
 from aether.core.errors import PathUnavailable, ProviderError
 from aether.core.providers.base import Provider
 from aether.core.providers.echo import EchoProvider
 from aether.core.providers.http import HTTPProvider
-from aether.core.runtime.chat import ChatRequest, Chunk, PathName, error_chunk
 
 log = logging.getLogger(__name__)
 

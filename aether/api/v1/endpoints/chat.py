@@ -37,6 +37,7 @@ from aether.api.schemas import (
     StopAccepted,
     errors,
 )
+from aether.core.chat import ChatRequest, Chunk
 from aether.core.errors import (
     DuplicateRequest,
     ShuttingDown,
@@ -44,7 +45,6 @@ from aether.core.errors import (
     TooManyRequests,
     UnknownRequest,
 )
-from aether.core.runtime.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.request import RequestRecord

@@ -31,7 +31,7 @@ from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, errors
 from aether.api.v1.endpoints.chat import REFUSED, run_to_end
-from aether.core.runtime.chat import ChatRequest, Chunk
+from aether.core.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.request import RequestRecord

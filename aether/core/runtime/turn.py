@@ -1,0 +1,189 @@
+"""ChatTurn: one chat request's life, step by step: open, relay, seal, close.
+
+- ``open``: name the conversation and load its context (history), then announce ``accepted``;
+- ``relay``: the producer (the path's provider) and the relay run in the turn's nursery, the
+  chunks crossing a small memory channel;
+- ``seal``: exactly one terminal message, queued once: ``completion``, ``error``, or ``stopped``.
+  A stop seals the turn in the stop's own step (``RequestRecord.on_stop``), before its scope is
+  cancelled: the terminal leaves with the writer's next batch, without waiting for the relay and
+  the producer to notice the cancellation; the relay queues nothing after it;
+- ``close``: the final save, the record's end, the metrics; shielded where it must finish.
+
+Resource handling: the turn owns its record's cancel scope (cancelling it is the stop), the
+memory channel, and the recorder's writes (the recorder's periodic saves run in the engine's
+nursery, so a stop never waits for the store).
+
+Error handling: a provider failure arrives as an error chunk and becomes the ``error`` terminal;
+an ``AetherError`` raised by a step (a failed start of the history) is that terminal too; any
+other exception is logged with its traceback and told to the client as ``internal_error``.
+``trio.Cancelled`` always propagates; a client whose writer is gone makes a ``disconnect``.
+
+@.architecture
+role: chat turn
+jobs: [streaming_orchestration, cancellation, cleanup]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from aether.core.chat import ChatRequest, Chunk, error_chunk
+from aether.core.errors import AetherError, PathUnavailable
+from aether.core.history.recorder import TurnRecorder
+from aether.core.history.store import MessageStatus
+from aether.core.history.turns import TurnHistory
+from aether.core.metrics import Metrics
+from aether.core.providers.base import Provider
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.relay import StreamRelay
+from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
+from aether.core.runtime.streaming import ChatStreamer
+
+log = logging.getLogger(__name__)
+
+# Chunks buffered between a producer and its relay. Small: a stop discards at most this many.
+CHUNK_BUFFER = 8
+# How an ended request's answer is stored.
+ANSWER_STATUS: dict[RequestState, MessageStatus] = {
+    "completed": "complete",
+    "stopped": "stopped",
+    "error": "error",
+    "running": "interrupted",
+}
+
+
+@dataclass(frozen=True)
+class TurnServices:
+    """What a turn uses of the engine."""
+
+    streamer: ChatStreamer
+    tracker: RequestTracker
+    history: TurnHistory | None
+    metrics: Metrics
+    # Runs a helper that outlives the turn's nursery (the recorder's periodic saves).
+    spawn: Callable[[Callable[[], Awaitable[None]]], None]
+
+
+class ChatTurn:
+    def __init__(
+        self,
+        services: TurnServices,
+        request: ChatRequest,
+        outbox: Outbox,
+        provider: Provider | PathUnavailable,
+        record: RequestRecord,
+    ) -> None:
+        self._services = services
+        self.request = request
+        self.record = record
+        self.relay = StreamRelay(request.id, outbox)
+        self._provider = provider
+        self._recorder: TurnRecorder | None = None
+        # What the terminal will say unless the turn completes or fails first.
+        self._outcome: RequestState = "stopped"
+        self._failure: Chunk | None = None
+        record.on_stop = self.seal
+
+    async def run(self) -> RequestRecord:
+        """Run the turn to its terminal and its final save."""
+        in_flight = self._services.metrics.requests_in_flight.labels(self.record.path)
+        in_flight.inc()
+        try:
+            with self.record.cancel_scope:
+                await self._open()
+                await self._relay()
+            if not self.relay.finished:  # else a stop sealed it, and the client was told so
+                self._outcome = "error" if self.relay.error is not None else "completed"
+        except* trio.BrokenResourceError:
+            # The client's writer is gone: the client left while this request streamed.
+            self.record.stop_reason = self.record.stop_reason or "disconnect"
+        except* AetherError as group:
+            error = group.exceptions[0]
+            assert isinstance(error, AetherError)
+            log.warning("request %s: %s: %s", self.request.id, error.code, error.message)
+            self._fail(error.code, error.message)
+        except* Exception as group:
+            log.error("request %s: relay failed", self.request.id, exc_info=group)
+            self._fail(AetherError.code, "the server failed while streaming this request")
+        finally:
+            self.seal()
+            await self._close()
+            in_flight.dec()
+        return self.record
+
+    async def _open(self) -> None:
+        history = self._services.history
+        if history is not None:
+            self.request, self._recorder = await history.open(self.request)
+            self.relay.transcript = self._recorder.transcript
+        accepted: Chunk = {"path": self.record.path}
+        if self.request.conversation_id is not None:
+            accepted["conversation_id"] = self.request.conversation_id
+        await self.relay.announce(accepted)
+
+    async def _relay(self) -> None:
+        recorder = self._recorder
+        async with trio.open_nursery() as nursery:
+            if recorder is not None:
+                self._services.spawn(recorder.run)
+                # An answer that outran a failed start still ends with storage_error.
+                nursery.start_soon(recorder.check_start)
+            send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
+            nursery.start_soon(
+                self._services.streamer.stream_chat, self.request, self._provider, send
+            )
+            async with receive:
+                await self.relay.relay_stream(receive)
+
+    def _fail(self, code: str, message: str) -> None:
+        self._outcome = "error"
+        self._failure = error_chunk(code, message)
+
+    def seal(self) -> None:
+        """Queue the turn's terminal, once, after publishing its pending save (a follow-up sent
+        on seeing the terminal then waits for this answer). Never blocks."""
+        if self.relay.finished:
+            return
+        if self._recorder is not None and self._services.history is not None:
+            self._services.history.publish(self._recorder)
+        if self._outcome == "completed":
+            self.relay.finish({"role": "server", "type": "completion"})
+        elif self._outcome == "error":
+            self.relay.finish(self._failure or self.relay.error or {})
+        else:
+            reason = self.record.stop_reason or "disconnect"
+            self.relay.finish({"role": "server", "type": "stopped", "reason": reason})
+        # What the client was told; the record stays live until the turn's tasks end.
+        self.record.state = self._outcome
+
+    async def _close(self) -> None:
+        record = self.record
+        record.note(f"relayed {self.relay.chunks_relayed} chunks")
+        recorder, history = self._recorder, self._services.history
+        if recorder is not None and history is not None:
+            error_code = (self._failure or self.relay.error or {}).get("code")
+            await recorder.finish(ANSWER_STATUS[record.state], error_code)
+            history.release(recorder)
+        self._services.tracker.end_request(record, record.state)
+        self._observe()
+
+    def _observe(self) -> None:
+        record, relay = self.record, self.relay
+        metrics = self._services.metrics
+        metrics.requests.labels(record.path, record.state).inc()
+        metrics.deltas_relayed.inc(relay.chunks_relayed)
+        if relay.first_content_at is not None:
+            ttft = relay.first_content_at - record.started_at
+            metrics.time_to_first_token.labels(record.path).observe(ttft)
+        if record.cancel_requested_at is not None and record.ended_at is not None:
+            latency = record.ended_at - record.cancel_requested_at
+            metrics.stop_latency.labels(record.stop_reason or "stop").observe(latency)
+        error = self._failure or relay.error
+        if record.state == "error" and error is not None:
+            code = str(error.get("code", ""))
+            if code.startswith("upstream_"):
+                metrics.upstream_errors.labels(code).inc()
