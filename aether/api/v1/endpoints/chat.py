@@ -25,6 +25,7 @@ from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.detached_chat import DetachedChat
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
 from aether.api.responses import json_response
@@ -168,29 +169,15 @@ def _sse_event(message: Chunk) -> bytes:
 SSE_HEARTBEAT = b": keepalive\n\n"
 
 
-async def _sse_body(
-    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox, heartbeat_s: float
-) -> AsyncIterator[bytes]:
-    drained = False
+async def _sse_body(chat: DetachedChat, heartbeat_s: float) -> AsyncIterator[bytes]:
     try:
-        while True:
-            batch: list[Chunk] | None = None
-            try:
-                # The scope closes before the yield: nothing is suspended inside it.
-                with trio.move_on_after(heartbeat_s):
-                    batch = await outbox.get_batch()
-            except trio.EndOfChannel:
-                drained = True
-                return
-            if batch is None:
-                yield SSE_HEARTBEAT  # keeps proxies from closing an idle stream
-            else:
+        while (batch := await chat.next_batch(heartbeat_s)) is not None:
+            if batch:
                 yield b"".join(_sse_event(message) for message in batch)
+            else:
+                yield SSE_HEARTBEAT  # keeps proxies from closing an idle stream
     finally:
-        if not drained and record.state == "running":
-            log.info("request %s: SSE client went away", record.id)
-            engine.stop_generation(record.id, record.owner, "disconnect")
-        outbox.close()
+        chat.close()
 
 
 @blueprint.post("/v1/chat/stream")
@@ -202,13 +189,12 @@ async def chat_stream() -> Response:
     if isinstance(chat_request, Response):
         return chat_request
     state = app_state()
-    outbox = Outbox(state.settings.outbox_max_bytes)
     try:
-        record = await state.engine.start_detached_chat(chat_request, outbox)
+        chat = await DetachedChat.start(state.engine, chat_request, state.settings.outbox_max_bytes)
     except REFUSED as exc:
         return error_response(exc)
     response = Response(
-        _sse_body(state.engine, record, outbox, state.settings.sse_heartbeat_s),
+        _sse_body(chat, state.settings.sse_heartbeat_s),
         mimetype="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

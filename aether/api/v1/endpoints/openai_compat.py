@@ -20,21 +20,19 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import orjson
-import trio
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
+from aether.api.detached_chat import DetachedChat
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, errors
 from aether.api.v1.endpoints.chat import REFUSED, run_to_end
 from aether.core.chat import ChatRequest, Chunk
-from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
-from aether.core.runtime.request import RequestRecord
 from aether.protocol.messages import new_request_id
 
 log = logging.getLogger(__name__)
@@ -133,19 +131,12 @@ def _content(message: Chunk) -> str | None:
     return None
 
 
-async def _stream_body(
-    engine: RuntimeEngine, record: RequestRecord, outbox: Outbox, model: str
-) -> AsyncIterator[bytes]:
+async def _stream_body(chat: DetachedChat, model: str) -> AsyncIterator[bytes]:
     created = int(time.time())
-    drained = False
+    record = chat.record
     try:
         yield _chunk(record.id, model, created, {"role": "assistant", "content": ""}, None)
-        while True:
-            try:
-                batch = await outbox.get_batch()
-            except trio.EndOfChannel:
-                drained = True
-                break
+        while (batch := await chat.next_batch()) is not None:
             parts: list[bytes] = []
             for message in batch:
                 content = _content(message)
@@ -160,9 +151,7 @@ async def _stream_body(
                 yield b"".join(parts)
         yield b"data: [DONE]\n\n"
     finally:
-        if not drained and record.state == "running":
-            engine.stop_generation(record.id, record.owner, "disconnect")
-        outbox.close()
+        chat.close()
 
 
 @blueprint.post("/v1/chat/completions")
@@ -177,14 +166,13 @@ async def chat_completions() -> Response:
     chat = _chat_request(parsed)
     state = app_state()
     model = _served_model()
-    outbox = Outbox(state.settings.outbox_max_bytes)
     if parsed.stream:
         try:
-            record = await state.engine.start_detached_chat(chat, outbox)
+            detached = await DetachedChat.start(state.engine, chat, state.settings.outbox_max_bytes)
         except REFUSED as exc:
             return error_response(exc)
         response = Response(
-            _stream_body(state.engine, record, outbox, model),
+            _stream_body(detached, model),
             mimetype="text/event-stream",
             headers={"X-Accel-Buffering": "no"},
         )
@@ -201,6 +189,7 @@ async def chat_completions() -> Response:
         elif message.get("type") == "error" and message.get("id") is not None:
             errors.append(message)
 
+    outbox = Outbox(state.settings.outbox_max_bytes)
     refused = await run_to_end(state.engine, chat, outbox, on_message)
     if refused is not None:
         return refused
