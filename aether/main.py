@@ -41,9 +41,9 @@ from aether.config import (
 from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
 from aether.core.history.sqlite import prepare_database
+from aether.core.providers.oi.interpreters import agentic_path_enabled
+from aether.core.providers.oi.sandbox import require_sandbox
 from aether.core.runtime.engine import RuntimeEngine
-from aether.core.runtime.interpreter import agentic_path_enabled
-from aether.core.runtime.sandbox import require_sandbox
 from aether.logs import configure_logging
 from aether.server.worker import serve_app
 from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub

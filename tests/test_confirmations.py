@@ -10,7 +10,7 @@ import trio
 
 from aether.core.chat import Chunk
 from aether.core.errors import StaleConfirmation
-from aether.core.runtime.approval import ApprovalGate
+from aether.core.providers.oi.approval import ApprovalGate
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     assert_stream_invariants,

@@ -1,4 +1,5 @@
-"""The package's layers point one way: ``main -> app -> api | ws -> protocol, asgi -> core``.
+"""The package's layers point one way: ``main -> app -> api | ws -> protocol, asgi -> core``,
+and inside the core ``runtime -> providers -> history, chat``.
 
 Read from the source (every ``import`` statement, those inside functions too), so a forbidden
 dependency fails here before it becomes a knot.
@@ -34,6 +35,11 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "werkzeug",
     ),
     "aether.server": ("aether.ws", "aether.core", "quart"),
+    # Inside the core: the runtime drives the providers, never the reverse; value objects and
+    # the store sit below both.
+    "aether.core.providers": ("aether.core.runtime",),
+    "aether.core.history": ("aether.core.runtime", "aether.core.providers"),
+    "aether.core.chat": ("aether.core.runtime", "aether.core.providers", "aether.core.history"),
 }
 
 

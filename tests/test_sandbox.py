@@ -25,8 +25,8 @@ import pytest
 import trio
 
 from aether.config import ConfigError, load_settings
-from aether.core.providers.oi_kernel import settle_kernels
-from aether.core.runtime.sandbox import (
+from aether.core.providers.oi.kernel import settle_kernels
+from aether.core.providers.oi.sandbox import (
     WORKSPACE,
     Sandbox,
     SandboxUnavailable,

@@ -38,14 +38,14 @@ from aether.core.history.store import (
 from aether.core.history.turns import TurnHistory
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
-from aether.core.providers.oi import OIProvider
+from aether.core.providers.oi.approval import ApprovalGate
+from aether.core.providers.oi.interpreters import InterpreterManager, agentic_path_enabled
+from aether.core.providers.oi.provider import OIProvider
+from aether.core.providers.oi.sandbox import require_sandbox
 from aether.core.providers.upstream_client import upstream_client
-from aether.core.runtime.approval import ApprovalGate
 from aether.core.runtime.file_chat import FileChat
-from aether.core.runtime.interpreter import InterpreterManager, agentic_path_enabled
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.request import RequestRecord, RequestTracker
-from aether.core.runtime.sandbox import require_sandbox
 from aether.core.runtime.streaming import ChatStreamer
 from aether.core.runtime.turn import ChatTurn, TurnServices
 

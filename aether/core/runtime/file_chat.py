@@ -4,7 +4,7 @@ The rules both transports share live here: file chat needs the agentic path (onl
 Interpreter can open a file) and conversation history (which records a caller's conversations);
 conversation ids are per caller, so an upload goes to the caller's own conversation of that id,
 which the upload creates if needed; files are listed and deleted with their conversation. Open
-Interpreter learns of them in the turn's message (see ``describe_files``).
+Interpreter learns of them in the turn's message (see ``providers.oi.provider.describe_files``).
 
 @.architecture
 role: file chat service
@@ -18,18 +18,6 @@ from collections.abc import Callable, Sequence
 from aether.core.errors import FilesUnavailable, UnknownConversation
 from aether.core.files import ConversationFiles, StoredFile, Upload, UploadBatch
 from aether.core.history.store import HistoryStore
-
-
-def describe_files(files: list[StoredFile], message: str, directory: str) -> str:
-    """The user's message, preceded by where the conversation's files are, for the model:
-    ``directory`` is where the code it writes finds them (in the sandbox, /workspace)."""
-    if not files:
-        return message
-    listing = ", ".join(f"{f.name} ({f.size} bytes)" for f in files)
-    return (
-        f"[The user uploaded these files to this conversation; they are in the directory "
-        f"{directory}: {listing}. Open them from there.]\n\n{message}"
-    )
 
 
 class FileChat:

@@ -22,7 +22,7 @@ import trio
 
 from aether.core.chat import StopReason
 from aether.core.errors import DuplicateRequest, UnknownRequest
-from aether.core.runtime.approval import ApprovalGate
+from aether.core.providers.oi.approval import ApprovalGate
 
 log = logging.getLogger(__name__)
 

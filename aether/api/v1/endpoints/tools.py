@@ -16,7 +16,7 @@ from quart_schema import document
 from aether.api.dependencies import app_state
 from aether.api.responses import json_response
 from aether.api.schemas import ToolCatalog, errors
-from aether.core.runtime import web_search
+from aether.core.providers.oi import web_search
 
 blueprint = Blueprint("tools", __name__)
 

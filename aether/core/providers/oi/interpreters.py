@@ -7,7 +7,7 @@ sends reaches their settings: ``auto_run`` comes from ``AETHER_OI_AUTO_RUN`` alo
 
 A conversation is its caller's: instances are kept by (owner, conversation id), since two callers
 may each name a conversation "c1". With the sandbox on (``oi_sandbox``, see
-``aether.core.runtime.sandbox``) an instance's code runs in bubblewrap, with the conversation's
+``aether.core.providers.oi.sandbox``) an instance's code runs in bubblewrap, with the conversation's
 file directory (``ConversationFiles.directory``) as its only writable place, seen at
 /workspace. Without history, that directory holds nothing worth keeping and goes with the
 instance.
@@ -32,9 +32,9 @@ import trio
 from aether.config import Settings
 from aether.core.errors import PathUnavailable
 from aether.core.files import ConversationFiles
-from aether.core.runtime.sandbox import WORKSPACE, Sandbox
-from aether.core.runtime.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
-from aether.core.runtime.web_search import web_search_code
+from aether.core.providers.oi.sandbox import WORKSPACE, Sandbox
+from aether.core.providers.oi.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
+from aether.core.providers.oi.web_search import web_search_code
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class InterpreterManager:
         instance.llm.max_tokens = s.oi_max_tokens
         instance.computer.import_computer_api = False
         if self._sandbox is not None:
-            from aether.core.providers.oi_sandbox import confine
+            from aether.core.providers.oi.kernel_sandbox import confine
 
             confine(instance, self._sandbox, self._files.directory(*key))
         search = web_search_code(s)

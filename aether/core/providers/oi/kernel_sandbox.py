@@ -2,7 +2,7 @@
 
 OI 0.4.3 starts a language on its first use, from the classes in
 ``computer.terminal.languages``. ``confine`` leaves an instance two, both run through
-``aether.core.runtime.sandbox``:
+``aether.core.providers.oi.sandbox``:
 
 - **Python**: OI's Jupyter kernel, whose command (``KernelManager.format_kernel_cmd``, the seam
   jupyter_client offers) is wrapped in bwrap. Without the host's network namespace the kernel
@@ -44,7 +44,7 @@ from interpreter.core.computer.terminal.languages.shell import Shell
 from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import KernelManager
 
-from aether.core.runtime.sandbox import Sandbox, spawn
+from aether.core.providers.oi.sandbox import Sandbox, spawn
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,10 @@ import trio
 
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.errors import ProviderError, UpstreamUnavailable
-from aether.core.files import ConversationFiles
-from aether.core.providers.oi_kernel import interrupt_running_code, settle_kernels
-from aether.core.runtime.approval import ApprovalGate
-from aether.core.runtime.file_chat import describe_files
-from aether.core.runtime.interpreter import InterpreterManager
+from aether.core.files import ConversationFiles, StoredFile
+from aether.core.providers.oi.approval import ApprovalGate
+from aether.core.providers.oi.interpreters import InterpreterManager
+from aether.core.providers.oi.kernel import interrupt_running_code, settle_kernels
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,18 @@ def lmc_chunk(chunk: dict[str, Any]) -> Chunk | None:
     if chunk.get("format") == "active_line" or chunk.get("type") == "review":
         return None
     return {key: chunk[key] for key in _KEYS if key in chunk}
+
+
+def describe_files(files: list[StoredFile], message: str, directory: str) -> str:
+    """The user's message, preceded by where the conversation's files are, for the model:
+    ``directory`` is where the code it writes finds them (in the sandbox, /workspace)."""
+    if not files:
+        return message
+    listing = ", ".join(f"{f.name} ({f.size} bytes)" for f in files)
+    return (
+        f"[The user uploaded these files to this conversation; they are in the directory "
+        f"{directory}: {listing}. Open them from there.]\n\n{message}"
+    )
 
 
 class _ModelStream:
