@@ -36,10 +36,11 @@ PIPELINES = """\
 WebSocket (primary channel):
 
 ```
-client frame -> ws/endpoint.py (reader) -> ws/handlers.py MessageHandler
-  -> ws/protocols.py parse_client_message
-  -> core/runtime/engine.py RuntimeEngine.run_chat  (request nursery + CancelScope, RequestTracker)
-       producer: core/runtime/streaming.py ChatStreamer -> core/providers/{echo,http}.py -> channel
+client frame -> server/worker.py (Hypercorn, HTTP/1.1) -> ws/endpoint.py (reader)
+  -> ws/handlers.py MessageHandler -> protocol/messages.py parse_client_message
+  -> core/runtime/engine.py RuntimeEngine.run_chat (admission)
+  -> core/runtime/turn.py ChatTurn: open, relay, seal, close (own nursery + CancelScope)
+       producer: core/runtime/streaming.py ChatStreamer -> core/providers/{echo,http,oi}
        relay:    core/runtime/relay.py StreamRelay -> core/runtime/outbox.py Outbox
   -> ws/hub.py write_outbox (the client's only writer) -> client
 ```
@@ -48,12 +49,14 @@ REST / SSE:
 
 ```
 POST /v1/chat, /v1/chat/stream -> app.py -> api/v1/router.py -> api/v1/endpoints/chat.py
-  -> RuntimeEngine.run_chat (in the handler, or detached for SSE) -> Outbox -> JSON / SSE body
+  -> RuntimeEngine.run_chat (in the handler, or api/detached_chat.py DetachedChat for SSE)
+  -> Outbox -> JSON / SSE body
 ```
 
 Cancellation: `stop` -> MessageHandler -> RuntimeEngine.stop_generation ->
-RequestTracker.cancel_request -> the request's CancelScope is cancelled -> the producer (and the
-upstream stream) and the relay stop -> StreamRelay.finish queues the block end and `stopped`.
+RequestTracker.cancel_request -> ChatTurn.seal queues the block end and `stopped` at once ->
+the request's CancelScope is cancelled -> the producer (and the upstream stream) and the relay
+stop; the relay queues nothing after the terminal.
 """
 
 
