@@ -7,6 +7,10 @@ caller's identity once authenticated (``IDENTITY_KEY``), and for a WebSocket the
 middleware (which only touch HTTP responses), and skipping their wrappers saves a few calls per
 frame on the hottest path.
 
+``SEND_BATCH`` is an ASGI extension of Aether's server (``aether.server.protocol``): advertised
+in a WebSocket scope's ``extensions``, it lets the application send ``{"type": SEND_BATCH,
+"texts": [...]}``, several text frames in one write to the socket.
+
 @.architecture
 role: ASGI scope
 jobs: [identity_resolution]
@@ -28,6 +32,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 IDENTITY_KEY = "aether.identity"
 REQUEST_ID_KEY = "aether.request_id"
 RAW_SEND_KEY = "aether.raw_send"
+SEND_BATCH = "aether.websocket.send_batch"
 
 
 def header(scope: Mapping[str, Any], name: bytes) -> str | None:

@@ -342,12 +342,16 @@ class RawWebSocket:
         self.ws = ws
 
     @classmethod
-    async def connect(cls, ws_url: str, receive_buffer: int | None = None) -> RawWebSocket:
+    async def connect(
+        cls, ws_url: str, receive_buffer: int | None = None, *, deflate: bool = False
+    ) -> RawWebSocket:
+        """``deflate`` offers permessage-deflate, as browsers do."""
         import socket
         from urllib.parse import urlsplit
 
         from wsproto import ConnectionType, WSConnection
         from wsproto.events import AcceptConnection, Request
+        from wsproto.extensions import PerMessageDeflate
 
         parts = urlsplit(ws_url)
         sock = trio.socket.socket()
@@ -356,7 +360,10 @@ class RawWebSocket:
         await sock.connect((parts.hostname, parts.port))
         stream = trio.SocketStream(sock)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host=parts.netloc, target=parts.path)))
+        extensions = [PerMessageDeflate()] if deflate else []
+        await stream.send_all(
+            ws.send(Request(host=parts.netloc, target=parts.path, extensions=extensions))
+        )
         while True:
             ws.receive_data(await stream.receive_some(65536))
             if any(isinstance(event, AcceptConnection) for event in ws.events()):

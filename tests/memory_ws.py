@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from aether.asgi import SEND_BATCH
 from aether.config import Settings
 from aether.core.runtime.engine import RuntimeEngine
 from aether.ws.endpoint import WebSocketEndpoint
@@ -19,7 +20,8 @@ class MemoryWebSocket:
     """An ASGI WebSocket peer: what the client sends goes to ``receive``; ``send`` is recorded."""
 
     def __init__(self, client_buffer: float = math.inf) -> None:
-        """``client_buffer`` 0 makes a client that only takes what the test receives."""
+        """``client_buffer`` 0 makes a client that only takes what the test receives. ``writes``
+        records how many frames each of the app's sends carried (several with ``SEND_BATCH``)."""
         self._to_app_send, self._to_app_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._from_app_send, self._from_app_receive = trio.open_memory_channel[dict[str, Any]](
             client_buffer
@@ -27,11 +29,19 @@ class MemoryWebSocket:
         self.messages = StreamCollector()
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.closed_with: int | None = None
+        self.writes: list[int] = []
 
     async def app_receive(self) -> dict[str, Any]:
         return await self._to_app_receive.receive()
 
     async def app_send(self, event: dict[str, Any]) -> None:
+        if event["type"] == SEND_BATCH:
+            self.writes.append(len(event["texts"]))
+            for text in event["texts"]:
+                await self._from_app_send.send({"type": "websocket.send", "text": text})
+            return
+        if event["type"] == "websocket.send":
+            self.writes.append(1)
         await self._from_app_send.send(event)
 
     async def connect(self) -> None:
@@ -93,13 +103,15 @@ class MemoryServer:
     async def start(self) -> None:
         await self.engine.start(self._nursery)
 
-    async def connect(self, client_buffer: float = math.inf) -> MemoryWebSocket:
+    async def connect(
+        self, client_buffer: float = math.inf, *, batches: bool = False
+    ) -> MemoryWebSocket:
+        """A connected client; with ``batches`` the scope advertises ``SEND_BATCH``, as Aether's
+        server does."""
         ws = MemoryWebSocket(client_buffer)
-        self._nursery.start_soon(
-            self.endpoint,
-            {"type": "websocket", "path": "/ws", "client": ("127.0.0.1", 5)},
-            ws.app_receive,
-            ws.app_send,
-        )
+        scope: dict[str, Any] = {"type": "websocket", "path": "/ws", "client": ("127.0.0.1", 5)}
+        if batches:
+            scope["extensions"] = {SEND_BATCH: {}}
+        self._nursery.start_soon(self.endpoint, scope, ws.app_receive, ws.app_send)
         await ws.connect()
         return ws

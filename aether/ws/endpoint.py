@@ -7,7 +7,7 @@ binary frames arrive as bytes.
 
     client connection (nursery + scope)
       ├─ reader (this task): receive -> MessageHandler
-      ├─ writer: Outbox -> websocket.send   (the only task that sends)
+      ├─ writer: Outbox -> websocket.send, or the server's batch send   (the only task that sends)
       └─ one task per chat: RuntimeEngine.run_chat (own nursery + scope)
 
 Resource handling: when the client leaves, its chats are stopped with reason ``disconnect`` and
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Sequence
 
 import orjson
 import trio
@@ -30,6 +31,7 @@ from aether import __version__
 from aether.asgi import (
     RAW_SEND_KEY,
     REQUEST_ID_KEY,
+    SEND_BATCH,
     Message,
     Receive,
     Scope,
@@ -91,7 +93,12 @@ class WebSocketEndpoint:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
                 # After the accept, frames go straight to the server (no middleware needs them).
-                nursery.start_soon(self._write, client, scope.get(RAW_SEND_KEY, send))
+                nursery.start_soon(
+                    self._write,
+                    client,
+                    scope.get(RAW_SEND_KEY, send),
+                    SEND_BATCH in (scope.get("extensions") or {}),
+                )
                 nursery.start_soon(self._watch_for_stall, client)
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
@@ -158,11 +165,17 @@ class WebSocketEndpoint:
                 if not outbox.pending_messages:  # something queued will do as well
                     outbox.put_control({"role": "server", "type": "keepalive"})
 
-    async def _write(self, client: ClientConnection, send: Send) -> None:
+    async def _write(self, client: ClientConnection, send: Send, batches: bool) -> None:
+        """The writer; with ``batches`` (the server advertised ``SEND_BATCH``), what the outbox
+        gives at once goes out in one write to the socket."""
+
         async def send_text(text: str) -> None:
             await send({"type": "websocket.send", "text": text})
 
-        await write_outbox(client, send_text)
+        async def send_texts(texts: Sequence[str]) -> None:
+            await send({"type": SEND_BATCH, "texts": texts})
+
+        await write_outbox(client, send_text, send_texts if batches else None)
         # The outbox was finished by a server-side close: say goodbye, then end the connection.
         await send(
             {"type": "websocket.close", "code": client.close_code, "reason": client.close_reason}
