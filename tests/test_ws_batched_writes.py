@@ -1,7 +1,8 @@
 """A WebSocket client's writer sends what it took from the outbox in one write to the socket
 (``SEND_BATCH``): every frame arrives, intact and in order, with and without permessage-deflate;
 the server's writes are counted where Hypercorn hands bytes to the socket. In memory, without the
-extension, one send per message as before."""
+extension, one send per message as before. And a write goes to the socket without a scheduling
+round first."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+from hypercorn.config import Config
 from hypercorn.events import Event, RawData
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
 from wsproto.events import TextMessage
 
+from aether.server.worker import AetherTCPServer
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.ws.hub import MAX_WRITE_CHARS, encode, writes
 from tests.helpers import (
@@ -43,14 +46,14 @@ def server_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     """The bytes of every write Hypercorn hands to a socket, in order (connections opened
     after the fixture began)."""
     written: list[bytes] = []
-    protocol_send = TCPServer.protocol_send
+    protocol_send = AetherTCPServer.protocol_send
 
-    async def recording(self: TCPServer, event: Event) -> None:
+    async def recording(self: AetherTCPServer, event: Event) -> None:
         if isinstance(event, RawData):
             written.append(event.data)
         await protocol_send(self, event)
 
-    monkeypatch.setattr(TCPServer, "protocol_send", recording)
+    monkeypatch.setattr(AetherTCPServer, "protocol_send", recording)
     return written
 
 
@@ -192,3 +195,58 @@ async def test_in_memory_with_the_extension_a_batch_goes_in_few_sends_and_then_c
     assert ws.writes == [1] + [len(texts) for texts in writes(LARGE_BURST)]
     # The writer counts a write as sent once the server took all of it.
     assert connection.last_sent_at == trio.current_time()
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the scheduling steps of one task: each time it yielded and ran again, one more."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.count = 0
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.count += 1
+
+
+class RecordingStream:
+    """Stands in for a connection's socket: records what is sent, and the sender's steps."""
+
+    def __init__(self, steps: TaskSteps) -> None:
+        self.steps = steps
+        self.sent: list[tuple[bytes, int]] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.sent.append((data, self.steps.count))
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_write_reaches_the_socket_without_a_scheduling_round_first() -> None:
+    steps = TaskSteps()
+    stream = RecordingStream(steps)
+    server = AetherTCPServer(None, Config(), WorkerContext(None), {}, stream)  # type: ignore[arg-type]
+    trio.lowlevel.add_instrument(steps)
+    try:
+        before = steps.count
+        await server.protocol_send(RawData(data=b"frame"))
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    # The lock was free: the bytes left before the task yielded (trio.Lock.acquire yields).
+    assert stream.sent == [(b"frame", before)]
+
+
+async def test_a_write_waits_while_another_holds_the_send_lock(nursery: trio.Nursery) -> None:
+    sent: list[bytes] = []
+
+    class Stream:
+        async def send_all(self, data: bytes) -> None:
+            sent.append(data)
+            await trio.lowlevel.checkpoint()
+
+    server = AetherTCPServer(None, Config(), WorkerContext(None), {}, Stream())  # type: ignore[arg-type]
+    async with server.send_lock:
+        nursery.start_soon(server.protocol_send, RawData(data=b"second"))
+        await trio.testing.wait_all_tasks_blocked()
+        sent.append(b"first")  # what the holder sends
+    await trio.testing.wait_all_tasks_blocked()
+    assert sent == [b"first", b"second"]
