@@ -236,3 +236,31 @@ async def test_the_web_page_is_public_and_the_api_behind_it_is_not(fake_llm: Fak
     assert missing_file.status_code == 404
     assert api.status_code == 401
     assert api_with_key.status_code == 200
+
+
+async def test_the_pages_files_are_revalidated_while_the_api_is_never_stored() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(make_settings(provider="echo")) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            first = await client.get("/static/vendor/purify.min.js")
+            again = await client.get(
+                "/static/vendor/purify.min.js", headers={"if-none-match": first.headers["etag"]}
+            )
+            changed = await client.get(
+                "/static/vendor/purify.min.js", headers={"if-none-match": '"something-else"'}
+            )
+            page = await client.get("/")
+            api = await client.get("/v1/conversations")
+    assert first.status_code == 200
+    assert first.headers["cache-control"] == "no-cache"
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == first.headers["etag"]
+    assert "script-src 'self'" in again.headers["content-security-policy"]
+    assert changed.status_code == 200
+    assert changed.content == first.content
+    assert page.headers["cache-control"] == "no-cache"
+    assert api.headers["cache-control"] == "no-store"
+    assert api.headers["content-security-policy"].startswith("default-src 'none'")

@@ -13,9 +13,10 @@ jobs: [static_serving]
 
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 from quart_schema import hide
 
 from aether.api.responses import json_error
@@ -47,11 +48,20 @@ _ASSETS = {
     "vendor/LICENSE-highlight.js.txt": _TEXT,
 }
 _CONTENT = {name: _STATIC.joinpath(*name.split("/")).read_bytes() for name in _ASSETS}
+# A browser keeps the files and asks each time whether they changed (a 304 costs no body): the
+# vendored libraries alone are about 260 kB, and an upgrade of the package must show at once.
+_ETAGS = {name: f'"{hashlib.sha256(body).hexdigest()[:32]}"' for name, body in _CONTENT.items()}
 
 
 def _asset(name: str) -> Response:
-    response = Response(_CONTENT[name], content_type=_ASSETS[name])
+    etag = _ETAGS[name]
+    if etag in request.headers.get("If-None-Match", ""):
+        response = Response(b"", status=304)
+    else:
+        response = Response(_CONTENT[name], content_type=_ASSETS[name])
     response.headers["Content-Security-Policy"] = PAGE_CSP
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["ETag"] = etag
     return response
 
 

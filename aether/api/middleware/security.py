@@ -2,7 +2,8 @@
 
 API responses get a strict policy: not cached (``no-store``), not sniffed, not framed, no
 referrer, a Content-Security-Policy that allows nothing, and HSTS when served over TLS. The
-``Server`` header never leaves.
+``Server`` header never leaves. The web page's routes set their own policy and caching (their
+files are revalidated by ETag); nothing else may.
 
 @.architecture
 role: security headers middleware
@@ -21,9 +22,11 @@ API_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'; base-uri 'none'"),
 )
 HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
-# Every response gets these, whatever the route set; a Content-Security-Policy set by the route
-# (the web page's) is kept, others get the API's, which allows nothing.
-_REPLACED = {name for name, _ in API_HEADERS if name != b"content-security-policy"} | {b"server"}
+# Headers a route may set for itself (the web page's policy, its files' caching); every other
+# response gets the API's: a policy that allows nothing, and no-store.
+_ROUTE_MAY_SET = {b"content-security-policy", b"cache-control"}
+# Every response gets these, whatever the route set.
+_REPLACED = {name for name, _ in API_HEADERS if name not in _ROUTE_MAY_SET} | {b"server"}
 _STARTS = {"http.response.start", "websocket.http.response.start"}
 
 
@@ -46,8 +49,8 @@ class SecurityHeadersMiddleware:
                     for name, value in message.get("headers", ())
                     if name.lower() not in _REPLACED
                 ]
-                has_csp = any(name.lower() == b"content-security-policy" for name, _ in kept)
-                extra = [h for h in added if h[0] != b"content-security-policy" or not has_csp]
+                set_by_route = {name.lower() for name, _ in kept} & _ROUTE_MAY_SET
+                extra = [h for h in added if h[0] not in set_by_route]
                 message["headers"] = [*kept, *extra]
             await send(message)
 
