@@ -193,14 +193,14 @@ async def drain(
 ) -> None:
     """Give running chats the grace period (until ``hurried``), stop the rest, then close every
     WebSocket (1001)."""
-    live = engine.tracker.live_count
+    live = engine.live_count
     if live:
         log.info("giving %d running chats %.1f s to finish", live, settings.shutdown_grace_s)
         idle = False
         async with move_on_when(hurried.wait):
             idle = await engine.wait_idle(settings.shutdown_grace_s)
         if not idle:
-            stopped = engine.tracker.cancel_all("shutdown")
+            stopped = engine.stop_all("shutdown")
             log.info("stopping %d chats still running", stopped)
             # Let each send its block end and `stopped` before the sockets close.
             await engine.wait_idle(SHUTDOWN_BACKSTOP_S)

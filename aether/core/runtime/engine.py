@@ -173,6 +173,15 @@ class RuntimeEngine:
         """Start no new chat from now on (graceful shutdown); running ones carry on."""
         self._draining = True
 
+    @property
+    def live_count(self) -> int:
+        """How many chats are running."""
+        return self.tracker.live_count
+
+    def stop_all(self, reason: StopReason) -> int:
+        """Stop every running chat (each gets its terminal); returns how many."""
+        return self.tracker.cancel_all(reason)
+
     def stop(self) -> None:
         """Cancel every live request (reason ``shutdown``) and end ``run``."""
         self.tracker.cancel_all("shutdown")

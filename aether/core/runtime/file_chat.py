@@ -87,3 +87,7 @@ class FileChat:
         if not await history.has_conversation(owner, conversation_id):
             raise UnknownConversation(f"no conversation with id {conversation_id!r}")
         return await self.files.stored(owner, conversation_id)
+
+    async def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        """Delete the conversation's files (its history is deleted by the store)."""
+        await self.files.delete_conversation(owner, conversation_id)

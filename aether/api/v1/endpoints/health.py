@@ -47,6 +47,6 @@ async def ready() -> Response:
         {
             "status": "ready",
             "default_path": engine.streamer.default_path,
-            "live_requests": engine.tracker.live_count,
+            "live_requests": engine.live_count,
         }
     )
