@@ -122,3 +122,20 @@ async def test_upstream_failure_and_bad_requests_are_api_errors(fake_llm: FakeLL
     assert failed.value.status_code == 502
     assert "upstream" in failed.value.message
     assert bad.value.status_code == 400
+
+
+async def test_the_sdk_lists_the_served_model_and_an_unknown_one_is_not_found(
+    fake_llm: FakeLLM,
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings_for(fake_llm)) as server:
+            client = client_for(server.base_url)
+            listed = [model.id async for model in client.models.list()]
+            served = await client.models.retrieve("served-model")
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.models.retrieve("no-such-model")
+            await client.close()
+    assert listed == ["served-model"]
+    assert (served.id, served.object, served.owned_by) == ("served-model", "model", "aether")
+    assert missing.value.status_code == 404
+    assert missing.value.code == "model_not_found"

@@ -33,6 +33,8 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/chat/{request_id}/stop",
         "/v1/chat/{request_id}/approve",
         "/v1/chat/completions",
+        "/v1/models",
+        "/v1/models/{model_id}",
         "/v1/chat/history",
         "/v1/conversations",
         "/v1/conversations/{conversation_id}",

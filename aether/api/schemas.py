@@ -162,6 +162,22 @@ class CompletionChoice(BaseModel):
     finish_reason: str
 
 
+class ModelObject(BaseModel):
+    """OpenAI's `model` object: a model this server answers with."""
+
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    """OpenAI's model list (what `client.models.list()` reads)."""
+
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
 class ChatCompletion(BaseModel):
     """OpenAI's `chat.completion`, or with `stream: true` its `chat.completion.chunk` events
     ending with `data: [DONE]`."""

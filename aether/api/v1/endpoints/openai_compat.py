@@ -29,7 +29,7 @@ from aether.api.detached_chat import DetachedChat
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
-from aether.api.schemas import ChatCompletion, errors
+from aether.api.schemas import ChatCompletion, ModelList, ModelObject, errors
 from aether.api.v1.endpoints.chat import REFUSED, run_to_end
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.runtime.outbox import Outbox
@@ -152,6 +152,34 @@ async def _stream_body(chat: DetachedChat, model: str) -> AsyncIterator[bytes]:
         yield b"data: [DONE]\n\n"
     finally:
         chat.close()
+
+
+# When this server's models came to be, as far as OpenAI's `created` field goes.
+_STARTED = int(time.time())
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": "aether"}
+
+
+@blueprint.get("/v1/models")
+@document(responses={200: (ModelList, None), **errors()})
+async def list_models() -> Response:
+    """The models this server answers with, in OpenAI's shape (clients list them first)."""
+    return json_response({"object": "list", "data": [_model_object(_served_model())]})
+
+
+@blueprint.get("/v1/models/<model_id>")
+@document(responses={200: (ModelObject, None), **errors(404)})
+async def get_model(model_id: str) -> Response:
+    if model_id != _served_model():
+        return json_error(
+            404,
+            "model_not_found",
+            f"The model {model_id!r} does not exist on this server",
+            type="invalid_request_error",
+        )
+    return json_response(_model_object(model_id))
 
 
 @blueprint.post("/v1/chat/completions")
