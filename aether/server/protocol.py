@@ -4,7 +4,8 @@
   goes on after its stream was closed (a 413 or 401 answered before the body was read), and the
   error ended the whole process. Aether needs only HTTP/1.1 (its WebSocket and SSE run on it), so
   an ``Upgrade: h2c`` is ignored (the request is answered in HTTP/1.1, as RFC 9110 allows), an
-  HTTP/2 connection preface is answered ``505`` and the connection closed, and TLS offers only
+  HTTP/2 connection preface is answered ``505`` and the connection closed (once the client
+  closes it, or after a linger: see ``HTTP1Connection``), and TLS offers only
   ``http/1.1`` in ALPN (see ``aether.main.hypercorn_config``).
 - **A WebSocket frame that cannot be parsed fails the connection with the close code RFC 6455
   asks for** (1007 for invalid UTF-8; 1002 for a reserved opcode, an unmasked frame or an
@@ -34,6 +35,7 @@ from itertools import chain
 from typing import Any
 
 import h11
+import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Data, Response, StreamClosed
@@ -70,6 +72,8 @@ HTTP2_REFUSED = b"".join(
         b"\r\n",
     )
 )
+# How long a refused connection is read (and what comes dropped) before it is closed.
+REFUSAL_LINGER_S = 2.0
 
 
 def with_security_headers(headers: Iterable[tuple[bytes, bytes]], tls: bool) -> HeaderList:
@@ -233,6 +237,10 @@ class HTTP1Connection:
     ) -> None:
         self._send = send
         self._client = client
+        self._task_group = task_group
+        # Set once the connection is refused: what the client still sends is read and dropped.
+        self._lingering: trio.CancelScope | None = None
+        self._close_sent = False
         self.protocol = HardenedH11Protocol(
             app, config, context, task_group, state, ssl, client, server, send
         )
@@ -241,9 +249,30 @@ class HTTP1Connection:
         await self.protocol.initiate()
 
     async def handle(self, event: Event) -> None:
+        if self._lingering is not None:
+            if isinstance(event, Closed):  # the client has read the refusal and gone
+                self._lingering.cancel()
+                await self._close_once()
+            return
         try:
             await self.protocol.handle(event)
         except H2ProtocolAssumedError:
             log.info("HTTP/2 connection preface from %s refused (505)", self._client)
             await self._send(RawData(data=HTTP2_REFUSED))
+            self._lingering = trio.CancelScope()
+            self._task_group.spawn(self._close_after_linger, self._lingering)
+
+    async def _close_after_linger(self, lingering: trio.CancelScope) -> None:
+        """Close a refused connection after ``REFUSAL_LINGER_S``, unless the client closes it
+        first. Closing at once would drop the refusal: a socket closed while the client's
+        bytes are still unread resets the connection, and the client then loses the answer
+        it had not read yet (the lingering close of RFC 9112 section 9.6)."""
+        with lingering:
+            await trio.sleep(REFUSAL_LINGER_S)
+        await self._close_once()
+
+    async def _close_once(self) -> None:
+        # Closing tells this protocol ``Closed`` in turn: only the first one closes.
+        if not self._close_sent:
+            self._close_sent = True
             await self._send(Closed())

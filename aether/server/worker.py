@@ -19,13 +19,15 @@ jobs: [server_startup, connection_management, exception_catching]
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.task_group import TaskGroup
@@ -45,13 +47,51 @@ Listener = trio.SSLListener[trio.SocketStream] | trio.SocketListener
 class AetherTCPServer(TCPServer):
     """Hypercorn's per-connection server, speaking ``HTTP1Connection`` instead of its
     ``ProtocolWrapper`` (which Hypercorn names inside ``run``: hence this copy of it), and
-    writing without a trip through the scheduler before each write (``protocol_send``)."""
+    writing without a trip through the scheduler before each write (``protocol_send``), and
+    watching for idleness with one task for the connection's life (``_watch_idle``)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        # Hypercorn cancels its idle task when a request starts and starts a new one (through
+        # ``nursery.start``) when it ends: two tasks' worth of work per request. Here one task
+        # waits, and a request only moves its deadline.
+        self._idle_scope = trio.CancelScope(
+            deadline=trio.current_time() + self.config.keep_alive_timeout
+        )
+        self._busy = False
+        self._became_idle = trio.lowlevel.ParkingLot()
+        # Ends the watch once nothing more can be read: it must not hold the connection open.
+        self._watching = trio.CancelScope()
+
+    async def _watch_idle(self) -> None:
+        """Close the connection once it has been idle for ``keep_alive_timeout``, or once the
+        server is shutting down and no request is in progress (as Hypercorn's idle task does)."""
+        with self._watching:
+            with self._idle_scope:
+                await self.context.terminated.wait()
+            while self._busy:  # shutting down: let the request in progress finish first
+                await self._became_idle.park()
+        if self._watching.cancelled_caught:
+            return
+        with trio.CancelScope(shield=True):
+            await self._initiate_server_close()
+
+    def _update_idle(self, idle: bool) -> None:
+        self._busy = not idle
+        if idle:
+            self._idle_scope.deadline = trio.current_time() + self.config.keep_alive_timeout
+            self._became_idle.unpark_all()
+        else:
+            self._idle_scope.deadline = math.inf
 
     async def protocol_send(self, event: Event) -> None:
         """Hypercorn's, except that a write which finds the send lock free takes it at once:
         ``trio.Lock.acquire`` yields even when the lock is free, which put a whole scheduling
         round between every frame (a stop's ``stopped`` among them) and the socket. The send
-        itself still yields once, after the bytes left."""
+        itself yields only when the kernel cannot take the bytes at once (``_write_now``)."""
+        if isinstance(event, Updated):
+            self._update_idle(event.idle)
+            return
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
@@ -62,12 +102,30 @@ class AetherTCPServer(TCPServer):
             lock.acquire_nowait()
         try:
             try:
-                with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
+                data = self._write_now(event.data)
+                if data:
+                    with trio.CancelScope(shield=True):
+                        await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
         finally:
             lock.release()
+
+    def _write_now(self, data: bytes) -> bytes | memoryview:
+        """Write what the kernel takes at once; return the rest, for ``send_all`` to wait with.
+
+        ``send_all`` yields after every write, even one the kernel took whole: a scheduling
+        round per frame, which was a third of a short chat's rounds. A plain TCP stream is
+        written here directly (its socket is non-blocking); TLS goes through ``send_all``. Any
+        error is left for ``send_all`` to raise, the way Trio reports it."""
+        stream: trio.abc.Stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return data
+        try:
+            sent = os.write(stream.socket.fileno(), data)
+        except OSError:
+            return data
+        return memoryview(data)[sent:] if sent < len(data) else b""
 
     async def run(self) -> None:
         stream: Any = self.stream
@@ -99,8 +157,9 @@ class AetherTCPServer(TCPServer):
                     self.protocol_send,
                 )
                 await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                task_group.spawn(self._watch_idle)
                 await self._read_data()
+                self._watching.cancel()
         except OSError:
             pass
         finally:

@@ -31,7 +31,7 @@ from aether.core.errors import (
 )
 from aether.core.history.store import message_json
 from aether.core.runtime.engine import RuntimeEngine
-from aether.core.runtime.request import RequestRecord
+from aether.core.runtime.turn import ChatTurn
 from aether.core.token_bucket import TokenBucket
 from aether.protocol.messages import (
     ApproveMessage,
@@ -191,18 +191,18 @@ class MessageHandler:
             )
             return
         try:
-            await self._nursery.start(self._run_chat, chat)
+            turn = self._engine.admit(chat.request, self._client.outbox)
         except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
+            self._chat_slots.release_on_behalf_of(chat)
             self._reply_error(exc.code, exc.message, {"type": "chat", "id": chat.request.id})
-
-    async def _run_chat(
-        self, chat: _RunningChat, *, task_status: trio.TaskStatus[RequestRecord]
-    ) -> None:
-        """Run one chat, holding its slot; the engine reports its record once it accepted it
-        (a refused chat, a duplicate id say, raises before that)."""
+            return
         self._running.add(chat)
+        self._nursery.start_soon(self._run_chat, chat, turn)
+
+    async def _run_chat(self, chat: _RunningChat, turn: ChatTurn) -> None:
+        """Run one admitted chat, holding its slot."""
         try:
-            await self._engine.run_chat(chat.request, self._client.outbox, task_status=task_status)
+            await turn.run()
         finally:
             self._running.discard(chat)
             self._chat_slots.release_on_behalf_of(chat)

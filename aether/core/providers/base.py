@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import trio
-
-from aether.core.chat import ChatRequest, Chunk
+from aether.core.chat import ChatRequest
+from aether.core.chunk_channel import ChunkSender
 
 
 class Provider(Protocol):
@@ -24,4 +23,4 @@ class Provider(Protocol):
 
     name: str
 
-    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None: ...
+    async def stream(self, request: ChatRequest, send: ChunkSender) -> None: ...

@@ -14,7 +14,8 @@ import re
 
 import trio
 
-from aether.core.chat import ChatRequest, Chunk, block_delta, block_end, block_start
+from aether.core.chat import ChatRequest, block_delta, block_end, block_start
+from aether.core.chunk_channel import ChunkSender
 
 _TOKEN = re.compile(r"\s*\S+")
 
@@ -30,9 +31,10 @@ class EchoProvider:
     def __init__(self, token_delay_s: float) -> None:
         self._token_delay_s = token_delay_s
 
-    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+    async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         await send.send(block_start())
         for token in echo_tokens(request.message):
-            await trio.sleep(self._token_delay_s)
+            if self._token_delay_s > 0:
+                await trio.sleep(self._token_delay_s)
             await send.send(block_delta(token))
         await send.send(block_end())

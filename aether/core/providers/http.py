@@ -18,7 +18,8 @@ from collections.abc import AsyncIterable
 import httpx
 import trio
 
-from aether.core.chat import ChatRequest, Chunk, block_delta, block_end, block_start
+from aether.core.chat import ChatRequest, block_delta, block_end, block_start
+from aether.core.chunk_channel import ChunkSender
 from aether.core.errors import (
     UpstreamDisconnected,
     UpstreamHTTPError,
@@ -54,7 +55,7 @@ class HTTPProvider:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._first_token_timeout_s = first_token_timeout_s
 
-    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+    async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         body = {
             "model": self._model,
             "messages": [
@@ -95,7 +96,7 @@ class HTTPProvider:
     async def _relay_events(
         self,
         response: httpx.Response,
-        send: trio.MemorySendChannel[Chunk],
+        send: ChunkSender,
         first_token: trio.CancelScope,
     ) -> None:
         state = _StreamState(send, first_token)
@@ -131,7 +132,7 @@ class _StreamState:
 
     __slots__ = ("decoder", "done", "finished", "first_token", "send", "started")
 
-    def __init__(self, send: trio.MemorySendChannel[Chunk], first_token: trio.CancelScope) -> None:
+    def __init__(self, send: ChunkSender, first_token: trio.CancelScope) -> None:
         self.decoder = SSEDecoder()
         self.send = send
         self.first_token = first_token
@@ -166,10 +167,6 @@ class _StreamState:
             self.started = True
             await self.send.send(block_start())
         delta = block_delta(texts[0] if len(texts) == 1 else "".join(texts))
-        try:
-            # No yield while the channel has room: chunks httpx already holds then reach the
-            # relay together and leave as one coalesced frame, instead of one scheduler round
-            # (and one frame) each. The socket reads still yield, so fairness is kept.
-            self.send.send_nowait(delta)
-        except trio.WouldBlock:
-            await self.send.send(delta)
+        # No yield while the channel has room (ChunkSender): chunks httpx already holds reach
+        # the relay together and leave as one coalesced frame.
+        await self.send.send(delta)

@@ -203,11 +203,15 @@ class RuntimeEngine:
         Raises, before ``task_status.started``: DuplicateRequest if the id is already live,
         TooManyRequests if the caller runs as many chats as it may, ShuttingDown while draining.
         """
-        turn = self._admit(request, outbox)
+        turn = self.admit(request, outbox)
         task_status.started(turn.record)
         return await turn.run()
 
-    def _admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
+    def admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
+        """Register a chat as live and return its turn, which the caller must run (``await
+        turn.run()``) in a task of its choosing. Synchronous, so a transport refuses a chat
+        without starting a task for it. Raises DuplicateRequest, TooManyRequests, ShuttingDown.
+        """
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
         limit = self.settings.max_requests_per_caller

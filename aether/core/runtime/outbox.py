@@ -52,7 +52,7 @@ class OutboxEntry:
 
 
 class Outbox:
-    def __init__(self, max_bytes: int, *, max_control_messages: int = 256) -> None:
+    def __init__(self, max_bytes: float, *, max_control_messages: int = 256) -> None:
         self._max_bytes = max_bytes
         self._max_control = max_control_messages
         self._entries: deque[OutboxEntry] = deque()
@@ -149,11 +149,16 @@ class Outbox:
         """
         if not self.reader_attached.is_set():
             self.reader_attached.set()
-        await trio.lowlevel.checkpoint()
+        if self._entries:
+            await trio.lowlevel.checkpoint()  # a writer that always finds work still yields
         while not self._entries:
             if self._closed:
                 raise trio.EndOfChannel
             await self._readable.park()
+        return self.take_all()
+
+    def take_all(self) -> list[Chunk]:
+        """Take every queued message now (none if there is none)."""
         batch: list[Chunk] = []
         entries = self._entries
         while entries:

@@ -16,7 +16,8 @@ import httpx
 import trio
 
 from aether.config import Settings
-from aether.core.chat import ChatRequest, Chunk, PathName, error_chunk
+from aether.core.chat import ChatRequest, PathName, error_chunk
+from aether.core.chunk_channel import ChunkSender
 from aether.core.errors import PathUnavailable, ProviderError
 from aether.core.providers.base import Provider
 from aether.core.providers.echo import EchoProvider
@@ -86,10 +87,10 @@ class ChatStreamer:
         self,
         request: ChatRequest,
         provider: Provider | PathUnavailable,
-        send: trio.MemorySendChannel[Chunk],
+        send: ChunkSender,
     ) -> None:
         """Produce the request's chunks into ``send``, ending with an error chunk on failure."""
-        async with send:
+        try:
             if isinstance(provider, PathUnavailable):
                 await send.send(error_chunk(provider.code, provider.message))
                 return
@@ -105,3 +106,5 @@ class ChatStreamer:
             except Exception:
                 log.exception("request %s: provider %s failed", request.id, provider.name)
                 await send.send(error_chunk("internal_error", "the model path failed"))
+        finally:
+            send.close()  # no checkpoint: the turn's end needs no extra scheduling round

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import trio
 
 from aether.core.chat import ChatRequest, Chunk, error_chunk
+from aether.core.chunk_channel import open_chunk_channel
 from aether.core.errors import AetherError, PathUnavailable
 from aether.core.history.recorder import TurnRecorder
 from aether.core.history.store import MessageStatus
@@ -132,11 +133,11 @@ class ChatTurn:
                 self._services.spawn(recorder.run)
                 # An answer that outran a failed start still ends with storage_error.
                 nursery.start_soon(recorder.check_start)
-            send, receive = trio.open_memory_channel[Chunk](CHUNK_BUFFER)
+            send, receive = open_chunk_channel(CHUNK_BUFFER)
             nursery.start_soon(
                 self._services.streamer.stream_chat, self.request, self._provider, send
             )
-            async with receive:
+            with receive:
                 await self.relay.relay_stream(receive)
 
     def _fail(self, code: str, message: str) -> None:

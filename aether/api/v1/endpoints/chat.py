@@ -16,11 +16,11 @@ jobs: [message_handling, streaming_coordination, cancellation_handling]
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-import trio
 from quart import Blueprint, Response
 from quart_schema import document
 
@@ -48,7 +48,6 @@ from aether.core.errors import (
 )
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
-from aether.core.runtime.request import RequestRecord
 from aether.protocol.messages import ChatBody, new_request_id
 
 log = logging.getLogger(__name__)
@@ -123,43 +122,34 @@ async def chat() -> Response:
     chat_request = await _chat_request()
     if isinstance(chat_request, Response):
         return chat_request
-    state = app_state()
-    outbox = Outbox(state.settings.outbox_max_bytes)
     collector = AnswerCollector(chat_request.id)
-
-    refused = await run_to_end(state.engine, chat_request, outbox, collector.add)
+    refused = await run_to_end(app_state().engine, chat_request, collector.add)
     return refused or collector.response()
 
 
 async def run_to_end(
     engine: RuntimeEngine,
     chat_request: ChatRequest,
-    outbox: Outbox,
     on_message: Callable[[Chunk], None],
 ) -> Response | None:
-    """Run a chat in this handler's task, giving each of its messages to ``on_message``.
+    """Run a chat in this handler's task, then give each of its messages to ``on_message``.
 
     Returns the refusal response if the engine would not start it. A client that disconnects
-    cancels the handler, and with it the chat (reason ``disconnect``)."""
-
-    async def run(*, task_status: trio.TaskStatus[RequestRecord]) -> None:
-        try:
-            await engine.run_chat(chat_request, outbox, task_status=task_status)
-        finally:
-            outbox.finish()
-
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run)
-        except REFUSED as exc:
-            return error_response(exc)
-        while True:
-            try:
-                batch = await outbox.get_batch()
-            except trio.EndOfChannel:
-                return None
-            for message in batch:
-                on_message(message)
+    cancels the handler, and with it the chat (reason ``disconnect``). The answer is collected
+    whole, so its outbox has no budget: nobody reads it before the turn ends, and consecutive
+    deltas merge in it as they come."""
+    outbox = Outbox(math.inf)
+    try:
+        turn = engine.admit(chat_request, outbox)
+    except REFUSED as exc:
+        return error_response(exc)
+    try:
+        await turn.run()
+    finally:
+        outbox.finish()
+    for message in outbox.take_all():
+        on_message(message)
+    return None
 
 
 def _sse_event(message: Chunk) -> bytes:

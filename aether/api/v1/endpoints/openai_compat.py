@@ -32,7 +32,6 @@ from aether.api.responses import json_error, json_response
 from aether.api.schemas import ChatCompletion, ModelList, ModelObject, errors
 from aether.api.v1.endpoints.chat import REFUSED, run_to_end
 from aether.core.chat import ChatRequest, Chunk
-from aether.core.runtime.outbox import Outbox
 from aether.protocol.messages import new_request_id
 
 log = logging.getLogger(__name__)
@@ -217,8 +216,7 @@ async def chat_completions() -> Response:
         elif message.get("type") == "error" and message.get("id") is not None:
             errors.append(message)
 
-    outbox = Outbox(state.settings.outbox_max_bytes)
-    refused = await run_to_end(state.engine, chat, outbox, on_message)
+    refused = await run_to_end(state.engine, chat, on_message)
     if refused is not None:
         return refused
     error = errors[0] if errors else None

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from aether.core.chat import ChatRequest, Chunk
+from aether.core.chunk_channel import ChunkSender
 from aether.core.errors import ProviderError, UpstreamUnavailable
 from aether.core.files import ConversationFiles, StoredFile
 from aether.core.providers.oi.approval import ApprovalGate
@@ -109,14 +110,12 @@ class OIProvider:
         # Interpreters whose last turn was stopped: the next turn first lets the kernel settle.
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
-    async def stream(self, request: ChatRequest, send: trio.MemorySendChannel[Chunk]) -> None:
+    async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         conversation_id = request.conversation_id or request.id
         async with self._manager.turn(request.owner, conversation_id, request.history) as instance:
             await self._turn(instance, request, send)
 
-    async def _turn(
-        self, instance: Any, request: ChatRequest, send: trio.MemorySendChannel[Chunk]
-    ) -> None:
+    async def _turn(self, instance: Any, request: ChatRequest, send: ChunkSender) -> None:
         message = request.message
         if self._files is not None and request.conversation_id is not None:
             stored = await self._files.stored(request.owner, request.conversation_id)
@@ -173,7 +172,7 @@ class OIProvider:
     def _run_turn(
         instance: Any,
         message: str,
-        send: trio.MemorySendChannel[Chunk],
+        send: ChunkSender,
         gate: ApprovalGate | None,
         model_stream: _ModelStream,
         settle: bool,
