@@ -11,12 +11,34 @@ jobs: [observability]
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+class Children(Generic[MetricT]):
+    """A labelled metric's children, kept once made: ``labels()`` takes a lock and checks its
+    arguments on every call, which every chat paid several times. Label values come from
+    small fixed sets (paths, outcomes, error codes), so the cache stays small."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: MetricT) -> None:
+        self._metric: MetricT = metric
+        self._children: dict[tuple[str, ...], MetricT] = {}
+
+    def __call__(self, *values: str) -> MetricT:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -61,6 +83,13 @@ class Metrics:
             ["tier"],
             registry=r,
         )
+
+        # The children each chat uses, by their label values.
+        self.in_flight_on = Children(self.requests_in_flight)
+        self.requests_ended = Children(self.requests)
+        self.first_token_on = Children(self.time_to_first_token)
+        self.stopped_by = Children(self.stop_latency)
+        self.upstream_failed = Children(self.upstream_errors)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""

@@ -91,7 +91,7 @@ class ChatTurn:
 
     async def run(self) -> RequestRecord:
         """Run the turn to its terminal and its final save."""
-        in_flight = self._services.metrics.requests_in_flight.labels(self.record.path)
+        in_flight = self._services.metrics.in_flight_on(self.record.path)
         in_flight.inc()
         try:
             with self.record.cancel_scope:
@@ -175,16 +175,16 @@ class ChatTurn:
     def _observe(self) -> None:
         record, relay = self.record, self.relay
         metrics = self._services.metrics
-        metrics.requests.labels(record.path, record.state).inc()
+        metrics.requests_ended(record.path, record.state).inc()
         metrics.deltas_relayed.inc(relay.chunks_relayed)
         if relay.first_content_at is not None:
             ttft = relay.first_content_at - record.started_at
-            metrics.time_to_first_token.labels(record.path).observe(ttft)
+            metrics.first_token_on(record.path).observe(ttft)
         if record.cancel_requested_at is not None and record.ended_at is not None:
             latency = record.ended_at - record.cancel_requested_at
-            metrics.stop_latency.labels(record.stop_reason or "stop").observe(latency)
+            metrics.stopped_by(record.stop_reason or "stop").observe(latency)
         error = self._failure or relay.error
         if record.state == "error" and error is not None:
             code = str(error.get("code", ""))
             if code.startswith("upstream_"):
-                metrics.upstream_errors.labels(code).inc()
+                metrics.upstream_failed(code).inc()
