@@ -20,6 +20,8 @@ from werkzeug.exceptions import HTTPException
 
 from aether.api.body_limits import BODY_LIMITS_KEY, BodyLimitedHTTPConnection, upload_body_limit
 from aether.api.dependencies import EXTENSION_KEY, AppState
+from aether.api.direct_routes import DirectRoutes
+from aether.api.errors import http_error_fields
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
 from aether.api.middleware.browser_guard import BrowserGuardMiddleware, BrowserPolicy
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
@@ -102,8 +104,7 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
-        code = (error.name or "error").lower().replace(" ", "_")
-        response = json_error(error.code or 500, code, error.description or error.name)
+        response = json_error(*http_error_fields(error))
         allowed = getattr(error, "valid_methods", None)
         if allowed:
             response.headers["Allow"] = ", ".join(allowed)
@@ -118,8 +119,10 @@ def create_app(settings: Settings) -> QuartTrio:
     keys = KeyRing.from_settings(
         (key.get_secret_value() for key in settings.api_keys), settings.api_keys_file
     )
+    quart_app: ASGIApp = app.asgi_app  # type: ignore[assignment]
+    direct = DirectRoutes(quart_app, app.extensions[EXTENSION_KEY], app.config)
     app.asgi_app = middleware_stack(  # type: ignore[assignment,method-assign]
-        WebSocketMount(app.asgi_app, WebSocketEndpoint(engine, hub, settings)),
+        WebSocketMount(direct, WebSocketEndpoint(engine, hub, settings)),
         keys,
         settings,
         metrics,

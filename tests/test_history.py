@@ -228,7 +228,8 @@ async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
 def test_an_unknown_conversation_ending_a_rest_chat_is_a_404() -> None:
     collector = AnswerCollector("r1")
     collector.add({"type": "error", "code": "unknown_conversation", "message": "no such"})
-    assert collector.response().status_code == 404
+    status, _body = collector.answer()
+    assert status == 404
 
 
 async def test_history_survives_a_restart(fake_llm: FakeLLM) -> None:

@@ -12,6 +12,7 @@ jobs: [error_classification, response_formatting]
 from __future__ import annotations
 
 from quart import Response
+from werkzeug.exceptions import HTTPException
 
 from aether.api.responses import json_error
 from aether.core.errors import AetherError
@@ -45,6 +46,12 @@ HTTP_STATUS: dict[str, int] = {
 def status_for(code: str) -> int:
     """The HTTP status of an error code (500 for one this table does not know)."""
     return HTTP_STATUS.get(code, 500)
+
+
+def http_error_fields(error: HTTPException) -> tuple[int, str, str]:
+    """The status, code and message of an HTTP error werkzeug describes (404, 405, 413, ...)."""
+    code = (error.name or "error").lower().replace(" ", "_")
+    return error.code or 500, code, error.description or error.name
 
 
 def error_response(exc: AetherError) -> Response:

@@ -27,7 +27,11 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status=status, mimetype="application/json")
 
 
+def error_body(code: str, message: str, request_id: str | None, **extra: Any) -> dict[str, Any]:
+    """Every REST error's JSON: ``{"error": {"code", "message", "request_id", ...}}``."""
+    return {"error": {"code": code, "message": message, "request_id": request_id, **extra}}
+
+
 def json_error(status: int, code: str, message: str, **extra: Any) -> Response:
-    """``{"error": {"code", "message", "request_id", ...}}`` with the given status."""
-    body = {"code": code, "message": message, "request_id": request_id(), **extra}
-    return json_response({"error": body}, status)
+    """``error_body`` as a response with the given status."""
+    return json_response(error_body(code, message, request_id(), **extra), status)

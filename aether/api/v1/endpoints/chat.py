@@ -97,12 +97,23 @@ class AnswerCollector:
             self.body["status"] = "error"
             self.body["error"] = {"code": message["code"], "message": message["message"]}
 
-    def response(self) -> Response:
+    def answer(self) -> tuple[int, dict[str, Any]]:
+        """The HTTP status and the JSON body of the answer."""
         self.body["content"] = "".join(self._parts)
         status = 200
         if self.body["status"] == "error":
             status = status_for(self.body["error"]["code"])
-        return json_response(self.body, status)
+        return status, self.body
+
+
+async def answer_chat(
+    engine: RuntimeEngine, chat_request: ChatRequest
+) -> tuple[int, dict[str, Any]]:
+    """Run a chat to its end; its HTTP status and JSON answer. Raises what the engine raises
+    when it will not start the chat (REFUSED)."""
+    collector = AnswerCollector(chat_request.id)
+    await run_to_end(engine, chat_request, collector.add)
+    return collector.answer()
 
 
 @blueprint.post("/v1/chat")
@@ -122,34 +133,32 @@ async def chat() -> Response:
     chat_request = await _chat_request()
     if isinstance(chat_request, Response):
         return chat_request
-    collector = AnswerCollector(chat_request.id)
-    refused = await run_to_end(app_state().engine, chat_request, collector.add)
-    return refused or collector.response()
+    try:
+        status, body = await answer_chat(app_state().engine, chat_request)
+    except REFUSED as exc:
+        return error_response(exc)
+    return json_response(body, status)
 
 
 async def run_to_end(
     engine: RuntimeEngine,
     chat_request: ChatRequest,
     on_message: Callable[[Chunk], None],
-) -> Response | None:
-    """Run a chat in this handler's task, then give each of its messages to ``on_message``.
+) -> None:
+    """Run a chat in this task, then give each of its messages to ``on_message``.
 
-    Returns the refusal response if the engine would not start it. A client that disconnects
-    cancels the handler, and with it the chat (reason ``disconnect``). The answer is collected
-    whole, so its outbox has no budget: nobody reads it before the turn ends, and consecutive
-    deltas merge in it as they come."""
+    Raises what the engine raises when it will not start the chat (REFUSED). A client that
+    disconnects cancels the caller, and with it the chat (reason ``disconnect``). The answer
+    is collected whole, so its outbox has no budget: nobody reads it before the turn ends, and
+    consecutive deltas merge in it as they come."""
     outbox = Outbox(math.inf)
-    try:
-        turn = engine.admit(chat_request, outbox)
-    except REFUSED as exc:
-        return error_response(exc)
+    turn = engine.admit(chat_request, outbox)
     try:
         await turn.run()
     finally:
         outbox.finish()
     for message in outbox.take_all():
         on_message(message)
-    return None
 
 
 def _sse_event(message: Chunk) -> bytes:

@@ -24,14 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import document
 
-from aether.api.dependencies import app_state, caller_identity
+from aether.api.dependencies import AppState, app_state, caller_identity
 from aether.api.detached_chat import DetachedChat
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
-from aether.api.responses import json_error, json_response
+from aether.api.responses import error_body, json_error, json_response, request_id
 from aether.api.schemas import ChatCompletion, ModelList, ModelObject, errors
 from aether.api.v1.endpoints.chat import REFUSED, run_to_end
 from aether.core.chat import ChatRequest, Chunk
+from aether.core.runtime.engine import RuntimeEngine
 from aether.protocol.messages import new_request_id
 
 log = logging.getLogger(__name__)
@@ -76,24 +77,34 @@ class CompletionBody(BaseModel):
     stream: bool = False
 
 
-def _served_model() -> str:
-    settings = app_state().settings
-    engine = app_state().engine
+NO_USER_MESSAGE = "messages must include a user message"
+
+
+def served_model(state: AppState) -> str:
+    settings, engine = state.settings, state.engine
     if engine.streamer.default_path == "http" and settings.llm_model:
         return settings.llm_model
     return "aether-echo"
+
+
+def _served_model() -> str:
+    return served_model(app_state())
+
+
+def has_user_message(body: CompletionBody) -> bool:
+    return any(message.role == "user" for message in body.messages)
 
 
 async def _completion_body() -> CompletionBody | Response:
     parsed = await read_json_body(CompletionBody)
     if isinstance(parsed, Response):
         return parsed
-    if not any(message.role == "user" for message in parsed.messages):
-        return json_error(400, "invalid_request", "messages must include a user message")
+    if not has_user_message(parsed):
+        return json_error(400, "invalid_request", NO_USER_MESSAGE)
     return parsed
 
 
-def _chat_request(body: CompletionBody) -> ChatRequest:
+def completion_request(body: CompletionBody, owner: str) -> ChatRequest:
     """The last user message is the turn; the messages before it are its context (messages
     after it, which OpenAI's API would also accept, are not used)."""
     last_user = max(i for i, message in enumerate(body.messages) if message.role == "user")
@@ -104,10 +115,45 @@ def _chat_request(body: CompletionBody) -> ChatRequest:
     )
     return ChatRequest(
         id=new_request_id(),
-        owner=caller_identity(),
+        owner=owner,
         message=body.messages[last_user].text(),
         history=context,
     )
+
+
+async def answer_completion(
+    engine: RuntimeEngine, chat: ChatRequest, model: str, request_id: str | None
+) -> tuple[int, dict[str, Any]]:
+    """Run a chat to its end; the HTTP status and JSON body of its completion, or of its error
+    (``request_id`` is the HTTP request's, for the error body). Raises what the engine raises
+    when it will not start the chat (REFUSED)."""
+    text: list[str] = []
+    errors: list[Chunk] = []
+
+    def on_message(message: Chunk) -> None:
+        content = _content(message)
+        if content:
+            text.append(content)
+        elif message.get("type") == "error" and message.get("id") is not None:
+            errors.append(message)
+
+    await run_to_end(engine, chat, on_message)
+    if errors:
+        code, message = errors[0]["code"], errors[0]["message"]
+        return status_for(code), error_body(code, message, request_id, type=code)
+    return 200, {
+        "id": f"chatcmpl-{chat.id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": "stop",
+            }
+        ],
+    }
 
 
 def _chunk(
@@ -190,7 +236,7 @@ async def chat_completions() -> Response:
     parsed = await _completion_body()
     if isinstance(parsed, Response):
         return parsed
-    chat = _chat_request(parsed)
+    chat = completion_request(parsed, caller_identity())
     state = app_state()
     model = _served_model()
     if parsed.stream:
@@ -206,35 +252,8 @@ async def chat_completions() -> Response:
         response.timeout = None
         return response
 
-    text: list[str] = []
-    errors: list[Chunk] = []
-
-    def on_message(message: Chunk) -> None:
-        content = _content(message)
-        if content:
-            text.append(content)
-        elif message.get("type") == "error" and message.get("id") is not None:
-            errors.append(message)
-
-    refused = await run_to_end(state.engine, chat, on_message)
-    if refused is not None:
-        return refused
-    error = errors[0] if errors else None
-    if error is not None:
-        status = status_for(error["code"])
-        return json_error(status, error["code"], error["message"], type=error["code"])
-    return json_response(
-        {
-            "id": f"chatcmpl-{chat.id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(text)},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-    )
+    try:
+        status, body = await answer_completion(state.engine, chat, model, request_id())
+    except REFUSED as exc:
+        return error_response(exc)
+    return json_response(body, status)
