@@ -10,6 +10,7 @@ import trio
 
 from aether.asgi import SEND_BATCH
 from aether.config import Settings
+from aether.core.history.store import HistoryStore
 from aether.core.runtime.engine import RuntimeEngine
 from aether.ws.endpoint import WebSocketEndpoint
 from aether.ws.hub import ClientHub
@@ -93,9 +94,11 @@ class MemoryWebSocket:
 class MemoryServer:
     """An engine plus the WebSocket endpoint, started in a nursery, clients in memory."""
 
-    def __init__(self, settings: Settings, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, settings: Settings, nursery: trio.Nursery, history: HistoryStore | None = None
+    ) -> None:
         self.settings = settings
-        self.engine = RuntimeEngine(settings)
+        self.engine = RuntimeEngine(settings, history=history)
         self.hub = ClientHub()
         self.endpoint = WebSocketEndpoint(self.engine, self.hub, settings)
         self._nursery = nursery

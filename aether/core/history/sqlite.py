@@ -12,7 +12,8 @@ just grows a little longer meanwhile.
 
 Writes are batched: every write queued within one scheduling round runs in the same
 transaction, each in a savepoint of its own (one write's failure undoes only that write), so
-fifty chats ending at once cost one commit, not fifty.
+fifty chats ending at once cost one commit, not fifty. ``write_answers`` hands in a whole batch at
+once (the history's answer writer: every turn's start, progress and final save of one cycle).
 
 Error handling: every ``sqlite3.Error`` becomes ``StorageError`` (logged with its detail); a
 failed transaction is rolled back, so what was stored before stays intact.
@@ -38,8 +39,9 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -47,7 +49,13 @@ import outcome
 import trio
 
 from aether.core.errors import StorageError, UnknownConversation
-from aether.core.history.store import Conversation, MessageStatus, StoredMessage
+from aether.core.history.store import (
+    AnswerWrite,
+    Conversation,
+    MessageStatus,
+    StoredMessage,
+    TurnStart,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -198,6 +206,52 @@ def _claim(
         "title = CASE WHEN title = '' THEN excluded.title ELSE title END",
         (owner, conversation_id, title, now, now),
     )
+
+
+def _begin_turn(
+    db: sqlite3.Connection,
+    start: TurnStart,
+    content: str,
+    status: MessageStatus,
+    error_code: str | None,
+) -> int:
+    """Store a turn: its conversation (claimed), the user's message and the answer as given."""
+    now = time.time()
+    _claim(db, start.owner, start.conversation_id, start.title, now)
+    db.execute(
+        "INSERT INTO messages (owner, conversation_id, role, content, status, "
+        "request_id, created_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?)",
+        (start.owner, start.conversation_id, start.user_text, start.request_id, now),
+    )
+    cursor = db.execute(
+        "INSERT INTO messages (owner, conversation_id, role, content, status, "
+        "request_id, error_code, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?)",
+        (start.owner, start.conversation_id, content, status, start.request_id, error_code, now),
+    )
+    message_id = cursor.lastrowid
+    assert message_id is not None
+    return message_id
+
+
+def _save_answer(
+    db: sqlite3.Connection,
+    message_id: int,
+    content: str,
+    status: MessageStatus,
+    error_code: str | None,
+) -> None:
+    db.execute(
+        "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
+        (content, status, error_code, message_id),
+    )
+
+
+def _write_answer(write: AnswerWrite, db: sqlite3.Connection) -> int:
+    if write.start is not None:
+        return _begin_turn(db, write.start, write.content, write.status, write.error_code)
+    assert write.message_id is not None
+    _save_answer(db, write.message_id, write.content, write.status, write.error_code)
+    return write.message_id
 
 
 def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
@@ -420,27 +474,37 @@ class SQLiteHistoryStore:
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction of its own (a savepoint of a shared batch)."""
         job: _WriteJob[T] = _WriteJob(fn)
-        self._pending_writes.append(job)
+        await self._submit([job])
+        return self._result(job)
+
+    async def _submit(self, jobs: list[_WriteJob[Any]]) -> None:
+        """Queue ``jobs`` and return once they ran, each in a savepoint of the same batch."""
+        if not jobs:
+            return
+        self._pending_writes.extend(jobs)
         try:
             # One scheduling round: the other writes of this round join the batch. The first
-            # task back runs them all; the others find their result set.
+            # task back runs them all; the others find their results set.
             await trio.lowlevel.checkpoint()
         except BaseException:
-            if job.result is None and job in self._pending_writes:
-                self._pending_writes.remove(job)  # cancelled before any batch took it
+            for job in jobs:
+                if job.result is None and job in self._pending_writes:
+                    self._pending_writes.remove(job)  # cancelled before any batch took it
             raise
-        if job.result is None:
-            jobs, self._pending_writes = self._pending_writes, []
+        if jobs[0].result is None:
+            batch, self._pending_writes = self._pending_writes, []
             self.write_batches += 1
             try:
-                _run_batch(self._w, jobs)
+                _run_batch(self._w, batch)
                 self._after_commit()
             finally:
-                for taken in jobs:
+                for taken in batch:
                     if taken.result is None:  # the batch never ran (store closed)
                         taken.result = outcome.Error(
                             sqlite3.ProgrammingError("the history store is not open")
                         )
+
+    def _result(self, job: _WriteJob[T]) -> T:
         assert job.result is not None
         try:
             return job.result.unwrap()
@@ -533,24 +597,8 @@ class SQLiteHistoryStore:
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:
-        def run(db: sqlite3.Connection) -> int:
-            now = time.time()
-            _claim(db, owner, conversation_id, title, now)
-            db.execute(
-                "INSERT INTO messages (owner, conversation_id, role, content, status, "
-                "request_id, created_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?)",
-                (owner, conversation_id, user_text, request_id, now),
-            )
-            cursor = db.execute(
-                "INSERT INTO messages (owner, conversation_id, role, content, status, "
-                "request_id, created_at) VALUES (?, ?, 'assistant', '', 'streaming', ?, ?)",
-                (owner, conversation_id, request_id, now),
-            )
-            message_id = cursor.lastrowid
-            assert message_id is not None
-            return message_id
-
-        return await self._write(run)
+        start = TurnStart(owner, conversation_id, title, request_id, user_text)
+        return await self._write(lambda db: _begin_turn(db, start, "", "streaming", None))
 
     async def save_answer(
         self,
@@ -559,13 +607,19 @@ class SQLiteHistoryStore:
         status: MessageStatus,
         error_code: str | None = None,
     ) -> None:
-        def run(db: sqlite3.Connection) -> None:
-            db.execute(
-                "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
-                (content, status, error_code, message_id),
-            )
+        await self._write(lambda db: _save_answer(db, message_id, content, status, error_code))
 
-        await self._write(run)
+    async def write_answers(self, writes: Sequence[AnswerWrite]) -> list[int | StorageError]:
+        jobs = [_WriteJob(partial(_write_answer, write)) for write in writes]
+        with contextlib.suppress(StorageError):  # the store is closed: each job says so
+            await self._submit(jobs)
+        results: list[int | StorageError] = []
+        for job in jobs:
+            try:
+                results.append(self._result(job))
+            except StorageError as exc:
+                results.append(exc)
+        return results
 
     async def list_conversations(
         self, owner: str, limit: int, before: float | None

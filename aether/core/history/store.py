@@ -12,8 +12,11 @@ jobs: [schema_definition, history_management]
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from aether.core.errors import StorageError
 
 MessageStatus = Literal["streaming", "complete", "stopped", "error", "interrupted"]
 
@@ -36,6 +39,31 @@ class StoredMessage:
     status: MessageStatus
     request_id: str | None
     created_at: float
+    error_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStart:
+    """What a turn's start stores: the owner's conversation (created if new) and the user's
+    message."""
+
+    owner: str
+    conversation_id: str
+    title: str
+    request_id: str
+    user_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerWrite:
+    """One answer's write in a batch. With ``start``, the turn is stored in this step: the user's
+    message and the answer as it stands are inserted together. Else the stored answer
+    ``message_id`` gets this content and status."""
+
+    start: TurnStart | None
+    message_id: int | None
+    content: str
+    status: MessageStatus
     error_code: str | None = None
 
 
@@ -68,6 +96,10 @@ class HistoryStore(Protocol):
         status: MessageStatus,
         error_code: str | None = None,
     ) -> None: ...
+
+    async def write_answers(self, writes: Sequence[AnswerWrite]) -> list[int | StorageError]:
+        """Every write in one transaction, each on its own (one's failure undoes only that one).
+        For each: the answer's id, or the StorageError that write failed with."""
 
     async def list_conversations(
         self, owner: str, limit: int, before: float | None

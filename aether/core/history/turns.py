@@ -1,6 +1,9 @@
 """TurnHistory: what the history does around each chat turn: name its conversation, give it
 its context, record it, and make the next turn of the conversation wait for its answer.
 
+Every turn is recorded by the one ``AnswerWriter`` (``writer``), which the engine runs beside it
+for as long as it serves.
+
 A follow-up sent the moment the previous answer's terminal arrived must see that answer. So a
 turn publishes its pending final save (``publish``) before its terminal is queued; a turn of the
 same conversation that starts meanwhile waits (cancellably) for that save before it reads the
@@ -20,7 +23,8 @@ import trio
 
 from aether.core.chat import ChatRequest
 from aether.core.history.recorder import TurnRecorder
-from aether.core.history.store import HistoryStore, StoredMessage
+from aether.core.history.store import HistoryStore, StoredMessage, TurnStart
+from aether.core.history.writer import AnswerWriter
 
 # A new conversation's title: the start of its first message.
 TITLE_CHARS = 60
@@ -33,13 +37,14 @@ def new_conversation_id() -> str:
 class TurnHistory:
     def __init__(self, store: HistoryStore, context_messages: int) -> None:
         self.store = store
+        self.writer = AnswerWriter(store)
         self._context_messages = context_messages
         # (owner, conversation id) -> set when the latest turn's answer is finally saved
         self._saving: dict[tuple[str, str], trio.Event] = {}
 
     async def open(self, request: ChatRequest) -> tuple[ChatRequest, TurnRecorder]:
         """Name the request's conversation and load its context. Only reads happen here: the
-        turn itself is written beside the stream by the recorder. A named conversation the
+        turn itself is written beside the stream by the writer. A named conversation the
         caller does not have yet is new, whoever else has one of that id."""
         conversation_id = request.conversation_id
         context: list[StoredMessage] = []
@@ -56,14 +61,9 @@ class TurnHistory:
         # send the whole conversation with every request).
         history = tuple((m.role, m.content) for m in context) if context else request.history
         request = replace(request, conversation_id=conversation_id, history=history)
-        recorder = TurnRecorder(
-            self.store,
-            request.owner,
-            conversation_id,
-            request.message[:TITLE_CHARS],
-            request.id,
-            request.message,
-        )
+        title = request.message[:TITLE_CHARS]
+        start = TurnStart(request.owner, conversation_id, title, request.id, request.message)
+        recorder = TurnRecorder(self.writer, start)
         return request, recorder
 
     def publish(self, recorder: TurnRecorder) -> None:

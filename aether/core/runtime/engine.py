@@ -8,6 +8,8 @@ Resource handling: ``run`` (or ``start(nursery)``) owns the upstream HTTP client
 for requests that outlive their handler (SSE bodies); ``stop`` cancels every live request with
 reason ``shutdown`` and then that nursery. A request started with ``run_chat`` lives in the
 caller's task: a WebSocket connection's nursery, so a disconnect cancels all of its requests.
+``run`` also runs the history's answer writer, and lets it store what is queued before the store
+closes.
 
 @.architecture
 role: runtime engine
@@ -19,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -101,7 +102,15 @@ class RuntimeEngine:
         if self._history is not None:
             await self._history.open()
         try:
-            await self._serve(task_status)
+            async with trio.open_nursery() as writing:
+                if self._turn_history is not None:
+                    writing.start_soon(self._turn_history.writer.run)
+                try:
+                    await self._serve(task_status)
+                finally:
+                    # The answers' writer stores what is queued, then ends: before the close.
+                    if self._turn_history is not None:
+                        self._turn_history.writer.close()
         finally:
             if self._history is not None:
                 await self._history.close()
@@ -233,15 +242,8 @@ class RuntimeEngine:
                 tracker=self.tracker,
                 history=self._turn_history,
                 metrics=self.metrics,
-                spawn=self._spawn,
             )
         return self._services
-
-    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run a helper of a request in the engine's nursery (it outlives the request's)."""
-        if self._nursery is None:
-            raise RuntimeError("the engine is not started")
-        self._nursery.start_soon(fn)
 
     async def start_detached_chat(self, request: ChatRequest, outbox: Outbox) -> RequestRecord:
         """Run a chat in the engine's nursery, for a transport whose handler must return first

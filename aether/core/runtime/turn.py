@@ -9,12 +9,13 @@
   the producer to notice the cancellation; the relay queues nothing after it;
 - ``close``: the final save, the record's end, the metrics; shielded where it must finish.
 
-Resource handling: the turn owns its record's cancel scope (cancelling it is the stop), the
-memory channel, and the recorder's writes (the recorder's periodic saves run in the engine's
-nursery, so a stop never waits for the store).
+Resource handling: the turn owns its record's cancel scope (cancelling it is the stop) and the
+memory channel. Its history is written by the engine's one answer writer, beside the turn, so a
+stop never waits for the store; an answer that ends before its start is stored waits for it.
 
 Error handling: a provider failure arrives as an error chunk and becomes the ``error`` terminal;
-an ``AetherError`` raised by a step (a failed start of the history) is that terminal too; any
+an ``AetherError`` raised by a step is that terminal too, and so is a failed start of the history
+(the writer reports it, and the turn ends as a stop ends it, with that error instead); any
 other exception is logged with its traceback and told to the client as ``internal_error``.
 ``trio.Cancelled`` always propagates; a client whose writer is gone makes a ``disconnect``.
 
@@ -26,7 +27,6 @@ jobs: [streaming_orchestration, cancellation, cleanup]
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -65,8 +65,6 @@ class TurnServices:
     tracker: RequestTracker
     history: TurnHistory | None
     metrics: Metrics
-    # Runs a helper that outlives the turn's nursery (the recorder's periodic saves).
-    spawn: Callable[[Callable[[], Awaitable[None]]], None]
 
 
 class ChatTurn:
@@ -128,17 +126,31 @@ class ChatTurn:
 
     async def _relay(self) -> None:
         recorder = self._recorder
+        if recorder is not None:
+            recorder.begin(self._start_failed)
         async with trio.open_nursery() as nursery:
-            if recorder is not None:
-                self._services.spawn(recorder.run)
-                # An answer that outran a failed start still ends with storage_error.
-                nursery.start_soon(recorder.check_start)
             send, receive = open_chunk_channel(CHUNK_BUFFER)
             nursery.start_soon(
                 self._services.streamer.stream_chat, self.request, self._provider, send
             )
             with receive:
                 await self.relay.relay_stream(receive)
+        if recorder is not None:
+            # An answer that outran its start waits for it (a failed start then ends the turn
+            # with storage_error) and is stored with it, in one step.
+            error = self.relay.error
+            status = ANSWER_STATUS["error" if error is not None else "completed"]
+            await recorder.await_start(status, (error or {}).get("code"))
+
+    def _start_failed(self, error: AetherError) -> None:
+        """The history could not store the turn's start: end the turn with that error, as a
+        stop ends it (sealed at once, then its scope cancelled), unless it has ended."""
+        if self.relay.finished:
+            return
+        log.warning("request %s: %s: %s", self.request.id, error.code, error.message)
+        self._fail(error.code, error.message)
+        self.seal()
+        self.record.cancel_scope.cancel()
 
     def _fail(self, code: str, message: str) -> None:
         self._outcome = "error"
