@@ -1,5 +1,5 @@
-"""Conversation history: the store interface, its SQLite implementation and the per-turn
-recorder that saves a streaming answer as it goes.
+"""Conversation history: the store interface, its SQLite implementation, the per-turn
+recorder of a streaming answer and the engine's one writer that stores them all.
 
 @.architecture
 role: history package
