@@ -18,6 +18,7 @@ import trio
 from wsproto.events import CloseConnection
 
 from aether.server.protocol import HTTP1Connection
+from aether.server.worker import AetherTCPServer
 from aether.testing.fake_llm import FakeLLM
 from tests.helpers import (
     RawWebSocket,
@@ -266,3 +267,28 @@ async def test_a_request_whose_body_never_comes_gets_408_with_the_security_heade
     assert head.startswith("http/1.1 408 "), head
     for name in SECURITY_HEADERS:
         assert f"\r\n{name}: " in head, (name, head)
+
+
+async def test_a_response_of_declared_length_goes_out_in_one_write(
+    fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[bytes] = []
+    write_now = AetherTCPServer._write_now
+
+    def counted(self: AetherTCPServer, data: bytes) -> bytes | memoryview:
+        writes.append(bytes(data))
+        return write_now(self, data)
+
+    monkeypatch.setattr(AetherTCPServer, "_write_now", counted)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            await client.get("/health")
+            writes.clear()
+            response = await client.get("/health")
+    assert response.status_code == 200
+    assert len(writes) == 1, writes
+    assert writes[0].startswith(b"HTTP/1.1 200 ")
+    assert writes[0].endswith(response.content)

@@ -47,6 +47,7 @@ from hypercorn.typing import (
     AppWrapper,
     ASGISendEvent,
     ConnectionState,
+    H11SendableEvent,
     TaskGroup,
     WebsocketScope,
     WorkerContext,
@@ -168,10 +169,35 @@ class HardenedWSStream(WSStream):
 
 
 class HardenedH11Protocol(H11Protocol):
-    """Hypercorn's HTTP/1.1 protocol without its ways into HTTP/2, and with security headers on
-    every response it sends."""
+    """Hypercorn's HTTP/1.1 protocol without its ways into HTTP/2, with security headers on
+    every response it sends, and a response of declared length written with its body: Hypercorn
+    wrote its head, its body and its (empty) end in three writes."""
 
     _stream: HTTPStream | WSStream | None
+    # The head of a response of declared length, until its body (or its end) goes with it.
+    _held_head = b""
+
+    async def _send_h11_event(self, event: H11SendableEvent) -> None:
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return
+        if isinstance(event, h11.Response) and _declares_length(event.headers):
+            self._held_head = data
+            return
+        if self._held_head:
+            data, self._held_head = self._held_head + data, b""
+        if data:
+            await self.send(RawData(data=data))
+
+    async def _flush_held_head(self) -> None:
+        """A response that ends before its body (the application failed) still gets its head
+        out, as it would have without the hold."""
+        if self._held_head:
+            data, self._held_head = self._held_head, b""
+            await self.send(RawData(data=data))
 
     async def _check_protocol(self, event: h11.Request) -> None:
         if _asks_for_h2c(event):
@@ -199,6 +225,8 @@ class HardenedH11Protocol(H11Protocol):
                 headers=with_security_headers(event.headers, self.ssl),
                 status_code=event.status_code,
             )
+        elif isinstance(event, StreamClosed):
+            await self._flush_held_head()
         await super().stream_send(event)
 
     async def _send_error_response(self, status_code: int) -> None:
@@ -211,6 +239,10 @@ class HardenedH11Protocol(H11Protocol):
         )
         await self._send_h11_event(response)
         await self._send_h11_event(h11.EndOfMessage())
+
+
+def _declares_length(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"content-length" for name, _ in headers)
 
 
 def _asks_for_h2c(request: h11.Request) -> bool:
