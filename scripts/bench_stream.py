@@ -31,10 +31,14 @@ Workloads:
   (``hypercorn-asgi``: ``scripts/bench/hypercorn_asgi.py``) and FastAPI + uvicorn echoing the
   same chats.
 Stream counts above ``--baselines-up-to`` (1000) run for Aether only (idle connections excepted).
+``--repeat N`` runs every workload N times, the servers taking turns, and reports each figure's
+median (the worst of the counts that must stay zero): a noisy machine's slow spells then fall on
+every server alike.
 
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200,1000 --json out.json
     python scripts/bench_stream.py --workloads chat-cost
+    python scripts/bench_stream.py --workloads stop --stop-streams 50,500 --repeat 5
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
 shares the machine with the servers, so compare ratios, not absolute figures across machines.
@@ -53,6 +57,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -784,10 +789,12 @@ async def measure_chat_cost(
 
 async def run_chat_cost(args: argparse.Namespace) -> list[dict[str, Any]]:
     servers = [s for s in args.servers or CHAT_COST_SERVERS if s in CHAT_COST_ROUTES]
-    rows: list[dict[str, Any]] = []
-    for server in servers:
+    rounds: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for server in [s for _ in range(args.repeat) for s in servers]:
         print(f"chat-cost {server:16} requests={args.chat_cost_requests}", file=sys.stderr)
-        rows += await measure_chat_cost(server, CHAT_COST_ROUTES[server], args)
+        for row in await measure_chat_cost(server, CHAT_COST_ROUTES[server], args):
+            rounds.setdefault((server, row["route"]), []).append(row)
+    rows = [combined(summaries) for summaries in rounds.values()]
     # Each route's rows together, in the order of ROUTES, servers in the order they ran.
     order = [route.label for route in ROUTES.values()]
     return sorted(rows, key=lambda row: order.index(row["route"]))
@@ -1002,6 +1009,22 @@ def add_ttft_over_direct(rows: list[dict[str, Any]]) -> None:
             row[f"ttft_added_{q}_ms"] = added
 
 
+# Counts that must stay zero: over several rounds, the worst one is reported, not the median.
+WORST_OF_ROUNDS = {"chunks_after_terminal", "failed", "upstream_left_open"}
+
+
+def combined(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several rounds of a server: the median of each figure (the worst of the
+    counts that must stay zero); ``rounds`` says how many."""
+    row = dict(summaries[0])
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [summary[key] for summary in summaries]
+            row[key] = max(values) if key in WORST_OF_ROUNDS else statistics.median(values)
+    row["rounds"] = len(summaries)
+    return row
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     lines: list[str] = []
     for workload, columns in COLUMNS.items():
@@ -1033,8 +1056,10 @@ async def main(args: argparse.Namespace) -> None:
             rows += await run_chat_cost(args)  # the echo model: no upstream
             continue
         upstream = await start_upstream(case.tokens, case.delay_ms)
+        rounds: dict[str, list[dict[str, Any]]] = {}
         try:
-            for server in args.servers or SERVERS:
+            # Rounds interleave the servers, so a slow spell of the machine falls on each alike.
+            for server in [s for _ in range(args.repeat) for s in args.servers or SERVERS]:
                 if server == "hypercorn-asgi":
                     continue  # it answers chat-cost's routes only
                 if case.workload in ("stop", "idle", "storm") and server == "direct":
@@ -1059,10 +1084,12 @@ async def main(args: argparse.Namespace) -> None:
                     summary = await measure(
                         server, upstream, case.streams, workload, args.aether_log_level
                     )
-                rows.append({"workload": case.workload, "server": server, **summary})
+                rounds.setdefault(server, []).append(summary)
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
         finally:
             await upstream.stop()
+        for server, summaries in rounds.items():
+            rows.append({"workload": case.workload, "server": server, **combined(summaries)})
     add_ttft_over_direct(rows)
     add_derived(rows, args.paced_rate)
     table = render(rows)
@@ -1124,6 +1151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="WARNING",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="Aether's log level (its default is INFO)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of each stream workload, the servers interleaved; each row is the median",
     )
     parser.add_argument("--json", help="also write the rows as JSON to this file")
     return parser.parse_args(argv)
