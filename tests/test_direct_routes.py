@@ -62,6 +62,33 @@ async def test_an_answer_is_the_same_in_front_of_quart_and_through_it() -> None:
     }
 
 
+def events_of(text: str) -> list[dict[str, Any]]:
+    """The JSON of each ``data:`` line of an event stream, without what names its request."""
+    messages = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    return [without_ids(message) for message in messages]
+
+
+async def test_an_event_stream_is_the_same_in_front_of_quart_and_through_it() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(make_settings()) as server,
+            httpx.AsyncClient(base_url=server.base_url) as client,
+        ):
+            direct = await client.post("/v1/chat/stream", json=CHAT)
+            through_quart = await client.post(
+                "/v1/chat/stream",
+                content=chunked(json.dumps(CHAT).encode()),
+                headers={"content-type": "application/json"},
+            )
+    assert direct.status_code == through_quart.status_code == 200
+    assert events_of(direct.text) == events_of(through_quart.text)
+    assert events_of(direct.text)[-1]["type"] == "completion"
+    varying = {"date", "x-request-id", "ratelimit"}
+    assert {k: v for k, v in direct.headers.items() if k not in varying} == {
+        k: v for k, v in through_quart.headers.items() if k not in varying
+    }
+
+
 @pytest.mark.parametrize(
     ("path", "body", "content_type", "status", "code"),
     [

@@ -1,15 +1,17 @@
 """The hottest REST routes' ordinary requests, answered as plain ASGI in front of Quart.
 
-``POST /v1/chat`` and ``POST /v1/chat/completions`` (not streamed) are where a chat's fixed cost
-is paid most often, and Quart's share of it was larger than the chat's own: two tasks and a
-nursery per request, a request context, werkzeug's request and response objects, and a body
-read through its own timer. A request these routes can answer the ordinary way (a JSON body
-of declared length within the limit, whose fields validate) is answered here, with the same
-functions the Quart views use (``answer_chat``, ``answer_completion``): the same answers,
-statuses and errors. Every other request (a chunked or oversized body, another media type,
-invalid fields, a streamed completion) goes on to Quart with its body replayed, and Quart
-answers it as before. The Quart views stay the routes' definition: their OpenAPI documentation,
-and the answer to everything not taken here.
+``POST /v1/chat``, ``POST /v1/chat/stream`` and ``POST /v1/chat/completions`` (not streamed) are
+where a chat's fixed cost is paid most often, and Quart's share of it was larger than the chat's
+own: two tasks and a nursery per request, a request context, werkzeug's request and response
+objects, and a body read through its own timer (and, for an event stream, a detached chat with
+a watchdog, since Quart reads a streamed body after its view returned). A request these routes
+can answer the ordinary way (a JSON body of declared length within the limit, whose fields
+validate) is answered here, with the same functions the Quart views use (``answer_chat``,
+``answer_completion``, ``sse_body``): the same answers, statuses, errors and events. Every
+other request (a chunked or oversized body, another media type, invalid fields, a streamed
+completion) goes on to Quart with its body replayed, and Quart answers it as before. The Quart
+views stay the routes' definition: their OpenAPI documentation, and the answer to everything
+not taken here.
 
 Sits inside the middleware stack (security headers, request ids, browser guard, rate limits and
 authentication all apply, as for ``/ws``).
@@ -25,6 +27,7 @@ jobs: [routing_registration, message_handling, validation]
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import orjson
@@ -33,10 +36,11 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import RequestTimeout
 
 from aether.api.dependencies import AppState
+from aether.api.detached_chat import DetachedChat
 from aether.api.errors import http_error_fields, status_for
 from aether.api.json_body import JSON_MEDIA_TYPE
 from aether.api.responses import error_body
-from aether.api.v1.endpoints.chat import REFUSED, answer_chat
+from aether.api.v1.endpoints.chat import REFUSED, SSE_HEADERS, answer_chat, sse_body
 from aether.api.v1.endpoints.openai_compat import (
     CompletionBody,
     answer_completion,
@@ -55,12 +59,18 @@ from aether.asgi import (
     identity_from_scope,
 )
 from aether.core.chat import ChatRequest
+from aether.core.errors import AetherError
+from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.turn import ChatTurn
 from aether.protocol.messages import ChatBody, new_request_id
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-# What a route does with a body it validated: its status and JSON answer.
+# A JSON route's answer: its status and body.
 Answer = tuple[int, dict[str, Any]]
-RouteHandler = Callable[[Scope, bytes], Awaitable[Answer] | None]
+# How a route answers a body it takes, given the request's receive and send.
+Responder = Callable[[Receive, Send], Awaitable[None]]
+# A route: the responder for a body, or None for a body it leaves to Quart.
+RouteHandler = Callable[[Scope, bytes], Responder | None]
 
 
 class DirectRoutes:
@@ -73,6 +83,7 @@ class DirectRoutes:
         self._routes: dict[tuple[str, str], RouteHandler] = {
             ("POST", "/v1/chat"): self._chat,
             ("POST", "/v1/chat/completions"): self._completion,
+            ("POST", "/v1/chat/stream"): self._chat_stream,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,13 +102,11 @@ class DirectRoutes:
             return
         if body is None:
             return  # the client left before its body came
-        answer = route(scope, body)
-        if answer is None:  # not for this route: Quart answers it, with its own errors
+        respond = route(scope, body)
+        if respond is None:  # not for this route: Quart answers it, with its own errors
             await self._app(scope, _replayed(body, receive), send)
             return
-        status, json_body = await _until_disconnect(receive, answer)
-        if status:
-            await _send_json(send, status, json_body)
+        await respond(receive, send)
 
     def _ordinary(self, scope: Scope) -> bool:
         """A JSON body whose declared length is within the limit."""
@@ -110,36 +119,98 @@ class DirectRoutes:
             and int(length) <= self._config["MAX_CONTENT_LENGTH"]
         )
 
-    def _chat(self, scope: Scope, body: bytes) -> Awaitable[Answer] | None:
-        fields = _validated(ChatBody, body)
-        if fields is None:
-            return None
-        chat = ChatRequest(
+    def _chat_request(self, scope: Scope, fields: ChatBody) -> ChatRequest:
+        return ChatRequest(
             id=fields.id or new_request_id(),
             owner=identity_from_scope(scope),
             message=fields.message,
             path=fields.path,
             conversation_id=fields.conversation_id,
         )
-        return self._refusable(scope, answer_chat(self._state.engine, chat))
 
-    def _completion(self, scope: Scope, body: bytes) -> Awaitable[Answer] | None:
+    def _chat(self, scope: Scope, body: bytes) -> Responder | None:
+        fields = _validated(ChatBody, body)
+        if fields is None:
+            return None
+        chat = self._chat_request(scope, fields)
+        return self._json(scope, answer_chat(self._state.engine, chat))
+
+    def _completion(self, scope: Scope, body: bytes) -> Responder | None:
         fields = _validated(CompletionBody, body)
         if fields is None or fields.stream or not has_user_message(fields):
             return None
         chat = completion_request(fields, identity_from_scope(scope))
         model = served_model(self._state)
         request_id = scope.get(REQUEST_ID_KEY)
-        return self._refusable(
-            scope, answer_completion(self._state.engine, chat, model, request_id)
-        )
+        return self._json(scope, answer_completion(self._state.engine, chat, model, request_id))
+
+    def _chat_stream(self, scope: Scope, body: bytes) -> Responder | None:
+        fields = _validated(ChatBody, body)
+        if fields is None:
+            return None
+        chat = self._chat_request(scope, fields)
+
+        async def respond(receive: Receive, send: Send) -> None:
+            await self._stream_events(scope, chat, receive, send)
+
+        return respond
+
+    def _json(self, scope: Scope, answer: Awaitable[Answer]) -> Responder:
+        """Send ``answer`` once it comes, unless the client left first (which cancels it)."""
+
+        async def respond(receive: Receive, send: Send) -> None:
+            status, body = await _until_disconnect(receive, self._refusable(scope, answer))
+            if status:
+                await _send_json(send, status, body)
+
+        return respond
 
     async def _refusable(self, scope: Scope, answer: Awaitable[Answer]) -> Answer:
         try:
             return await answer
         except REFUSED as exc:
-            status = status_for(exc.code)
-            return status, error_body(exc.code, exc.message, scope.get(REQUEST_ID_KEY))
+            return _refusal(scope, exc)
+
+    async def _stream_events(
+        self, scope: Scope, chat: ChatRequest, receive: Receive, send: Send
+    ) -> None:
+        """The chat as server-sent events (``sse_body``, as Quart's view sends them). The chat
+        runs beside the writing, in this request's nursery: no detached task, no watchdog for a
+        reader that never came. A client that leaves stops it (reason ``disconnect``)."""
+        engine, settings = self._state.engine, self._state.settings
+        outbox = Outbox(settings.outbox_max_bytes)
+        try:
+            turn = engine.admit(chat, outbox)
+        except REFUSED as exc:
+            await _send_json(send, *_refusal(scope, exc))
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        events = DetachedChat(engine, turn.record, outbox)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_turn, turn, outbox)
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            async with aclosing(sse_body(events, settings.sse_heartbeat_s)) as parts:
+                async for part in parts:
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            nursery.cancel_scope.cancel()  # the turn has ended: only the watch is left
+
+
+def _refusal(scope: Scope, exc: AetherError) -> Answer:
+    return status_for(exc.code), error_body(exc.code, exc.message, scope.get(REQUEST_ID_KEY))
+
+
+async def _run_turn(turn: ChatTurn, outbox: Outbox) -> None:
+    try:
+        await turn.run()
+    finally:
+        outbox.finish()
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 def _validated(model: type[ModelT], body: bytes) -> ModelT | None:
@@ -180,13 +251,7 @@ async def _until_disconnect(receive: Receive, answer: Awaitable[Answer]) -> Answ
     stops with reason ``disconnect``) and the status is 0 (nothing is sent)."""
     result: Answer = (0, {})
     async with trio.open_nursery() as nursery:
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
         result = await answer
         nursery.cancel_scope.cancel()
     return result

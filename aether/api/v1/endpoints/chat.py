@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -166,9 +166,15 @@ def _sse_event(message: Chunk) -> bytes:
 
 
 SSE_HEARTBEAT = b": keepalive\n\n"
+# An event stream's headers: not cached, and not buffered by proxies (nginx's header).
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-async def _sse_body(chat: DetachedChat, heartbeat_s: float) -> AsyncIterator[bytes]:
+async def sse_body(chat: DetachedChat, heartbeat_s: float) -> AsyncGenerator[bytes, None]:
     try:
         while (batch := await chat.next_batch(heartbeat_s)) is not None:
             if batch:
@@ -193,9 +199,8 @@ async def chat_stream() -> Response:
     except REFUSED as exc:
         return error_response(exc)
     response = Response(
-        _sse_body(chat, state.settings.sse_heartbeat_s),
-        mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        sse_body(chat, state.settings.sse_heartbeat_s),
+        headers={name.decode(): value.decode() for name, value in SSE_HEADERS},
     )
     # Quart's RESPONSE_TIMEOUT (60 s by default) would cut long answers.
     response.timeout = None
