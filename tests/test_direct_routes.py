@@ -120,16 +120,37 @@ async def test_requests_it_does_not_take_get_quarts_errors(
     assert error["request_id"] == response.headers["x-request-id"]
 
 
-async def test_a_streamed_completion_still_streams() -> None:
-    body = {"messages": [{"role": "user", "content": "hi there"}], "stream": True}
+def completion_deltas(text: str) -> list[Any]:
+    """What each event of a streamed completion says, without its id and time."""
+    events = []
+    for line in text.splitlines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            events.append([event["model"], event["choices"]])
+        elif line.startswith("data: "):
+            events.append(line)
+    return events
+
+
+async def test_a_streamed_completion_is_the_same_in_front_of_quart_and_through_it() -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "hi there"}], "stream": True})
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(make_settings(provider="echo")) as server,
             httpx.AsyncClient(base_url=server.base_url) as client,
         ):
-            response = await client.post("/v1/chat/completions", json=body)
-    assert response.headers["content-type"].startswith("text/event-stream")
-    assert response.text.rstrip().endswith("data: [DONE]")
+            headers = {"content-type": "application/json"}
+            direct = await client.post("/v1/chat/completions", content=body, headers=headers)
+            through_quart = await client.post(
+                "/v1/chat/completions", content=chunked(body.encode()), headers=headers
+            )
+    assert direct.headers["content-type"].startswith("text/event-stream")
+    assert direct.text.rstrip().endswith("data: [DONE]")
+    assert completion_deltas(direct.text) == completion_deltas(through_quart.text)
+    varying = {"date", "x-request-id", "ratelimit"}
+    assert {k: v for k, v in direct.headers.items() if k not in varying} == {
+        k: v for k, v in through_quart.headers.items() if k not in varying
+    }
 
 
 async def test_a_refused_chat_gets_the_refusal_in_front_of_quart(fake_llm: FakeLLM) -> None:

@@ -1,17 +1,17 @@
 """The hottest REST routes' ordinary requests, answered as plain ASGI in front of Quart.
 
-``POST /v1/chat``, ``POST /v1/chat/stream`` and ``POST /v1/chat/completions`` (not streamed) are
-where a chat's fixed cost is paid most often, and Quart's share of it was larger than the chat's
-own: two tasks and a nursery per request, a request context, werkzeug's request and response
-objects, and a body read through its own timer (and, for an event stream, a detached chat with
-a watchdog, since Quart reads a streamed body after its view returned). A request these routes
-can answer the ordinary way (a JSON body of declared length within the limit, whose fields
-validate) is answered here, with the same functions the Quart views use (``answer_chat``,
-``answer_completion``, ``sse_body``): the same answers, statuses, errors and events. Every
-other request (a chunked or oversized body, another media type, invalid fields, a streamed
-completion) goes on to Quart with its body replayed, and Quart answers it as before. The Quart
-views stay the routes' definition: their OpenAPI documentation, and the answer to everything
-not taken here.
+``POST /v1/chat``, ``POST /v1/chat/stream`` and ``POST /v1/chat/completions`` are where a chat's
+fixed cost is paid most often, and Quart's share of it was larger than the chat's own: two tasks
+and a nursery per request, a request context, werkzeug's request and response objects, and a
+body read through its own timer (and, for an event stream, a detached chat with a watchdog,
+since Quart reads a streamed body after its view returned). A request these routes can answer
+the ordinary way (a JSON body of declared length within the limit, whose fields validate) is
+answered here, with the same functions the Quart views use (``answer_chat``,
+``answer_completion``, ``sse_body``, ``completion_chunks``): the same answers, statuses, errors
+and events. Every other request (a chunked or oversized body, another media type, invalid
+fields) goes on to Quart with its body replayed, and Quart answers it as before. The Quart views
+stay the routes' definition: their OpenAPI documentation, and the answer to everything not
+taken here.
 
 Sits inside the middleware stack (security headers, request ids, browser guard, rate limits and
 authentication all apply, as for ``/ws``).
@@ -26,7 +26,7 @@ jobs: [routing_registration, message_handling, validation]
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -42,8 +42,10 @@ from aether.api.json_body import JSON_MEDIA_TYPE
 from aether.api.responses import error_body
 from aether.api.v1.endpoints.chat import REFUSED, SSE_HEADERS, answer_chat, sse_body
 from aether.api.v1.endpoints.openai_compat import (
+    COMPLETION_STREAM_HEADERS,
     CompletionBody,
     answer_completion,
+    completion_chunks,
     completion_request,
     has_user_message,
     served_model,
@@ -67,6 +69,7 @@ from aether.protocol.messages import ChatBody, new_request_id
 ModelT = TypeVar("ModelT", bound=BaseModel)
 # A JSON route's answer: its status and body.
 Answer = tuple[int, dict[str, Any]]
+Headers = list[tuple[bytes, bytes]]
 # How a route answers a body it takes, given the request's receive and send.
 Responder = Callable[[Receive, Send], Awaitable[None]]
 # A route: the responder for a body, or None for a body it leaves to Quart.
@@ -137,10 +140,17 @@ class DirectRoutes:
 
     def _completion(self, scope: Scope, body: bytes) -> Responder | None:
         fields = _validated(CompletionBody, body)
-        if fields is None or fields.stream or not has_user_message(fields):
+        if fields is None or not has_user_message(fields):
             return None
         chat = completion_request(fields, identity_from_scope(scope))
         model = served_model(self._state)
+        if fields.stream:
+            return self._events(
+                scope,
+                chat,
+                COMPLETION_STREAM_HEADERS,
+                lambda events: completion_chunks(events, model),
+            )
         request_id = scope.get(REQUEST_ID_KEY)
         return self._json(scope, answer_completion(self._state.engine, chat, model, request_id))
 
@@ -148,10 +158,23 @@ class DirectRoutes:
         fields = _validated(ChatBody, body)
         if fields is None:
             return None
-        chat = self._chat_request(scope, fields)
+        heartbeat_s = self._state.settings.sse_heartbeat_s
+        return self._events(
+            scope,
+            self._chat_request(scope, fields),
+            SSE_HEADERS,
+            lambda events: sse_body(events, heartbeat_s),
+        )
 
+    def _events(
+        self,
+        scope: Scope,
+        chat: ChatRequest,
+        headers: Headers,
+        encode: Callable[[DetachedChat], AsyncGenerator[bytes, None]],
+    ) -> Responder:
         async def respond(receive: Receive, send: Send) -> None:
-            await self._stream_events(scope, chat, receive, send)
+            await self._stream_events(scope, chat, headers, encode, receive, send)
 
         return respond
 
@@ -172,11 +195,18 @@ class DirectRoutes:
             return _refusal(scope, exc)
 
     async def _stream_events(
-        self, scope: Scope, chat: ChatRequest, receive: Receive, send: Send
+        self,
+        scope: Scope,
+        chat: ChatRequest,
+        headers: Headers,
+        encode: Callable[[DetachedChat], AsyncGenerator[bytes, None]],
+        receive: Receive,
+        send: Send,
     ) -> None:
-        """The chat as server-sent events (``sse_body``, as Quart's view sends them). The chat
-        runs beside the writing, in this request's nursery: no detached task, no watchdog for a
-        reader that never came. A client that leaves stops it (reason ``disconnect``)."""
+        """The chat as server-sent events, as ``encode`` makes them (``sse_body`` or
+        ``completion_chunks``, as Quart's views send them). The chat runs beside the writing, in
+        this request's nursery: no detached task, no watchdog for a reader that never came. A
+        client that leaves stops it (reason ``disconnect``)."""
         engine, settings = self._state.engine, self._state.settings
         outbox = Outbox(settings.outbox_max_bytes)
         try:
@@ -184,12 +214,12 @@ class DirectRoutes:
         except REFUSED as exc:
             await _send_json(send, *_refusal(scope, exc))
             return
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         events = DetachedChat(engine, turn.record, outbox)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_turn, turn, outbox)
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            async with aclosing(sse_body(events, settings.sse_heartbeat_s)) as parts:
+            async with aclosing(encode(events)) as parts:
                 async for part in parts:
                     await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

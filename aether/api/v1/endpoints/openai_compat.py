@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 import orjson
@@ -176,7 +176,14 @@ def _content(message: Chunk) -> str | None:
     return None
 
 
-async def _stream_body(chat: DetachedChat, model: str) -> AsyncIterator[bytes]:
+# A streamed completion's headers (OpenAI's: no Cache-Control of its own).
+COMPLETION_STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def completion_chunks(chat: DetachedChat, model: str) -> AsyncGenerator[bytes, None]:
     created = int(time.time())
     record = chat.record
     try:
@@ -245,9 +252,8 @@ async def chat_completions() -> Response:
         except REFUSED as exc:
             return error_response(exc)
         response = Response(
-            _stream_body(detached, model),
-            mimetype="text/event-stream",
-            headers={"X-Accel-Buffering": "no"},
+            completion_chunks(detached, model),
+            headers={name.decode(): value.decode() for name, value in COMPLETION_STREAM_HEADERS},
         )
         response.timeout = None
         return response
