@@ -11,6 +11,10 @@ frame on the hottest path.
 in a WebSocket scope's ``extensions``, it lets the application send ``{"type": SEND_BATCH,
 "texts": [...]}``, several text frames in one write to the socket.
 
+``DISCONNECT_SIGNAL`` is another, in an HTTP scope's ``extensions``: a ``DisconnectSignal`` that
+cancels the scopes handed to it once the request's stream closes (its client left, or its
+response ended), so an application need not watch ``receive`` in a task of its own.
+
 @.architecture
 role: ASGI scope
 jobs: [identity_resolution]
@@ -20,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
+
+import trio
 
 from aether.core.identity import ANONYMOUS
 
@@ -33,6 +39,29 @@ IDENTITY_KEY = "aether.identity"
 REQUEST_ID_KEY = "aether.request_id"
 RAW_SEND_KEY = "aether.raw_send"
 SEND_BATCH = "aether.websocket.send_batch"
+DISCONNECT_SIGNAL = "aether.http.disconnect_signal"
+
+
+class DisconnectSignal:
+    __slots__ = ("_scopes", "disconnected")
+
+    def __init__(self) -> None:
+        self._scopes: list[trio.CancelScope] = []
+        self.disconnected = False
+
+    def cancel_on_disconnect(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the stream closes (at once if it has)."""
+        if self.disconnected:
+            scope.cancel()
+        else:
+            self._scopes.append(scope)
+
+    def fire(self) -> None:
+        """The stream closed (the server calls this)."""
+        self.disconnected = True
+        scopes, self._scopes = self._scopes, []
+        for scope in scopes:
+            scope.cancel()
 
 
 def header(scope: Mapping[str, Any], name: bytes) -> str | None:

@@ -16,7 +16,7 @@ import trio.testing
 from aether.api.dependencies import EXTENSION_KEY
 from aether.api.direct_routes import DirectRoutes
 from aether.app import create_app
-from aether.asgi import Message
+from aether.asgi import DisconnectSignal, Message
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import http_settings, make_settings, running_server
 
@@ -226,3 +226,14 @@ async def test_a_body_that_does_not_come_in_time_gets_408(
     assert sent[0]["status"] == 408
     error = json.loads(sent[1]["body"])["error"]
     assert (error["code"], error["request_id"]) == ("request_timeout", "req-1")
+
+
+async def test_a_disconnect_signal_cancels_the_scopes_it_was_given_and_later_ones_at_once() -> None:
+    signal = DisconnectSignal()
+    before, after = trio.CancelScope(), trio.CancelScope()
+    signal.cancel_on_disconnect(before)
+    assert not before.cancel_called
+    signal.fire()
+    assert before.cancel_called
+    signal.cancel_on_disconnect(after)
+    assert after.cancel_called

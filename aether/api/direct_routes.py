@@ -17,7 +17,8 @@ Sits inside the middleware stack (security headers, request ids, browser guard, 
 authentication all apply, as for ``/ws``).
 
 Cancellation: a client that disconnects while its chat runs cancels the chat (reason
-``disconnect``), as Quart's handling did: one task watches ``receive`` for the disconnect.
+``disconnect``), as Quart's handling did. Aether's server says so through the scope's
+``DISCONNECT_SIGNAL`` extension, so no task per request watches ``receive`` for it.
 
 @.architecture
 role: direct REST routes
@@ -51,8 +52,10 @@ from aether.api.v1.endpoints.openai_compat import (
     served_model,
 )
 from aether.asgi import (
+    DISCONNECT_SIGNAL,
     REQUEST_ID_KEY,
     ASGIApp,
+    DisconnectSignal,
     Message,
     Receive,
     Scope,
@@ -182,7 +185,7 @@ class DirectRoutes:
         """Send ``answer`` once it comes, unless the client left first (which cancels it)."""
 
         async def respond(receive: Receive, send: Send) -> None:
-            status, body = await _until_disconnect(receive, self._refusable(scope, answer))
+            status, body = await _until_disconnect(scope, receive, self._refusable(scope, answer))
             if status:
                 await _send_json(send, status, body)
 
@@ -218,7 +221,7 @@ class DirectRoutes:
         events = DetachedChat(engine, turn.record, outbox)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_run_turn, turn, outbox)
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            _on_disconnect(scope, receive, nursery)
             async with aclosing(encode(events)) as parts:
                 async for part in parts:
                     await send({"type": "http.response.body", "body": part, "more_body": True})
@@ -276,9 +279,25 @@ def _replayed(body: bytes, receive: Receive) -> Receive:
     return receive_again
 
 
-async def _until_disconnect(receive: Receive, answer: Awaitable[Answer]) -> Answer:
+def _on_disconnect(scope: Scope, receive: Receive, nursery: trio.Nursery) -> None:
+    """Cancel ``nursery`` when the client leaves: told by the server (``DISCONNECT_SIGNAL``),
+    or, from a server without it, seen by a task watching ``receive``."""
+    signal = scope.get("extensions", {}).get(DISCONNECT_SIGNAL)
+    if isinstance(signal, DisconnectSignal):
+        signal.cancel_on_disconnect(nursery.cancel_scope)
+    else:
+        nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+
+
+async def _until_disconnect(scope: Scope, receive: Receive, answer: Awaitable[Answer]) -> Answer:
     """Await ``answer``, unless the client disconnects first: then it is cancelled (its chat
     stops with reason ``disconnect``) and the status is 0 (nothing is sent)."""
+    signal = scope.get("extensions", {}).get(DISCONNECT_SIGNAL)
+    if isinstance(signal, DisconnectSignal):  # no task needed: a cancel scope will do
+        with trio.CancelScope() as cancel_scope:
+            signal.cancel_on_disconnect(cancel_scope)
+            return await answer
+        return (0, {})
     result: Answer = (0, {})
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)

@@ -48,6 +48,7 @@ from hypercorn.typing import (
     ASGISendEvent,
     ConnectionState,
     H11SendableEvent,
+    HTTPScope,
     TaskGroup,
     WebsocketScope,
     WorkerContext,
@@ -58,7 +59,7 @@ from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from aether.api.middleware.security import API_HEADERS, HSTS
-from aether.asgi import SEND_BATCH
+from aether.asgi import DISCONNECT_SIGNAL, SEND_BATCH, DisconnectSignal
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,29 @@ def with_security_headers(headers: Iterable[tuple[bytes, bytes]], tls: bool) -> 
         if header[0] not in present:
             result.append(header)
     return result
+
+
+class SignallingHTTPStream(HTTPStream):
+    """Hypercorn's HTTP stream, with the ``DISCONNECT_SIGNAL`` extension in its scope: fired
+    when the stream closes, before the application is told ``http.disconnect``."""
+
+    _scope: HTTPScope
+
+    @property
+    def scope(self) -> HTTPScope:
+        return self._scope
+
+    @scope.setter
+    def scope(self, scope: HTTPScope) -> None:
+        scope["extensions"][DISCONNECT_SIGNAL] = DisconnectSignal()  # type: ignore[assignment]
+        self._scope = scope
+
+    async def handle(self, event: Any) -> None:
+        if isinstance(event, StreamClosed) and not self.closed and self.app_put is not None:
+            signal = self._scope["extensions"].get(DISCONNECT_SIGNAL)
+            if isinstance(signal, DisconnectSignal):
+                signal.fire()
+        await super().handle(event)
 
 
 class HardenedWSStream(WSStream):
@@ -216,6 +240,8 @@ class HardenedH11Protocol(H11Protocol):
         # The subclass adds behaviour and no state of its own until then.
         if type(stream) is WSStream:
             stream.__class__ = HardenedWSStream
+        elif type(stream) is HTTPStream:
+            stream.__class__ = SignallingHTTPStream
         self._stream = stream
 
     async def stream_send(self, event: StreamEvent) -> None:
