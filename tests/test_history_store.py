@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from aether.core.errors import StorageError, UnknownConversation
+from aether.core.history import sqlite as sqlite_store
 from aether.core.history.sqlite import CHECKPOINT_OVERDUE_S, MIGRATIONS, SQLiteHistoryStore
 from aether.core.history.store import MessageStatus
 
@@ -154,6 +155,29 @@ async def test_the_wal_is_checkpointed_off_the_event_loop(tmp_path: Path) -> Non
         await store.close()
     assert store.checkpointer is None
     assert not checkpointer._thread.is_alive()
+
+
+async def test_the_log_is_cut_back_once_checkpointed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limit = 64 * 1024
+    monkeypatch.setattr(sqlite_store, "WAL_SIZE_LIMIT_BYTES", limit)
+    path = tmp_path / "h.sqlite3"
+    wal = path.with_name(path.name + "-wal")
+    store = SQLiteHistoryStore(path)
+    await store.open()
+    try:
+        for index in range(100):
+            await store.begin_turn("me", f"c{index}", "t", f"r{index}", "x" * 4000)
+        grown = wal.stat().st_size
+        # Everything copied into the database; the next write starts the log over.
+        store._w().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        await store.begin_turn("me", "after", "t", "r-after", "x")
+        after = wal.stat().st_size
+    finally:
+        await store.close()
+    assert grown > 10 * limit
+    assert after <= limit
 
 
 async def test_an_overdue_checkpoint_is_taken_by_the_writer(

@@ -64,6 +64,8 @@ CHECKPOINT_EVERY_S = 1.0
 # If its thread has not managed one for this long (starved of the GIL by a saturated loop), the
 # writer checkpoints itself, so the log cannot grow without bound.
 CHECKPOINT_OVERDUE_S = 30.0
+# What the WAL file is cut back to when the log restarts after a checkpoint.
+WAL_SIZE_LIMIT_BYTES = 64 * 2**20
 
 # Each migration runs once, in order, in one transaction; the schema's version is their count.
 MIGRATIONS: tuple[str, ...] = (
@@ -140,6 +142,9 @@ MIGRATIONS: tuple[str, ...] = (
 def _connect(path: Path) -> sqlite3.Connection:
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     connection.execute("PRAGMA journal_mode = WAL")
+    # The log restarts from its beginning after a complete checkpoint, but keeps the size it
+    # grew to under load unless told otherwise: a burst left it at gigabytes for good.
+    connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
     # NORMAL in WAL mode survives a crash of the process (not of the machine's power).
     connection.execute("PRAGMA synchronous = NORMAL")
     connection.execute("PRAGMA foreign_keys = ON")
