@@ -17,10 +17,12 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import get_args
+from wsgiref.handlers import format_date_time
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -90,10 +92,25 @@ class TCPTunedConfig(HypercornConfig):
     - ``TCP_USER_TIMEOUT``: data unacknowledged (or a zero window) for this long aborts the
       connection, so a stuck send fails instead of waiting for TCP's own ~15 minutes.
     - TCP keepalive: an idle connection whose peer vanished is found and closed.
+
+    It also formats the ``Date`` header once a second, not once per response.
     """
 
     user_timeout_s: float = 30.0
     keepalive_s: float = 30.0
+    _date_second = -1
+    _date_value = b""
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        if self.include_server_header or self.alt_svc_headers or self._quic_addresses:
+            return super().response_headers(protocol)  # what Aether never configures
+        if not self.include_date_header:
+            return []
+        now = int(time.time())
+        if now != self._date_second:
+            self._date_second = now
+            self._date_value = format_date_time(now).encode("ascii")
+        return [(b"date", self._date_value)]
 
     def create_sockets(self) -> Sockets:
         sockets = super().create_sockets()

@@ -8,11 +8,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from wsgiref.handlers import format_date_time
 
 import httpx
+import pytest
 import trio
 
-from tests.helpers import aether_process, fresh_db_path, ws_client
+from aether.main import hypercorn_config
+from tests.helpers import aether_process, fresh_db_path, make_settings, ws_client
 
 
 def aether_env(**extra: str) -> dict[str, str]:
@@ -116,3 +120,18 @@ async def test_a_mistyped_variable_is_named_in_the_log() -> None:
             log = await server.read_log_to_end()
             assert await server.process.wait() == 0
     assert b"AETHER_PROT names no setting and is ignored: did you mean AETHER_PORT?" in log
+
+
+def test_the_date_header_is_the_current_second_formatted_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = hypercorn_config(make_settings())
+    now = [1_000_000.2]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    first = config.response_headers("h11")
+    now[0] = 1_000_000.9
+    same_second = config.response_headers("h11")
+    now[0] = 1_000_001.0
+    next_second = config.response_headers("h11")
+    assert first == same_second == [(b"date", format_date_time(1_000_000).encode())]
+    assert next_second == [(b"date", format_date_time(1_000_001).encode())]
