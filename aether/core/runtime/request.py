@@ -95,7 +95,11 @@ class RequestTracker:
             )
         if record.on_stop is not None:
             record.on_stop()
-        record.cancel_scope.cancel()
+        # The terminal is queued (``on_stop``): the scope is cancelled in the next scheduling
+        # round, so that the writers woken by this round's stops send their ``stopped`` before
+        # the cancelled producers and turns unwind (Trio runs a round's tasks in no set order:
+        # cancelled at once, a burst of stops interleaved its cleanup with the writes).
+        trio.lowlevel.current_trio_token().run_sync_soon(record.cancel_scope.cancel)
         return record
 
     def cancel_all(self, reason: StopReason) -> int:
