@@ -38,6 +38,7 @@ from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.model_paths import open_model_paths
 from aether.ws.endpoint import WebSocketEndpoint
 from aether.ws.hub import CLOSE_GOING_AWAY, ClientHub
 
@@ -95,7 +96,9 @@ def create_app(settings: Settings) -> QuartTrio:
 
     @app.before_serving
     async def start_engine() -> None:
-        await engine.start(app.nursery)
+        # The app opens the model paths and hands them to the engine, which runs chats on them.
+        paths = open_model_paths(settings, engine.tracker, engine.file_chat.files, settings.history)
+        await engine.start(app.nursery, paths)
 
     @app.after_serving
     async def stop_engine() -> None:

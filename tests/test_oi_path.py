@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from aether.core.identity import ANONYMOUS
+from aether.core.providers.oi.provider import OIProvider
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     OI_MARKS,
@@ -419,9 +420,9 @@ async def test_turns_of_one_conversation_take_its_interpreter_one_at_a_time(
                     }
                 )
             done = [await client.finish("t1"), await client.finish("t2")]
-            manager = server.state.engine._interpreters
-            assert manager is not None
-            created = manager.created
+            provider = server.state.engine.streamer.select_provider("oi")
+            assert isinstance(provider, OIProvider)
+            created = provider.interpreters.created
     assert [assert_stream_invariants(m)["type"] for m in done] == ["completion", "completion"]
     assert created == 1
     # The second turn ran after the first, on the same interpreter: it carries the first.

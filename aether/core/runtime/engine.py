@@ -4,12 +4,13 @@ A thin facade: admission (draining, the per-caller limit, the path) and then a `
 (``core/runtime/turn.py``) runs each chat; the tracker holds the live ones, the streamer the
 paths, ``TurnHistory`` the store's side of a turn.
 
-Resource handling: ``run`` (or ``start(nursery)``) owns the upstream HTTP client and a nursery
-for requests that outlive their handler (SSE bodies); ``stop`` cancels every live request with
-reason ``shutdown`` and then that nursery. A request started with ``run_chat`` lives in the
-caller's task: a WebSocket connection's nursery, so a disconnect cancels all of its requests.
-``run`` also runs the history's answer writer, and lets it store what is queued before the store
-closes.
+Resource handling: ``run`` (or ``start(nursery, model_paths)``) holds the model paths the
+application opened for it (``core/runtime/model_paths.py``: the upstream HTTP client, Open
+Interpreter) and a nursery for requests that outlive their handler (SSE bodies through Quart);
+``stop`` cancels every live request with reason ``shutdown`` and then that nursery. A chat
+admitted with ``admit`` runs in the caller's task (``turn.run()``): a WebSocket connection's
+nursery, so a disconnect cancels all of its chats. ``run`` also runs the history's answer
+writer, and lets it store what is queued before the store closes.
 
 @.architecture
 role: runtime engine
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from contextlib import AbstractAsyncContextManager
 
 import trio
 
@@ -39,18 +41,17 @@ from aether.core.history.store import (
 from aether.core.history.turns import TurnHistory
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
-from aether.core.providers.oi.approval import ApprovalGate
-from aether.core.providers.oi.interpreters import InterpreterManager, agentic_path_enabled
-from aether.core.providers.oi.provider import OIProvider
-from aether.core.providers.oi.sandbox import require_sandbox
-from aether.core.providers.upstream_client import upstream_client
 from aether.core.runtime.file_chat import FileChat
+from aether.core.runtime.model_paths import open_model_paths
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.request import RequestRecord, RequestTracker
 from aether.core.runtime.streaming import ChatStreamer
 from aether.core.runtime.turn import ChatTurn, TurnServices
 
 log = logging.getLogger(__name__)
+
+# The model paths the engine runs chats on, opened for its life (``open_model_paths``).
+ModelPaths = AbstractAsyncContextManager[ChatStreamer]
 
 # A detached chat (SSE) whose reader has not started by then is stopped: its client is gone.
 READER_ATTACH_TIMEOUT_S = 10.0
@@ -72,7 +73,6 @@ class RuntimeEngine:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._draining = False
-        self._interpreters: InterpreterManager | None = None
         self._turn_history = (
             TurnHistory(history, settings.history_context_messages) if history is not None else None
         )
@@ -97,8 +97,13 @@ class RuntimeEngine:
             raise RuntimeError("the engine is not started")
         return self._streamer
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the engine until ``stop``: upstream client, streamer, detached request nursery."""
+    async def run(
+        self,
+        model_paths: ModelPaths | None = None,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the engine until ``stop``: its model paths, the detached request nursery."""
         if self._history is not None:
             await self._history.open()
         try:
@@ -106,7 +111,7 @@ class RuntimeEngine:
                 if self._turn_history is not None:
                     writing.start_soon(self._turn_history.writer.run)
                 try:
-                    await self._serve(task_status)
+                    await self._serve(model_paths, task_status)
                 finally:
                     # The answers' writer stores what is queued, then ends: before the close.
                     if self._turn_history is not None:
@@ -120,32 +125,6 @@ class RuntimeEngine:
     def history(self) -> HistoryStore | None:
         return self._history
 
-    async def _oi_provider(self) -> OIProvider | None:
-        if not agentic_path_enabled(self.settings):
-            return None
-        sandbox = await trio.to_thread.run_sync(require_sandbox, self.settings)
-        if sandbox is not None:
-            network = "on" if sandbox.network else "off"
-            log.info("approved code runs in a bubblewrap sandbox (network %s)", network)
-        else:
-            log.warning(
-                "AETHER_OI_SANDBOX=none: approved code runs UNSANDBOXED, with the server's "
-                "rights: it can read the API keys in its environment, the history database and "
-                "every caller's files"
-            )
-        self._interpreters = InterpreterManager(self.settings, self.file_chat.files, sandbox)
-
-        def approval_for(request: ChatRequest) -> ApprovalGate | None:
-            record = self.tracker.get_live(request.id, request.owner)
-            return None if record is None else record.approval
-
-        if self.settings.oi_auto_run:
-            log.warning(
-                "AETHER_OI_AUTO_RUN is on: code the model writes runs WITHOUT asking anyone"
-            )
-        files = self.file_chat.files if self._history is not None else None
-        return OIProvider(self._interpreters, approval_for, files)
-
     def approve(self, request_id: str, owner: str, confirmation_id: str, approved: bool) -> None:
         """Answer a running request's code confirmation ``confirmation_id``. Raises
         UnknownRequest, or StaleConfirmation when that confirmation is not the pending one."""
@@ -155,24 +134,28 @@ class RuntimeEngine:
         record.approval.answer(confirmation_id, approved)
         record.note(f"code {'approved' if approved else 'denied'} ({confirmation_id})")
 
-    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
+    async def _serve(
+        self, model_paths: ModelPaths | None, task_status: trio.TaskStatus[None]
+    ) -> None:
+        if model_paths is None:  # an engine on its own (tests): the paths its settings name
+            model_paths = open_model_paths(
+                self.settings, self.tracker, self.file_chat.files, self._history is not None
+            )
         try:
-            async with upstream_client(self.settings) as client, trio.open_nursery() as nursery:
-                self._streamer = ChatStreamer(self.settings, client, await self._oi_provider())
+            async with model_paths as streamer, trio.open_nursery() as nursery:
+                self._streamer = streamer
                 self._nursery = nursery
-                log.info("engine started; default path: %s", self._streamer.default_path)
+                log.info("engine started; default path: %s", streamer.default_path)
                 task_status.started()
                 await self._stopped.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            # Also when the server's lifespan is cancelled while the client closes: the
-            # interpreters' kernels (and their sandboxes) end with the server.
             self._nursery = None
-            if self._interpreters is not None:
-                await self._interpreters.close()
 
-    async def start(self, nursery: trio.Nursery) -> None:
-        await nursery.start(self.run)
+    async def start(self, nursery: trio.Nursery, model_paths: ModelPaths | None = None) -> None:
+        """Run the engine in ``nursery`` on ``model_paths`` (opened by the engine, and closed
+        when it stops); by default, the paths its settings name."""
+        await nursery.start(self.run, model_paths)
 
     @property
     def draining(self) -> bool:

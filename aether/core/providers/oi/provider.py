@@ -110,6 +110,10 @@ class OIProvider:
         # Interpreters whose last turn was stopped: the next turn first lets the kernel settle.
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
+    @property
+    def interpreters(self) -> InterpreterManager:
+        return self._manager
+
     async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         conversation_id = request.conversation_id or request.id
         async with self._manager.turn(request.owner, conversation_id, request.history) as instance:
