@@ -33,33 +33,43 @@ def without_ids(answer: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in answer.items() if key not in ("id", "conversation_id")}
 
 
+async def both_ways(
+    client: httpx.AsyncClient, path: str, body: dict[str, Any]
+) -> tuple[httpx.Response, httpx.Response]:
+    """The same request answered in front of Quart (declared length) and through it (chunked)."""
+    encoded = json.dumps(body).encode()
+    headers = {"content-type": "application/json"}
+    direct = await client.post(path, content=encoded, headers=headers)
+    through_quart = await client.post(path, content=chunked(encoded), headers=headers)
+    assert "content-length" not in through_quart.request.headers
+    return direct, through_quart
+
+
+def assert_same_headers(one: httpx.Response, other: httpx.Response) -> None:
+    """Headers alike, but those of a moment (date, the rate limit left) and the request's."""
+    varying = {"date", "x-request-id", "content-length", "ratelimit"}
+    assert {k: v for k, v in one.headers.items() if k not in varying} == {
+        k: v for k, v in other.headers.items() if k not in varying
+    }
+
+
 async def test_an_answer_is_the_same_in_front_of_quart_and_through_it() -> None:
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(make_settings()) as server,
             httpx.AsyncClient(base_url=server.base_url) as client,
         ):
-            direct = await client.post("/v1/chat", json=CHAT)
-            through_quart = await client.post(
-                "/v1/chat",
-                content=chunked(json.dumps(CHAT).encode()),
-                headers={"content-type": "application/json"},
-            )
+            direct, through_quart = await both_ways(client, "/v1/chat", CHAT)
             with_charset = await client.post(
                 "/v1/chat",
                 content=json.dumps(CHAT),
                 headers={"content-type": "application/json; charset=utf-8"},
             )
-    assert "content-length" not in through_quart.request.headers
     assert direct.status_code == through_quart.status_code == with_charset.status_code == 200
     assert without_ids(direct.json()) == without_ids(through_quart.json())
     assert without_ids(with_charset.json()) == without_ids(direct.json())
     assert direct.json()["content"] == "hi there"
-    # Headers alike, but those of a moment (date, the rate limit left) and the request id.
-    varying = {"date", "x-request-id", "content-length", "ratelimit"}
-    assert {k: v for k, v in direct.headers.items() if k not in varying} == {
-        k: v for k, v in through_quart.headers.items() if k not in varying
-    }
+    assert_same_headers(direct, through_quart)
 
 
 def events_of(text: str) -> list[dict[str, Any]]:
@@ -74,19 +84,11 @@ async def test_an_event_stream_is_the_same_in_front_of_quart_and_through_it() ->
             running_server(make_settings()) as server,
             httpx.AsyncClient(base_url=server.base_url) as client,
         ):
-            direct = await client.post("/v1/chat/stream", json=CHAT)
-            through_quart = await client.post(
-                "/v1/chat/stream",
-                content=chunked(json.dumps(CHAT).encode()),
-                headers={"content-type": "application/json"},
-            )
+            direct, through_quart = await both_ways(client, "/v1/chat/stream", CHAT)
     assert direct.status_code == through_quart.status_code == 200
     assert events_of(direct.text) == events_of(through_quart.text)
     assert events_of(direct.text)[-1]["type"] == "completion"
-    varying = {"date", "x-request-id", "ratelimit"}
-    assert {k: v for k, v in direct.headers.items() if k not in varying} == {
-        k: v for k, v in through_quart.headers.items() if k not in varying
-    }
+    assert_same_headers(direct, through_quart)
 
 
 @pytest.mark.parametrize(
@@ -133,24 +135,17 @@ def completion_deltas(text: str) -> list[Any]:
 
 
 async def test_a_streamed_completion_is_the_same_in_front_of_quart_and_through_it() -> None:
-    body = json.dumps({"messages": [{"role": "user", "content": "hi there"}], "stream": True})
+    body = {"messages": [{"role": "user", "content": "hi there"}], "stream": True}
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(make_settings(provider="echo")) as server,
             httpx.AsyncClient(base_url=server.base_url) as client,
         ):
-            headers = {"content-type": "application/json"}
-            direct = await client.post("/v1/chat/completions", content=body, headers=headers)
-            through_quart = await client.post(
-                "/v1/chat/completions", content=chunked(body.encode()), headers=headers
-            )
+            direct, through_quart = await both_ways(client, "/v1/chat/completions", body)
     assert direct.headers["content-type"].startswith("text/event-stream")
     assert direct.text.rstrip().endswith("data: [DONE]")
     assert completion_deltas(direct.text) == completion_deltas(through_quart.text)
-    varying = {"date", "x-request-id", "ratelimit"}
-    assert {k: v for k, v in direct.headers.items() if k not in varying} == {
-        k: v for k, v in through_quart.headers.items() if k not in varying
-    }
+    assert_same_headers(direct, through_quart)
 
 
 async def test_a_refused_chat_gets_the_refusal_in_front_of_quart(fake_llm: FakeLLM) -> None:
