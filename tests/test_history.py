@@ -225,6 +225,48 @@ async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
     assert bob_after.status_code == 404
 
 
+async def test_a_conversation_is_renamed_by_its_owner_only(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(tokens=1)
+    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+
+            async def rename(headers: dict[str, str], body: object) -> httpx.Response:
+                return await rest.patch("/v1/conversations/c1", json=body, headers=headers)
+
+            await rest.post(
+                "/v1/chat", json={"message": "hi", "conversation_id": "c1"}, headers=ALICE
+            )
+            before = (await rest.get("/v1/conversations", headers=ALICE)).json()
+            renamed = await rename(ALICE, {"title": "  Trip to Lyon "})
+            after = (await rest.get("/v1/conversations", headers=ALICE)).json()
+            by_bob = await rename(BOB, {"title": "mine now"})
+            refused = [
+                await rename(ALICE, body)
+                for body in ({"title": ""}, {"title": "   "}, {"title": "x" * 201}, {"name": "t"})
+            ]
+            not_json = await rest.patch(
+                "/v1/conversations/c1",
+                content=b"title=t",
+                headers={**ALICE, "content-type": "text/plain"},
+            )
+            at_the_end = (await rest.get("/v1/conversations", headers=ALICE)).json()
+    assert before["conversations"][0]["title"] == "hi"
+    assert renamed.status_code == 200
+    assert renamed.json()["title"] == "Trip to Lyon"
+    assert after["conversations"][0] == renamed.json()
+    # A rename is not activity: the conversation keeps its place in the list.
+    assert renamed.json()["updated_at"] == before["conversations"][0]["updated_at"]
+    assert by_bob.status_code == 404
+    assert by_bob.json()["error"]["code"] == "unknown_conversation"
+    assert [r.status_code for r in refused] == [400, 400, 400, 400]
+    assert not_json.status_code == 415
+    assert at_the_end["conversations"][0]["title"] == "Trip to Lyon"
+
+
 def test_an_unknown_conversation_ending_a_rest_chat_is_a_404() -> None:
     collector = AnswerCollector("r1")
     collector.add({"type": "error", "code": "unknown_conversation", "message": "no such"})

@@ -747,3 +747,45 @@ async def test_the_keyboard_alone_chats_stops_and_keeps_the_side_panel() -> None
     assert result["turns"] == 0
     assert [c["title"] for c in stored] == ["second question"]
     assert errors == []
+
+
+async def test_a_conversation_is_renamed_from_the_side_panel() -> None:
+    from playwright.sync_api import expect
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.fill("#message", "first title")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("article.assistant[data-state='done']")
+        row = page.locator("#conversations li").first
+        expect(row.locator("button.open")).to_have_text("first title")
+        # F2 on the focused conversation opens the dialog with its title selected.
+        row.locator("button.open").focus()
+        page.keyboard.press("F2")
+        dialog = page.locator("#rename")
+        expect(dialog).to_be_visible()
+        offered = page.locator("#rename-title").input_value()
+        blocking = audit(page, "rename-dialog")
+        # Esc keeps the title.
+        page.keyboard.press("Escape")
+        expect(dialog).to_be_hidden()
+        expect(row.locator("button.open")).to_have_text("first title")
+        # The ✎ button, a new title, Enter: renamed here and on the server.
+        row.locator("button.rename").click()
+        page.keyboard.type("  Trip to Lyon ")
+        page.keyboard.press("Enter")
+        expect(page.locator("#conversations li button.open").first).to_have_text("Trip to Lyon")
+        focused = page.evaluate("() => document.activeElement.textContent")
+        return {"offered": offered, "blocking": blocking, "focused": focused}
+
+    settings = make_settings(provider="echo", echo_token_delay_s=0.0)
+    with trio.fail_after(60):
+        async with running_server(settings) as server:
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+            async with httpx.AsyncClient(base_url=server.base_url) as client:
+                stored = (await client.get("/v1/conversations")).json()["conversations"]
+    assert result["offered"] == "first title"
+    assert result["blocking"] == []
+    assert result["focused"] == "Trip to Lyon"
+    assert [c["title"] for c in stored] == ["Trip to Lyon"]
+    assert errors == []

@@ -112,6 +112,19 @@ class ConversationOut(BaseModel):
     updated_at: float
 
 
+class RenameBody(BaseModel):
+    """A conversation's new title."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    title: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"\S",
+        description="1 to 200 characters, not only spaces (stored without surrounding spaces).",
+    )
+
+
 class ConversationPage(BaseModel):
     """The caller's conversations, most recently updated first."""
 

@@ -663,6 +663,19 @@ class SQLiteHistoryStore:
 
         return await self._run(run)
 
+    async def rename_conversation(
+        self, owner: str, conversation_id: str, title: str
+    ) -> Conversation | None:
+        def run(db: sqlite3.Connection) -> Conversation | None:
+            rows = db.execute(
+                f"UPDATE conversations SET title = ? WHERE owner = ? AND id = ? "
+                f"RETURNING {_CONVERSATION_COLUMNS}",
+                (title, owner, conversation_id),
+            ).fetchall()  # consumed whole: a statement left running would block the commit
+            return _conversation(rows[0]) if rows else None
+
+        return await self._write(run)
+
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:
             cursor = db.execute(

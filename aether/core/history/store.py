@@ -111,6 +111,12 @@ class HistoryStore(Protocol):
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool: ...
 
+    async def rename_conversation(
+        self, owner: str, conversation_id: str, title: str
+    ) -> Conversation | None:
+        """Give the owner's conversation a new title (its ``updated_at`` stays: a rename is not
+        activity); the conversation as stored, or None if the owner has none of that id."""
+
 
 def message_json(message: StoredMessage) -> dict[str, object]:
     """A stored message as the API and the WebSocket show it."""

@@ -19,6 +19,7 @@ const state = {
   pause: 0, // a timer before the next frame's render, when renders are slow
   renderMs: 0, // how long the last render took
   deleting: null, // the conversation the delete dialog asks about
+  renaming: null, // the conversation the rename dialog names
 };
 
 const PATHS = {
@@ -603,11 +604,19 @@ function conversationRow(conversation) {
   remove.setAttribute("aria-label", "Delete conversation: " + title);
   remove.setAttribute("aria-keyshortcuts", "Delete");
   remove.onclick = () => askDelete(conversation.id, title);
-  item.append(open, remove);
+  const rename = document.createElement("button");
+  rename.type = "button";
+  rename.className = "rename";
+  rename.textContent = "✎";
+  rename.title = "Rename";
+  rename.setAttribute("aria-label", "Rename conversation: " + title);
+  rename.setAttribute("aria-keyshortcuts", "F2");
+  rename.onclick = () => askRename(conversation.id, title);
+  item.append(open, rename, remove);
   return item;
 }
 
-// Arrow keys move through the list, Delete asks to delete the focused conversation.
+// Arrow keys move through the list, F2 renames the focused conversation, Delete asks to delete it.
 function onListKey(event) {
   const row = event.target.closest("li");
   if (!row) return;
@@ -621,7 +630,48 @@ function onListKey(event) {
   } else if (event.key === "Delete") {
     row.querySelector("button.delete").click();
     event.preventDefault();
+  } else if (event.key === "F2") {
+    row.querySelector("button.rename").click();
+    event.preventDefault();
   }
+}
+
+function askRename(id, title) {
+  state.renaming = { id, title };
+  const dialog = $("rename");
+  dialog.returnValue = "";
+  $("rename-title").value = title;
+  dialog.showModal();
+  $("rename-title").select();
+}
+
+async function onRenameDialogClosed() {
+  const target = state.renaming;
+  state.renaming = null;
+  if (!target) return;
+  const title = $("rename-title").value.trim();
+  const focusRow = () => {
+    const row = Array.from($("conversations").children).find((li) => li.dataset.id === target.id);
+    if (row) row.querySelector("button.open").focus();
+  };
+  if ($("rename").returnValue !== "rename" || !title || title === target.title) {
+    focusRow();
+    return;
+  }
+  const response = await fetch("/v1/conversations/" + encodeURIComponent(target.id), {
+    method: "PATCH",
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ title }),
+  });
+  if (!response.ok) {
+    const code = await errorCode(response);
+    setStatus("Could not rename that conversation (" + code + ")", true);
+    focusRow();
+    return;
+  }
+  announce("Renamed to “" + title + "”");
+  await loadConversations();
+  focusRow();
 }
 
 async function openConversation(id) {
@@ -747,7 +797,7 @@ function init() {
   });
   // Esc closes the side panel if it covers the page, else stops the answer, wherever the focus is.
   document.addEventListener("keydown", (event) => {
-    if (event.key !== "Escape" || $("confirm-delete").open) return;
+    if (event.key !== "Escape" || $("confirm-delete").open || $("rename").open) return;
     if ($("sidebar").classList.contains("open")) {
       closeSidebar();
       $("toggle-sidebar").focus();
@@ -768,6 +818,8 @@ function init() {
   $("cancel-delete").addEventListener("click", () => $("confirm-delete").close("cancel"));
   $("do-delete").addEventListener("click", () => $("confirm-delete").close("delete"));
   $("confirm-delete").addEventListener("close", onDeleteDialogClosed);
+  $("cancel-rename").addEventListener("click", () => $("rename").close("cancel"));
+  $("rename").addEventListener("close", onRenameDialogClosed);
   $("save-key").addEventListener("click", () => {
     state.key = $("api-key").value.trim();
     sessionStorage.setItem("aether-key", state.key);

@@ -1,5 +1,5 @@
-"""Conversation history over REST: list the caller's conversations, read one, delete one (with
-its files).
+"""Conversation history over REST: list the caller's conversations, read one, rename one, delete
+one (with its files).
 
 Conversation ids are per caller: an id the caller does not have answers 404 (unknown), whether
 or not another caller has a conversation of that id.
@@ -18,13 +18,16 @@ from quart_schema import document
 
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.errors import error_response, status_for
+from aether.api.json_body import read_json_body
 from aether.api.responses import json_error, json_response
 from aether.api.schemas import (
+    ConversationOut,
     ConversationPage,
     ConversationsQuery,
     HistoryPage,
     HistoryQuery,
     NoContent,
+    RenameBody,
     errors,
 )
 from aether.core.errors import AetherError, StorageError, UnknownConversation
@@ -89,6 +92,28 @@ async def chat_history() -> Response:
     return json_response(
         {"conversation_id": conversation_id, "messages": [message_json(m) for m in messages]}
     )
+
+
+@blueprint.patch("/v1/conversations/<conversation_id>")
+@document(
+    request=RenameBody, responses={200: (ConversationOut, None), **errors(400, 404, 415, 503)}
+)
+async def rename_conversation(conversation_id: str) -> Response:
+    store = _store()
+    if isinstance(store, Response):
+        return store
+    body = await read_json_body(RenameBody)
+    if isinstance(body, Response):
+        return body
+    try:
+        renamed = await store.rename_conversation(
+            caller_identity(), conversation_id, body.title.strip()
+        )
+    except StorageError as exc:
+        return error_response(exc)
+    if renamed is None:
+        return error_response(UnknownConversation(f"no conversation with id {conversation_id!r}"))
+    return json_response(conversation_json(renamed))
 
 
 @blueprint.delete("/v1/conversations/<conversation_id>")
