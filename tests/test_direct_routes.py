@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 from aether.api.dependencies import EXTENSION_KEY
-from aether.api.direct_routes import DirectRoutes
+from aether.api.direct_routes import DirectRoutes, until_disconnect
 from aether.app import create_app
-from aether.asgi import DisconnectSignal, Message
+from aether.asgi import DISCONNECT_SIGNAL, DisconnectSignal, Message
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import http_settings, make_settings, running_server
 
@@ -232,3 +232,41 @@ async def test_a_disconnect_signal_cancels_the_scopes_it_was_given_and_later_one
     assert before.cancel_called
     signal.cancel_on_disconnect(after)
     assert after.cancel_called
+
+
+@pytest.mark.parametrize("signalled", [True, False], ids=["disconnect-signal", "watching-receive"])
+async def test_a_client_leaving_cancels_the_answer_it_waits_for(signalled: bool) -> None:
+    """Told by the server's extension, or (from a server without it) seen on ``receive``."""
+    signal = DisconnectSignal()
+    scope: dict[str, Any] = {"extensions": {DISCONNECT_SIGNAL: signal} if signalled else {}}
+    left = trio.Event()
+    cancelled = False
+
+    async def receive() -> Message:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def answer() -> tuple[int, dict[str, Any]]:
+        nonlocal cancelled
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled = True
+            raise
+        raise AssertionError
+
+    async with trio.open_nursery() as nursery:
+        outcome: list[tuple[int, dict[str, Any]]] = []
+
+        async def wait() -> None:
+            outcome.append(await until_disconnect(scope, receive, answer()))
+
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not outcome
+        if signalled:
+            signal.fire()  # nothing comes on receive: the signal alone does it
+        else:
+            left.set()
+    assert cancelled
+    assert outcome == [(0, {})]

@@ -185,7 +185,7 @@ class DirectRoutes:
         """Send ``answer`` once it comes, unless the client left first (which cancels it)."""
 
         async def respond(receive: Receive, send: Send) -> None:
-            status, body = await _until_disconnect(scope, receive, self._refusable(scope, answer))
+            status, body = await until_disconnect(scope, receive, self._refusable(scope, answer))
             if status:
                 await _send_json(send, status, body)
 
@@ -289,7 +289,7 @@ def _on_disconnect(scope: Scope, receive: Receive, nursery: trio.Nursery) -> Non
         nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
 
 
-async def _until_disconnect(scope: Scope, receive: Receive, answer: Awaitable[Answer]) -> Answer:
+async def until_disconnect(scope: Scope, receive: Receive, answer: Awaitable[Answer]) -> Answer:
     """Await ``answer``, unless the client disconnects first: then it is cancelled (its chat
     stops with reason ``disconnect``) and the status is 0 (nothing is sent)."""
     signal = scope.get("extensions", {}).get(DISCONNECT_SIGNAL)
