@@ -430,6 +430,59 @@ async def test_turns_of_one_conversation_take_its_interpreter_one_at_a_time(
     assert second[1:] == [("user", "t1"), ("assistant", "ok."), ("user", "t2")]
 
 
+async def test_a_deleted_conversation_takes_its_interpreter_with_it(fake_llm: FakeLLM) -> None:
+    fake_llm.default = Behaviour(reply="ok.")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            provider = server.state.engine.streamer.select_provider("oi")
+            assert isinstance(provider, OIProvider)
+            first = await client.chat("remember: blue", id="t1", conversation_id="k")
+            deleted = await rest.delete("/v1/conversations/k")
+            open_after_delete = provider.interpreters.open_count
+            second = await client.chat("what did I say?", id="t2", conversation_id="k")
+            created = provider.interpreters.created
+    assert [assert_stream_invariants(m)["type"] for m in (first, second)] == ["completion"] * 2
+    assert deleted.status_code == 204
+    assert open_after_delete == 0
+    assert created == 2
+    # The new conversation of that id starts afresh: the deleted one is not its context.
+    second_request = [m["content"].strip() for m in fake_llm.streams[1].request["messages"]]
+    assert "remember: blue" not in " ".join(second_request)
+
+
+async def test_a_conversation_deleted_mid_turn_loses_its_interpreter_when_the_turn_ends(
+    fake_llm: FakeLLM,
+) -> None:
+    fake_llm.script(Behaviour(reply=("Counting.\n", "```", "python\n", SLOW_CODE, "```", "\n")))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            provider = server.state.engine.streamer.select_provider("oi")
+            assert isinstance(provider, OIProvider)
+            await client.send(
+                {"type": "chat", "id": "a", "message": "count", "conversation_id": "A"}
+            )
+            await client.approve_when_asked("a")
+            await client.wait_for("a", lambda m: "tick 1" in str(m.get("content", "")))
+            deleted = await rest.delete("/v1/conversations/A")
+            open_while_running = provider.interpreters.open_count
+            await client.send({"type": "stop", "id": "a"})
+            stopped = await client.finish("a")
+            await server.state.engine.tracker.wait_until_idle()
+            open_after = provider.interpreters.open_count
+    assert deleted.status_code == 204
+    assert open_while_running == 1  # the running turn keeps it
+    assert assert_stream_invariants(stopped)["type"] == "stopped"
+    assert open_after == 0
+
+
 async def test_an_interpreter_in_use_is_not_closed_to_make_room(fake_llm: FakeLLM) -> None:
     fake_llm.script(
         Behaviour(reply=("Counting.\n", "```", "python\n", SLOW_CODE, "```", "\n")),

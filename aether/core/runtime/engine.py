@@ -125,6 +125,13 @@ class RuntimeEngine:
     def history(self) -> HistoryStore | None:
         return self._history
 
+    async def forget_conversation(self, owner: str, conversation_id: str) -> None:
+        """A conversation was deleted from the history: its interpreter (which remembers it)
+        and its files go too. Raises what deleting the files raises (an AetherError)."""
+        if self._streamer is not None:
+            await self._streamer.forget_conversation(owner, conversation_id)
+        await self.file_chat.delete_conversation(owner, conversation_id)
+
     def approve(self, request_id: str, owner: str, confirmation_id: str, approved: bool) -> None:
         """Answer a running request's code confirmation ``confirmation_id``. Raises
         UnknownRequest, or StaleConfirmation when that confirmation is not the pending one."""

@@ -22,6 +22,7 @@ from aether.core.errors import PathUnavailable, ProviderError
 from aether.core.providers.base import Provider
 from aether.core.providers.echo import EchoProvider
 from aether.core.providers.http import HTTPProvider
+from aether.core.providers.oi.provider import OIProvider
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ class ChatStreamer:
         self,
         settings: Settings,
         http_client: httpx.AsyncClient,
-        oi: Provider | None = None,
+        oi: OIProvider | None = None,
     ) -> None:
         self._echo = EchoProvider(settings.echo_token_delay_s)
         self._oi = oi
@@ -68,6 +69,12 @@ class ChatStreamer:
         if self._oi is not None:
             paths.append("oi")
         return paths
+
+    async def forget_conversation(self, owner: str, conversation_id: str) -> None:
+        """The conversation was deleted: the paths that keep state per conversation (the
+        agentic path's interpreters) drop it."""
+        if self._oi is not None:
+            await self._oi.forget_conversation(owner, conversation_id)
 
     def select_provider(self, path: PathName) -> Provider:
         """The provider for a requested path. Raises PathUnavailable when it is not configured."""

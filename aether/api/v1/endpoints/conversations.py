@@ -135,7 +135,7 @@ async def delete_conversation(conversation_id: str) -> Response:
     if not deleted:
         return error_response(UnknownConversation(f"no conversation with id {conversation_id!r}"))
     try:
-        await app_state().engine.file_chat.delete_conversation(caller_identity(), conversation_id)
+        await app_state().engine.forget_conversation(caller_identity(), conversation_id)
     except AetherError as exc:
         log.error("conversation %s: its files were not deleted: %s", conversation_id, exc)
     return Response(b"", status=204)

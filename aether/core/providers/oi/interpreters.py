@@ -68,7 +68,14 @@ class InterpreterManager:
         self._instances: OrderedDict[Key, Any] = OrderedDict()
         self._class: Any = None
         self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
+        # Deleted conversations whose interpreter a turn was using: closed when that turn ends.
+        self._forgotten: set[Key] = set()
         self.created = 0  # interpreters made so far
+
+    @property
+    def open_count(self) -> int:
+        """Interpreters open now."""
+        return len(self._instances)
 
     def files_directory(self, owner: str, conversation_id: str) -> str:
         """Where the conversation's files are, as the code the model writes sees them."""
@@ -109,6 +116,25 @@ class InterpreterManager:
         finally:
             if not lock.locked():
                 del self._turns[key]
+                if key in self._forgotten:
+                    self._forgotten.discard(key)
+                    await self._close_now(key)
+
+    async def forget(self, owner: str, conversation_id: str) -> None:
+        """The conversation was deleted: its interpreter goes too (its kernel, its sandbox, and
+        the conversation it remembers), at once, or when the turn using it ends. A later turn of
+        that id starts afresh."""
+        key = (owner, conversation_id)
+        if self._in_use(key):
+            self._forgotten.add(key)
+        else:
+            await self._close_now(key)
+
+    async def _close_now(self, key: Key) -> None:
+        instance = self._instances.pop(key, None)
+        if instance is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._close, key, instance)
 
     def _in_use(self, key: Key) -> bool:
         lock = self._turns.get(key)

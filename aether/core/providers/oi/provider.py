@@ -114,6 +114,10 @@ class OIProvider:
     def interpreters(self) -> InterpreterManager:
         return self._manager
 
+    async def forget_conversation(self, owner: str, conversation_id: str) -> None:
+        """The conversation was deleted: close its interpreter."""
+        await self._manager.forget(owner, conversation_id)
+
     async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         conversation_id = request.conversation_id or request.id
         async with self._manager.turn(request.owner, conversation_id, request.history) as instance:
