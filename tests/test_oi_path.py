@@ -10,10 +10,12 @@ import pytest
 import trio
 
 from aether.core.identity import ANONYMOUS
+from aether.core.providers.oi.interpreters import InterpreterManager
 from aether.core.providers.oi.provider import OIProvider
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
     OI_MARKS,
+    RunningServer,
     assert_stream_invariants,
     console_of,
     content_of,
@@ -29,6 +31,12 @@ DEADLINE_S = 60
 # Prints a line every 0.1 s for a minute: code that is still running when a turn ends.
 SLOW_CODE = "import time\nfor i in range(600):\n    print('tick', i)\n    time.sleep(0.1)\n"
 CODE_REPLY = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", "\n")
+
+
+def interpreters_of(server: RunningServer) -> InterpreterManager:
+    provider = server.state.engine.streamer.select_provider("oi")
+    assert isinstance(provider, OIProvider)
+    return provider.interpreters
 
 
 def kinds(messages: list[dict[str, Any]]) -> list[str]:
@@ -420,9 +428,7 @@ async def test_turns_of_one_conversation_take_its_interpreter_one_at_a_time(
                     }
                 )
             done = [await client.finish("t1"), await client.finish("t2")]
-            provider = server.state.engine.streamer.select_provider("oi")
-            assert isinstance(provider, OIProvider)
-            created = provider.interpreters.created
+            created = interpreters_of(server).created
     assert [assert_stream_invariants(m)["type"] for m in done] == ["completion", "completion"]
     assert created == 1
     # The second turn ran after the first, on the same interpreter: it carries the first.
@@ -438,13 +444,12 @@ async def test_a_deleted_conversation_takes_its_interpreter_with_it(fake_llm: Fa
             ws_client(server.ws_url) as client,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
-            provider = server.state.engine.streamer.select_provider("oi")
-            assert isinstance(provider, OIProvider)
+            interpreters = interpreters_of(server)
             first = await client.chat("remember: blue", id="t1", conversation_id="k")
             deleted = await rest.delete("/v1/conversations/k")
-            open_after_delete = provider.interpreters.open_count
+            open_after_delete = interpreters.open_count
             second = await client.chat("what did I say?", id="t2", conversation_id="k")
-            created = provider.interpreters.created
+            created = interpreters.created
     assert [assert_stream_invariants(m)["type"] for m in (first, second)] == ["completion"] * 2
     assert deleted.status_code == 204
     assert open_after_delete == 0
@@ -464,19 +469,18 @@ async def test_a_conversation_deleted_mid_turn_loses_its_interpreter_when_the_tu
             ws_client(server.ws_url) as client,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
-            provider = server.state.engine.streamer.select_provider("oi")
-            assert isinstance(provider, OIProvider)
+            interpreters = interpreters_of(server)
             await client.send(
                 {"type": "chat", "id": "a", "message": "count", "conversation_id": "A"}
             )
             await client.approve_when_asked("a")
             await client.wait_for("a", lambda m: "tick 1" in str(m.get("content", "")))
             deleted = await rest.delete("/v1/conversations/A")
-            open_while_running = provider.interpreters.open_count
+            open_while_running = interpreters.open_count
             await client.send({"type": "stop", "id": "a"})
             stopped = await client.finish("a")
             await server.state.engine.tracker.wait_until_idle()
-            open_after = provider.interpreters.open_count
+            open_after = interpreters.open_count
     assert deleted.status_code == 204
     assert open_while_running == 1  # the running turn keeps it
     assert assert_stream_invariants(stopped)["type"] == "stopped"

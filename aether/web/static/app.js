@@ -596,24 +596,27 @@ function conversationRow(conversation) {
   open.title = title;
   open.onclick = () => openConversation(conversation.id);
   if (conversation.id === state.conversationId) open.setAttribute("aria-current", "true");
-  const remove = document.createElement("button");
-  remove.type = "button";
-  remove.className = "delete";
-  remove.textContent = "✕";
-  remove.title = "Delete";
-  remove.setAttribute("aria-label", "Delete conversation: " + title);
-  remove.setAttribute("aria-keyshortcuts", "Delete");
-  remove.onclick = () => askDelete(conversation.id, title);
-  const rename = document.createElement("button");
-  rename.type = "button";
-  rename.className = "rename";
-  rename.textContent = "✎";
-  rename.title = "Rename";
-  rename.setAttribute("aria-label", "Rename conversation: " + title);
-  rename.setAttribute("aria-keyshortcuts", "F2");
-  rename.onclick = () => askRename(conversation.id, title);
+  const rename = actionButton("rename", "✎", "Rename", title, "F2", () =>
+    askRename(conversation.id, title),
+  );
+  const remove = actionButton("delete", "✕", "Delete", title, "Delete", () =>
+    askDelete(conversation.id, title),
+  );
   item.append(open, rename, remove);
   return item;
+}
+
+// A row's small button: its symbol shown, its action named for screen readers and its key.
+function actionButton(className, symbol, action, title, key, onclick) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = symbol;
+  button.title = action;
+  button.setAttribute("aria-label", action + " conversation: " + title);
+  button.setAttribute("aria-keyshortcuts", key);
+  button.onclick = onclick;
+  return button;
 }
 
 // Arrow keys move through the list, F2 renames the focused conversation, Delete asks to delete it.
