@@ -482,15 +482,20 @@ class SQLiteHistoryStore:
         await self._submit([job])
         return self._result(job)
 
-    async def _submit(self, jobs: list[_WriteJob[Any]]) -> None:
-        """Queue ``jobs`` and return once they ran, each in a savepoint of the same batch."""
+    async def _submit(self, jobs: list[_WriteJob[Any]], gather: bool = True) -> None:
+        """Queue ``jobs`` and return once they ran, each in a savepoint of the same batch; with
+        ``gather``, after a scheduling round in which other writes may join them."""
         if not jobs:
             return
         self._pending_writes.extend(jobs)
         try:
             # One scheduling round: the other writes of this round join the batch. The first
-            # task back runs them all; the others find their results set.
-            await trio.lowlevel.checkpoint()
+            # task back runs them all; the others find their results set. Without it, a
+            # cancellation checkpoint only (the batch takes the writes queued so far).
+            if gather:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.checkpoint_if_cancelled()
         except BaseException:
             for job in jobs:
                 if job.result is None and job in self._pending_writes:
@@ -617,7 +622,8 @@ class SQLiteHistoryStore:
     async def write_answers(self, writes: Sequence[AnswerWrite]) -> list[int | StorageError]:
         jobs = [_WriteJob(partial(_write_answer, write)) for write in writes]
         with contextlib.suppress(StorageError):  # the store is closed: each job says so
-            await self._submit(jobs)
+            # The answer writer has gathered its batch already: no round to wait for others.
+            await self._submit(jobs, gather=False)
         results: list[int | StorageError] = []
         for job in jobs:
             try:
