@@ -34,6 +34,7 @@ from aether.api.v1.router import register_v1
 from aether.api.web import PAGE_FILES_PREFIX, PAGE_PATHS
 from aether.asgi import ASGIApp, Receive, Scope, Send
 from aether.config import Settings
+from aether.core.control.choice import control_plane_for
 from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
@@ -68,7 +69,9 @@ class WebSocketMount:
             await self._app(scope, receive, send)
 
 
-def create_app(settings: Settings) -> QuartTrio:
+def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
+    """The application. ``worker_id``: this process is one of a supervisor's workers, by that
+    name (its answers in a shared history carry it)."""
     app = QuartTrio("aether")
     app.asgi_http_class = BodyLimitedHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -88,8 +91,8 @@ def create_app(settings: Settings) -> QuartTrio:
         security=[{"bearer": []}] if settings.auth_enabled else None,
     )
     metrics = Metrics()
-    history = SQLiteHistoryStore(settings.db_path) if settings.history else None
-    engine = RuntimeEngine(settings, metrics, history)
+    history = SQLiteHistoryStore(settings.db_path, worker_id) if settings.history else None
+    engine = RuntimeEngine(settings, metrics, history, control_plane_for(settings, worker_id))
     hub = ClientHub(metrics)
     app.extensions[EXTENSION_KEY] = AppState(settings=settings, engine=engine, metrics=metrics)
     app.extensions[HUB_KEY] = hub

@@ -179,6 +179,24 @@ class Settings(BaseModel):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM/SIGINT, time given to in-flight streams to finish."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes sharing the listening socket; more than 1 needs redis_url.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis the workers share as their control plane, e.g. "
+        "redis://127.0.0.1:6379/0 (stops, approvals and limits across workers).",
+    )
+    worker_lease_s: float = Field(
+        10.0,
+        ge=1,
+        le=300,
+        description="A worker that stops refreshing its lease in Redis this long is dead: its "
+        "chats count no more.",
+    )
 
     history: bool = Field(True, description="Keep conversation history (in SQLite).")
     db_path: Path = Field(
@@ -286,6 +304,13 @@ class Settings(BaseModel):
     def files_root(self) -> Path:
         return self.files_dir if self.files_dir is not None else self.db_path.parent / "files"
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
     @field_validator("llm_base_url", "search_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
@@ -324,6 +349,11 @@ class Settings(BaseModel):
             raise ValueError("llm_model must not be empty")
         if self.max_message_bytes > self.max_frame_bytes:
             raise ValueError("max_message_bytes must not exceed max_frame_bytes")
+        if self.workers > 1 and self.redis_url is None:
+            raise ValueError(
+                f"{self.workers} workers need a control plane: set AETHER_REDIS_URL "
+                "(e.g. redis://127.0.0.1:6379/0)"
+            )
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("tls_certfile and tls_keyfile go together")
         for name, path in (("tls_certfile", self.tls_certfile), ("tls_keyfile", self.tls_keyfile)):

@@ -38,14 +38,32 @@ class JSONFormatter(logging.Formatter):
         return orjson.dumps(event, default=str).decode()
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
+class WorkerTag(logging.Filter):
+    """Names the worker on every line (``worker``), when several share one log."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.worker
+        return True
+
+
+def configure_logging(level: str, fmt: str = "text", worker: str | None = None) -> None:
+    """Log to stderr at ``level``; ``worker``: this process is that worker of a supervisor."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JSONFormatter()
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        tag = "[%(worker)s] " if worker is not None else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
+        )
+    if worker is not None:
+        handler.addFilter(WorkerTag(worker))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

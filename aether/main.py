@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the listening socket (default 1; more need "
+        "AETHER_REDIS_URL)",
+    )
+    # Given by the supervisor to each worker it starts: the inherited listening socket, and
+    # the worker's name.
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-id", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
     return parser
 
@@ -131,7 +141,9 @@ def tune_tcp_socket(sock: socket.socket, user_timeout_s: float, keepalive_s: flo
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(user_timeout_s * 1000))
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> HypercornConfig:
+    """Hypercorn's config for the settings; ``listen_fd``: serve on that inherited listening
+    socket (a supervisor's worker) rather than binding one."""
     config = TCPTunedConfig()
     config.user_timeout_s = settings.slow_client_timeout_s
     config.keepalive_s = settings.tcp_keepalive_s
@@ -139,7 +151,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # reconnecting after a restart, say): the kernel then drops or resets the surplus.
     config.backlog = settings.listen_backlog
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
+    config.bind = [f"{host}:{settings.port}" if listen_fd is None else f"fd://{listen_fd}"]
     if settings.tls_certfile is not None and settings.tls_keyfile is not None:
         config.certfile = str(settings.tls_certfile)
         config.keyfile = str(settings.tls_keyfile)
@@ -230,6 +242,7 @@ async def serve(
     shutdown_trigger: Callable[[], Awaitable[None]],
     hurried: trio.Event | None = None,
     app: QuartTrio | None = None,
+    listen_fd: int | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns, then shut down gracefully; once ``hurried`` is
@@ -254,7 +267,9 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            partial(serve_app, app, hypercorn_config(settings), shutdown_trigger=shutdown)
+            partial(
+                serve_app, app, hypercorn_config(settings, listen_fd), shutdown_trigger=shutdown
+            )
         )
         for bind in binds:
             ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
@@ -295,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "llm_base_url": args.llm_base_url,
         "llm_model": args.llm_model,
         "log_level": args.log_level,
+        "workers": args.workers,
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
@@ -303,24 +319,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, args.worker_id)
     for warning in unknown_environment_settings(os.environ):
         log.warning("%s", warning)
-    if settings.history:
+    supervising = settings.workers > 1 and args.listen_fd is None
+    if settings.history and args.listen_fd is None:
         # Checked before serving: a bad file is one line here, not a failed app startup.
         try:
             prepare_database(settings.db_path)
         except StorageError as exc:
             print(f"aether: {exc.message}", file=sys.stderr)
             return 1
+    if supervising:
+        from aether.supervisor import supervise
+
+        return supervise(settings, argv, hypercorn_config(settings))
     tune_garbage_collector()
-    trio.run(serve_until_signalled, settings)
+    trio.run(serve_until_signalled, settings, args.listen_fd, args.worker_id)
     return 0
 
 
-async def serve_until_signalled(settings: Settings) -> None:
+async def serve_until_signalled(
+    settings: Settings, listen_fd: int | None = None, worker_id: str | None = None
+) -> None:
     signals = ShutdownSignals()
     async with trio.open_nursery() as nursery:
         await nursery.start(signals.watch)
-        await serve(settings, shutdown_trigger=signals.requested.wait, hurried=signals.hurried)
+        await serve(
+            settings,
+            shutdown_trigger=signals.requested.wait,
+            hurried=signals.hurried,
+            app=create_app(settings, worker_id),
+            listen_fd=listen_fd,
+        )
         nursery.cancel_scope.cancel()

@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
+from aether.testing.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -27,3 +28,11 @@ def collect_garbage_after() -> Iterator[None]:
     middle of ``ast.parse``."""
     yield
     gc.collect()
+
+
+@pytest.fixture
+async def redis(nursery: trio.Nursery) -> RedisServer:
+    """A real redis-server on a free loopback port (empty, no persistence), stopped after."""
+    server = RedisServer()
+    await nursery.start(server.run)
+    return server

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
+import re
 import shutil
 import ssl
 import tempfile
@@ -396,19 +398,41 @@ class AetherProcess:
         self.base_url = base_url
         self.ws_url = base_url.replace("http", "ws", 1) + "/ws"
         self._log_ended = trio.Event()
+        self._log_grew = trio.Event()
 
     async def keep_reading_log(self) -> None:
         assert self.process.stderr is not None
         try:
             async for chunk in self.process.stderr:
                 self.log += chunk
+                self._log_grew.set()
+                self._log_grew = trio.Event()
         finally:
             self._log_ended.set()
+            self._log_grew.set()
+
+    async def wait_for_log(self, pattern: bytes, count: int = 1) -> list[re.Match[bytes]]:
+        """Wait until the log has ``count`` matches of the regular expression ``pattern``."""
+        while True:
+            matches = list(re.finditer(pattern, self.log))
+            if len(matches) >= count:
+                return matches
+            assert not self._log_ended.is_set(), self.log.decode()
+            await self._log_grew.wait()
 
     async def read_log_to_end(self) -> bytes:
         """The whole log, once the process closed its stderr (it exited)."""
         await self._log_ended.wait()
         return self.log
+
+
+def aether_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its AETHER_ settings, a fresh history file, and
+    ``extra``: what a ``python -m aether`` under test runs with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    env["AETHER_DB_PATH"] = str(fresh_db_path())
+    env.update(extra)
+    return env
 
 
 @asynccontextmanager
@@ -417,7 +441,6 @@ async def aether_process(
 ) -> AsyncIterator[AetherProcess]:
     """Start Aether as a process on a free port; wait for ``ready_marker`` in its log; on exit,
     kill it if it is still running."""
-    import re
     import subprocess
     import sys
 

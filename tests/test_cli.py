@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -16,14 +15,7 @@ import pytest
 import trio
 
 from aether.main import hypercorn_config
-from tests.helpers import aether_process, fresh_db_path, make_settings, ws_client
-
-
-def aether_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
-    env["AETHER_DB_PATH"] = str(fresh_db_path())
-    env.update(extra)
-    return env
+from tests.helpers import aether_env, aether_process, fresh_db_path, make_settings, ws_client
 
 
 def test_help_documents_the_flags() -> None:

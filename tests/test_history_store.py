@@ -13,7 +13,12 @@ import trio
 
 from aether.core.errors import StorageError, UnknownConversation
 from aether.core.history import sqlite as sqlite_store
-from aether.core.history.sqlite import CHECKPOINT_OVERDUE_S, MIGRATIONS, SQLiteHistoryStore
+from aether.core.history.sqlite import (
+    CHECKPOINT_OVERDUE_S,
+    MIGRATIONS,
+    SQLiteHistoryStore,
+    mark_interrupted,
+)
 from aether.core.history.store import MessageStatus
 
 
@@ -286,7 +291,7 @@ async def test_a_version_1_database_is_migrated_with_its_rows(tmp_path: Path) ->
     ]
     assert next_id == 10  # ids 7 and 8 were handed out once: never again
     with contextlib.closing(sqlite3.connect(path)) as db:
-        assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+        assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
         keys = db.execute("PRAGMA foreign_key_list(messages)").fetchall()
@@ -298,9 +303,38 @@ async def test_a_version_1_database_is_migrated_with_its_rows(tmp_path: Path) ->
         indexes = {
             row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")
         }
-        assert {"conversations_by_owner", "messages_by_conversation"} <= indexes
+        assert {
+            "conversations_by_owner",
+            "messages_by_conversation",
+            "messages_streaming",
+        } <= indexes
         # Deleting alice's conversation took its messages with it (the cascade survived).
         assert sorted(db.execute("SELECT DISTINCT owner, conversation_id FROM messages")) == [
             ("bob", "b1"),
             ("bob", "c1"),
         ]
+
+
+async def test_a_workers_answers_left_streaming_are_interrupted_and_no_one_elses(
+    tmp_path: Path,
+) -> None:
+    """Workers share one file: opening a worker's store leaves the others' streaming answers
+    alone, and a dead worker's are marked by name."""
+    path = tmp_path / "h.sqlite3"
+    stores = {name: SQLiteHistoryStore(path, name) for name in ("w0", "w1")}
+    ids = {}
+    for name, store in stores.items():
+        await store.open()
+        ids[name] = await store.begin_turn("me", f"c-{name}", "t", f"r-{name}", "hi")
+    late = SQLiteHistoryStore(path, "w2")
+    await late.open()  # a worker started later: the others' answers still stream
+    streaming = [m.status for name in stores for m in await late.messages("me", f"c-{name}")]
+    for store in (*stores.values(), late):
+        await store.close()
+
+    assert mark_interrupted(path, "w0") == 1
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        status = dict(db.execute("SELECT id, status FROM messages WHERE role = 'assistant'"))
+    assert streaming == ["complete", "streaming", "complete", "streaming"]
+    assert status == {ids["w0"]: "interrupted", ids["w1"]: "streaming"}

@@ -39,6 +39,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     # the store sit below both.
     "aether.core.providers": ("aether.core.runtime",),
     "aether.core.history": ("aether.core.runtime", "aether.core.providers"),
+    # The control plane sits below the runtime, which drives it.
+    "aether.core.control": ("aether.core.runtime", "aether.core.providers", "aether.core.history"),
     "aether.core.chat": ("aether.core.runtime", "aether.core.providers", "aether.core.history"),
 }
 

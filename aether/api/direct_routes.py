@@ -213,7 +213,7 @@ class DirectRoutes:
         engine, settings = self._state.engine, self._state.settings
         outbox = Outbox(settings.outbox_max_bytes)
         try:
-            turn = engine.admit(chat, outbox)
+            turn = await engine.admit(chat, outbox)
         except REFUSED as exc:
             await _send_json(send, *_refusal(scope, exc))
             return

@@ -38,6 +38,7 @@ HTTP_STATUS: dict[str, int] = {
     "upstream_disconnected": 502,
     "upstream_protocol_error": 502,
     "shutting_down": 503,
+    "control_plane_unavailable": 503,
     "storage_error": 503,
     "upstream_timeout": 504,
 }

@@ -13,6 +13,7 @@
     ├── StaleConfirmation          an answer to a code confirmation that is not the pending one
     ├── TooManyRequests            the caller already runs as many chats as it may
     ├── ShuttingDown               the server is draining and starts no new chat
+    ├── ControlPlaneUnavailable    the workers' control plane (Redis) cannot be reached
     ├── StorageError               the history store failed; what was stored is intact
     ├── UnknownConversation        the caller has no conversation of that id
     ├── FilesUnavailable           file chat needs history and the agentic path
@@ -146,3 +147,10 @@ class UploadSizeMismatch(UploadError):
 
 class BinaryNotSupported(UploadError):
     code = "binary_not_supported"
+
+
+class ControlPlaneUnavailable(AetherError):
+    """The workers' shared control plane (Redis) cannot be reached: a stop or an approval for
+    another worker's request cannot be routed."""
+
+    code = "control_plane_unavailable"

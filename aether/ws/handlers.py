@@ -21,6 +21,7 @@ from aether.config import Settings
 from aether.core.chat import ChatRequest
 from aether.core.errors import (
     AetherError,
+    ControlPlaneUnavailable,
     DuplicateRequest,
     ShuttingDown,
     StaleConfirmation,
@@ -116,13 +117,7 @@ class MessageHandler:
         elif isinstance(message, PingMessage):
             self._reply(pong_message())
         elif isinstance(message, ApproveMessage):
-            try:
-                self._engine.approve(
-                    message.id, self._client.owner, message.confirmation_id, message.approved
-                )
-            except (UnknownRequest, StaleConfirmation) as exc:
-                ref: dict[str, object] = {"type": "approve", "id": message.id}
-                self._reply_error(exc.code, exc.message, ref)
+            self._approve(message)
         elif isinstance(message, HistoryMessage):
             await self._history(message)
         elif isinstance(message, FileMessage):
@@ -191,7 +186,7 @@ class MessageHandler:
             )
             return
         try:
-            turn = self._engine.admit(chat.request, self._client.outbox)
+            turn = await self._engine.admit(chat.request, self._client.outbox)
         except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
             self._chat_slots.release_on_behalf_of(chat)
             self._reply_error(exc.code, exc.message, {"type": "chat", "id": chat.request.id})
@@ -211,7 +206,39 @@ class MessageHandler:
         try:
             self._engine.stop_generation(message.id, self._client.owner)
         except UnknownRequest as exc:
+            if self._engine.shared:  # another worker's, perhaps: asked beside the reading
+                self._nursery.start_soon(self._stop_elsewhere, message)
+            else:
+                self._reply_error(exc.code, exc.message, {"type": "stop", "id": message.id})
+
+    async def _stop_elsewhere(self, message: StopMessage) -> None:
+        try:
+            await self._engine.stop_anywhere(message.id, self._client.owner)
+        except (UnknownRequest, ControlPlaneUnavailable) as exc:
             self._reply_error(exc.code, exc.message, {"type": "stop", "id": message.id})
+
+    def _approve(self, message: ApproveMessage) -> None:
+        owner = self._client.owner
+        ref: dict[str, object] = {"type": "approve", "id": message.id}
+        try:
+            self._engine.approve(message.id, owner, message.confirmation_id, message.approved)
+        except UnknownRequest as exc:
+            if self._engine.shared:
+                self._nursery.start_soon(self._approve_elsewhere, message)
+            else:
+                self._reply_error(exc.code, exc.message, ref)
+        except StaleConfirmation as exc:
+            self._reply_error(exc.code, exc.message, ref)
+
+    async def _approve_elsewhere(self, message: ApproveMessage) -> None:
+        owner = self._client.owner
+        ref: dict[str, object] = {"type": "approve", "id": message.id}
+        try:
+            await self._engine.approve_anywhere(
+                message.id, owner, message.confirmation_id, message.approved
+            )
+        except (UnknownRequest, StaleConfirmation, ControlPlaneUnavailable) as exc:
+            self._reply_error(exc.code, exc.message, ref)
 
     def stop_all(self) -> None:
         """The client left: stop its chats with reason ``disconnect``."""

@@ -136,6 +136,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC);
     CREATE INDEX messages_by_conversation ON messages (owner, conversation_id, id);
     """,
+    # Version 3: which worker writes an answer, so that answers a dead worker left streaming
+    # are marked interrupted without touching the other workers' (null: a single process).
+    """
+    ALTER TABLE messages ADD COLUMN writer TEXT;
+    CREATE INDEX messages_streaming ON messages (writer) WHERE status = 'streaming';
+    """,
 )
 
 
@@ -219,6 +225,7 @@ def _begin_turn(
     content: str,
     status: MessageStatus,
     error_code: str | None,
+    writer: str | None = None,
 ) -> int:
     """Store a turn: its conversation (claimed), the user's message and the answer as given."""
     now = time.time()
@@ -230,8 +237,17 @@ def _begin_turn(
     )
     cursor = db.execute(
         "INSERT INTO messages (owner, conversation_id, role, content, status, "
-        "request_id, error_code, created_at) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?)",
-        (start.owner, start.conversation_id, content, status, start.request_id, error_code, now),
+        "request_id, error_code, created_at, writer) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?)",
+        (
+            start.owner,
+            start.conversation_id,
+            content,
+            status,
+            start.request_id,
+            error_code,
+            now,
+            writer,
+        ),
     )
     message_id = cursor.lastrowid
     assert message_id is not None
@@ -251,9 +267,9 @@ def _save_answer(
     )
 
 
-def _write_answer(write: AnswerWrite, db: sqlite3.Connection) -> int:
+def _write_answer(writer: str | None, write: AnswerWrite, db: sqlite3.Connection) -> int:
     if write.start is not None:
-        return _begin_turn(db, write.start, write.content, write.status, write.error_code)
+        return _begin_turn(db, write.start, write.content, write.status, write.error_code, writer)
     assert write.message_id is not None
     _save_answer(db, write.message_id, write.content, write.status, write.error_code)
     return write.message_id
@@ -458,9 +474,30 @@ class WALCheckpointer:
         self._thread.join()
 
 
+def mark_interrupted(path: Path, writer: str | None = None) -> int:
+    """Mark the answers left ``streaming`` as ``interrupted`` (their writer is gone): every one,
+    or those of ``writer`` (a worker that died while others write on). Returns how many."""
+    sql = "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
+    args: tuple[str, ...] = ()
+    if writer is not None:
+        sql, args = sql + " AND writer = ?", (writer,)
+    connection = _connect(path)
+    try:
+        with _transaction(connection):
+            return connection.execute(sql, args).rowcount
+    finally:
+        connection.close()
+
+
 class SQLiteHistoryStore:
-    def __init__(self, path: Path) -> None:
+    """``writer`` names this process among several sharing the file (a worker id): its answers
+    carry it, and opening the store leaves the other writers' streaming answers alone (the
+    supervisor marks a dead worker's). Without it, this process is the only writer: opening
+    marks every answer left streaming as interrupted."""
+
+    def __init__(self, path: Path, writer: str | None = None) -> None:
         self.path = path
+        self.writer = writer
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._pending_writes: list[_WriteJob[Any]] = []
@@ -546,21 +583,23 @@ class SQLiteHistoryStore:
     async def open(self) -> None:
         def open_sync() -> int:
             prepare_database(self.path)
+            interrupted = mark_interrupted(self.path) if self.writer is None else 0
             self._writer = _connect(self.path)
             # Commits never checkpoint (that waits for the disk); the checkpointer does.
             self._writer.execute("PRAGMA wal_autocheckpoint = 0")
             self._reader = _connect(self.path)
-            with _transaction(self._writer):
-                cursor = self._writer.execute(
-                    "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'"
-                )
-            return cursor.rowcount
+            return interrupted
 
         interrupted = await self._run(open_sync)
         self.checkpointer = WALCheckpointer(self.path)
-        log.info(
-            "history in %s (%d answers left streaming marked interrupted)", self.path, interrupted
-        )
+        if self.writer is None:
+            log.info(
+                "history in %s (%d answers left streaming marked interrupted)",
+                self.path,
+                interrupted,
+            )
+        else:
+            log.info("history in %s, shared with the other workers", self.path)
 
     async def close(self) -> None:
         def close_sync() -> None:
@@ -608,7 +647,9 @@ class SQLiteHistoryStore:
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
     ) -> int:
         start = TurnStart(owner, conversation_id, title, request_id, user_text)
-        return await self._write(lambda db: _begin_turn(db, start, "", "streaming", None))
+        return await self._write(
+            lambda db: _begin_turn(db, start, "", "streaming", None, self.writer)
+        )
 
     async def save_answer(
         self,
@@ -620,7 +661,7 @@ class SQLiteHistoryStore:
         await self._write(lambda db: _save_answer(db, message_id, content, status, error_code))
 
     async def write_answers(self, writes: Sequence[AnswerWrite]) -> list[int | StorageError]:
-        jobs = [_WriteJob(partial(_write_answer, write)) for write in writes]
+        jobs = [_WriteJob(partial(_write_answer, self.writer, write)) for write in writes]
         with contextlib.suppress(StorageError):  # the store is closed: each job says so
             # The answer writer has gathered its batch already: no round to wait for others.
             await self._submit(jobs, gather=False)

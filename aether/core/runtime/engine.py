@@ -28,10 +28,10 @@ import trio
 
 from aether.config import Settings
 from aether.core.chat import ChatRequest, StopReason
+from aether.core.control.plane import ControlPlane, LocalControlPlane
 from aether.core.errors import (
     PathUnavailable,
     ShuttingDown,
-    TooManyRequests,
     UnknownRequest,
 )
 from aether.core.files import ConversationFiles
@@ -63,11 +63,14 @@ class RuntimeEngine:
         settings: Settings,
         metrics: Metrics | None = None,
         history: HistoryStore | None = None,
+        control: ControlPlane | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self._history = history
         self.tracker = RequestTracker()
+        # What the workers share; by default this worker is the whole server.
+        self.control: ControlPlane = control or LocalControlPlane(self.tracker.live_count_for)
         self._streamer: ChatStreamer | None = None
         self._services: TurnServices | None = None
         self._nursery: trio.Nursery | None = None
@@ -133,13 +136,35 @@ class RuntimeEngine:
         await self.file_chat.delete_conversation(owner, conversation_id)
 
     def approve(self, request_id: str, owner: str, confirmation_id: str, approved: bool) -> None:
-        """Answer a running request's code confirmation ``confirmation_id``. Raises
-        UnknownRequest, or StaleConfirmation when that confirmation is not the pending one."""
+        """Answer a code confirmation of a request this worker runs. Raises UnknownRequest, or
+        StaleConfirmation when that confirmation is not the pending one."""
         record = self.tracker.get_live(request_id, owner)
         if record is None:
             raise UnknownRequest(f"no running request with id {request_id!r}")
         record.approval.answer(confirmation_id, approved)
         record.note(f"code {'approved' if approved else 'denied'} ({confirmation_id})")
+
+    async def approve_anywhere(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        """``approve``, for a request any worker runs. Raises as ``approve`` does, and
+        ControlPlaneUnavailable when another worker may run it but cannot be asked."""
+        try:
+            self.approve(request_id, owner, confirmation_id, approved)
+        except UnknownRequest:
+            await self.control.approve_elsewhere(request_id, owner, confirmation_id, approved)
+
+    # What the control plane asks of this worker for the others (``WorkerCommands``).
+    def stop_local(self, request_id: str, owner: str, reason: StopReason) -> None:
+        self.stop_generation(request_id, owner, reason)
+
+    def approve_local(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        self.approve(request_id, owner, confirmation_id, approved)
+
+    def live_requests(self) -> list[tuple[str, str]]:
+        return [(record.owner, record.id) for record in self.tracker.live()]
 
     async def _serve(
         self, model_paths: ModelPaths | None, task_status: trio.TaskStatus[None]
@@ -150,6 +175,7 @@ class RuntimeEngine:
             )
         try:
             async with model_paths as streamer, trio.open_nursery() as nursery:
+                await nursery.start(self.control.run, self)
                 self._streamer = streamer
                 self._nursery = nursery
                 log.info("engine started; default path: %s", streamer.default_path)
@@ -187,8 +213,22 @@ class RuntimeEngine:
         self._stopped.set()
 
     def stop_generation(self, request_id: str, owner: str, reason: StopReason = "stop") -> None:
-        """Stop a live request: cancels its scope. Raises UnknownRequest if not live for owner."""
+        """Stop a request this worker runs: cancels its scope. Raises UnknownRequest if it is
+        not live here for owner."""
         self.tracker.cancel_request(request_id, owner, reason)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other workers run chats of this server (a stop may be theirs to do)."""
+        return self.control.shared
+
+    async def stop_anywhere(self, request_id: str, owner: str, reason: StopReason = "stop") -> None:
+        """Stop a request whichever worker runs it. Raises UnknownRequest when none does,
+        ControlPlaneUnavailable when another worker may run it but cannot be asked."""
+        try:
+            self.tracker.cancel_request(request_id, owner, reason)
+        except UnknownRequest:
+            await self.control.stop_elsewhere(request_id, owner, reason)
 
     async def run_chat(
         self,
@@ -202,27 +242,30 @@ class RuntimeEngine:
         Raises, before ``task_status.started``: DuplicateRequest if the id is already live,
         TooManyRequests if the caller runs as many chats as it may, ShuttingDown while draining.
         """
-        turn = self.admit(request, outbox)
+        turn = await self.admit(request, outbox)
         task_status.started(turn.record)
         return await turn.run()
 
-    def admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
+    async def admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
         """Register a chat as live and return its turn, which the caller must run (``await
-        turn.run()``) in a task of its choosing. Synchronous, so a transport refuses a chat
-        without starting a task for it. Raises DuplicateRequest, TooManyRequests, ShuttingDown.
+        turn.run()``) in a task of its choosing, so a transport refuses a chat without starting
+        a task for it. With one worker this never yields. Raises DuplicateRequest,
+        TooManyRequests, ShuttingDown.
         """
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
-        limit = self.settings.max_requests_per_caller
-        if self.tracker.live_count_for(request.owner) >= limit:
-            raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
-        provider: Provider | PathUnavailable
+        await self.control.admit(request.owner, request.id, self.settings.max_requests_per_caller)
         try:
-            provider = self.streamer.select_provider(request.path)
-        except PathUnavailable as exc:
-            provider = exc  # the turn tells the client, as its error terminal
-        path = provider.name if not isinstance(provider, PathUnavailable) else request.path
-        record = self.tracker.start_request(request.id, request.owner, path)
+            provider: Provider | PathUnavailable
+            try:
+                provider = self.streamer.select_provider(request.path)
+            except PathUnavailable as exc:
+                provider = exc  # the turn tells the client, as its error terminal
+            path = provider.name if not isinstance(provider, PathUnavailable) else request.path
+            record = self.tracker.start_request(request.id, request.owner, path)
+        except BaseException:
+            self.control.release(request.owner, request.id)
+            raise
         return ChatTurn(self._turn_services(), request, outbox, provider, record)
 
     def _turn_services(self) -> TurnServices:
@@ -230,6 +273,7 @@ class RuntimeEngine:
             self._services = TurnServices(
                 streamer=self.streamer,
                 tracker=self.tracker,
+                control=self.control,
                 history=self._turn_history,
                 metrics=self.metrics,
             )

@@ -33,6 +33,7 @@ import trio
 
 from aether.core.chat import ChatRequest, Chunk, error_chunk
 from aether.core.chunk_channel import open_chunk_channel
+from aether.core.control.plane import ControlPlane
 from aether.core.errors import AetherError, PathUnavailable
 from aether.core.history.recorder import TurnRecorder
 from aether.core.history.store import MessageStatus
@@ -63,6 +64,7 @@ class TurnServices:
 
     streamer: ChatStreamer
     tracker: RequestTracker
+    control: ControlPlane
     history: TurnHistory | None
     metrics: Metrics
 
@@ -182,6 +184,7 @@ class ChatTurn:
             await recorder.finish(ANSWER_STATUS[record.state], error_code)
             history.release(recorder)
         self._services.tracker.end_request(record, record.state)
+        self._services.control.release(record.owner, record.id)
         self._observe()
 
     def _observe(self) -> None:

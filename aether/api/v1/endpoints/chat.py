@@ -40,6 +40,7 @@ from aether.api.schemas import (
 )
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.errors import (
+    ControlPlaneUnavailable,
     DuplicateRequest,
     ShuttingDown,
     StaleConfirmation,
@@ -152,7 +153,7 @@ async def run_to_end(
     is collected whole, so its outbox has no budget: nobody reads it before the turn ends, and
     consecutive deltas merge in it as they come."""
     outbox = Outbox(math.inf)
-    turn = engine.admit(chat_request, outbox)
+    turn = await engine.admit(chat_request, outbox)
     try:
         await turn.run()
     finally:
@@ -208,11 +209,11 @@ async def chat_stream() -> Response:
 
 
 @blueprint.post("/v1/chat/<request_id>/stop")
-@document(responses={202: (StopAccepted, None), **errors(404)})
+@document(responses={202: (StopAccepted, None), **errors(404, 503)})
 async def stop_chat(request_id: str) -> Response:
     try:
-        app_state().engine.stop_generation(request_id, caller_identity())
-    except UnknownRequest as exc:
+        await app_state().engine.stop_anywhere(request_id, caller_identity())
+    except (UnknownRequest, ControlPlaneUnavailable) as exc:
         return error_response(exc)
     return json_response({"id": request_id, "status": "stopping"}, 202)
 
@@ -220,7 +221,7 @@ async def stop_chat(request_id: str) -> Response:
 @blueprint.post("/v1/chat/<request_id>/approve")
 @document(
     request=ApproveBody,
-    responses={202: (ApprovalAccepted, None), **errors(400, 404, 409, 415)},
+    responses={202: (ApprovalAccepted, None), **errors(400, 404, 409, 415, 503)},
 )
 async def approve_chat(request_id: str) -> Response:
     body = await read_json_body(ApproveBody)
@@ -228,7 +229,9 @@ async def approve_chat(request_id: str) -> Response:
         return body
     try:
         engine = app_state().engine
-        engine.approve(request_id, caller_identity(), body.confirmation_id, body.approved)
-    except (UnknownRequest, StaleConfirmation) as exc:
+        await engine.approve_anywhere(
+            request_id, caller_identity(), body.confirmation_id, body.approved
+        )
+    except (UnknownRequest, StaleConfirmation, ControlPlaneUnavailable) as exc:
         return error_response(exc)
     return json_response({"id": request_id, "approved": body.approved}, 202)

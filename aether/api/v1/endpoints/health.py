@@ -43,6 +43,8 @@ async def ready() -> Response:
     engine = app_state().engine
     if not engine.started:
         return json_response({"status": "starting"}, 503)
+    if not engine.control.reachable:
+        return json_response({"status": "control_plane_unavailable"}, 503)
     return json_response(
         {
             "status": "ready",

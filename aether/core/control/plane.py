@@ -1,0 +1,112 @@
+"""The control plane: what the workers of one Aether agree on, and the embedded one-worker plane.
+
+Every worker runs chats in its own event loop; a client's next request may land on any of them.
+The control plane is what they share: which worker runs a live request (so a stop or an approval
+that lands elsewhere reaches it), and how many chats each caller runs in all (the per-caller
+limit is the server's, not each worker's). ``LocalControlPlane`` is the default: one worker, the
+tracker is the whole truth, nothing else to run. ``RedisControlPlane``
+(``core/control/redis_plane.py``) is the same contract across processes.
+
+The engine calls ``admit`` before a chat is registered in its tracker and ``release`` once it
+ended; a stop or an approval for an id its tracker does not hold goes to ``stop_elsewhere`` /
+``approve_elsewhere``. A plane that routes to another worker calls that worker's
+``WorkerCommands`` (its engine).
+
+@.architecture
+role: control plane contract
+jobs: [worker_coordination, limit_checking]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from aether.core.chat import StopReason
+from aether.core.errors import TooManyRequests, UnknownRequest
+
+
+class WorkerCommands(Protocol):
+    """What another worker may ask of this one (its engine answers)."""
+
+    def stop_local(self, request_id: str, owner: str, reason: StopReason) -> None:
+        """Stop a request of this worker. Raises UnknownRequest."""
+
+    def approve_local(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        """Answer a code confirmation of this worker. Raises UnknownRequest, StaleConfirmation."""
+
+    def live_requests(self) -> list[tuple[str, str]]:
+        """The (owner, request id) of every chat this worker runs."""
+
+
+class ControlPlane(Protocol):
+    @property
+    def shared(self) -> bool:
+        """Whether other workers may run this server's chats."""
+
+    @property
+    def reachable(self) -> bool:
+        """Whether the plane answers (readiness): always, for the embedded one."""
+
+    async def run(
+        self, commands: WorkerCommands, *, task_status: trio.TaskStatus[None] = ...
+    ) -> None:
+        """Serve other workers' commands until cancelled."""
+
+    async def admit(self, owner: str, request_id: str, limit: int) -> None:
+        """Count a new chat of ``owner``. Raises TooManyRequests when the caller already runs
+        ``limit`` chats on the whole server, DuplicateRequest when a worker runs that id."""
+
+    def release(self, owner: str, request_id: str) -> None:
+        """The chat ended (or was never registered after ``admit``). Never blocks."""
+
+    async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
+        """Stop a request this worker does not run. Raises UnknownRequest when no worker runs
+        it, ControlPlaneUnavailable when the plane cannot tell."""
+
+    async def approve_elsewhere(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        """Answer another worker's code confirmation. Raises as ``approve_local`` does, and
+        ControlPlaneUnavailable."""
+
+
+class LocalControlPlane:
+    """One worker: its tracker knows every live request (``live_count_for``: how many chats
+    a caller runs)."""
+
+    shared = False
+    reachable = True
+
+    def __init__(self, live_count_for: Callable[[str], int]) -> None:
+        self._live_count_for = live_count_for
+
+    async def run(
+        self,
+        commands: WorkerCommands,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def admit(self, owner: str, request_id: str, limit: int) -> None:
+        # No checkpoint: a transport admits and starts a chat in one step. A duplicate id is
+        # the tracker's to refuse (``start_request``).
+        if self._live_count_for(owner) >= limit:
+            raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
+
+    def release(self, owner: str, request_id: str) -> None:
+        pass
+
+    async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
+        raise UnknownRequest(f"no running request with id {request_id!r}")
+
+    async def approve_elsewhere(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        raise UnknownRequest(f"no running request with id {request_id!r}")

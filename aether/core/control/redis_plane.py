@@ -1,0 +1,477 @@
+"""RedisControlPlane: the control plane of several workers (or nodes), in one Redis.
+
+What lives in Redis (``aether:`` keys; one Redis database per Aether server):
+
+- ``aether:worker:<worker id>``: the worker's lease, a key that expires ``lease_s`` after its
+  last refresh (every third of that). A worker that dies stops refreshing; what it registered
+  counts for nothing once its lease is gone.
+- ``aether:live:<owner>``: a hash of the caller's live chats, request id -> worker id. Admission
+  is one script (``ADMIT``): refuse a request id another live worker runs, count the caller's
+  chats (entries of dead workers pruned when the count is at the limit), register. The caller's
+  limit is the server's, not each worker's. A chat's release (``HDEL``) is queued and sent with
+  the worker's next command, or within ``RELEASE_FLUSH_S``, so a quick chat costs one command.
+- ``aether:control:<worker id>``: the worker's channel. A stop or an approval for a request
+  this worker does not run looks its owner worker up and publishes to it in one script
+  (``ROUTE``); the owner answers on the asker's channel. No owner, or a dead one: the id is
+  unknown (404); no answer within ``REPLY_TIMEOUT_S``, or Redis unreachable:
+  ControlPlaneUnavailable (503).
+
+Faults: a delta never touches Redis, so running streams never notice it. While Redis is
+unreachable, a chat's admission falls back to this worker's share of the caller's limit (logged
+once), stops of this worker's own chats work as ever, and stops that need routing answer 503.
+When Redis is back (a lease refresh succeeds again, or finds its lease gone: Redis restarted
+empty), the worker registers its live chats again, so routing resumes by itself. The channel
+subscription reconnects by itself (coredis' retry policy).
+
+Resource handling: ``run`` holds the client, the subscription, the lease and the release
+flusher for the engine's life; leaving it deletes the lease, so the worker's entries are dead at
+once rather than after ``lease_s``.
+
+@.architecture
+role: Redis control plane
+jobs: [worker_coordination, message_routing, limit_checking]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import orjson
+import trio
+
+from aether.core.chat import StopReason
+from aether.core.control.plane import WorkerCommands
+from aether.core.errors import (
+    AetherError,
+    ControlPlaneUnavailable,
+    DuplicateRequest,
+    StaleConfirmation,
+    TooManyRequests,
+    UnknownRequest,
+)
+
+log = logging.getLogger(__name__)
+
+PREFIX = "aether:"
+WORKER_KEY = PREFIX + "worker:"
+LIVE_KEY = PREFIX + "live:"
+CHANNEL = PREFIX + "control:"
+
+# How long a routed stop or approval waits for the owner worker's answer.
+REPLY_TIMEOUT_S = 2.0
+# Longest a finished chat's release waits for a command to ride with.
+RELEASE_FLUSH_S = 0.05
+# After a lost subscription, the first wait before subscribing again, and the longest.
+SUBSCRIBE_RETRY_MIN_S = 0.05
+SUBSCRIBE_RETRY_MAX_S = 2.0
+# Connecting, and waiting for one reply: Redis on the same network answers in well under this.
+CONNECT_TIMEOUT_S = 1.0
+COMMAND_TIMEOUT_S = 2.0
+
+# KEYS[1]: the caller's live hash; KEYS[2..]: hashes to release from.
+# ARGV: request id, worker id, limit, then the request ids to release (one per extra key).
+ADMIT = """
+for i = 2, #KEYS do
+  redis.call('HDEL', KEYS[i], ARGV[i + 2])
+end
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if holder then
+  if redis.call('EXISTS', 'aether:worker:' .. holder) == 1 then
+    return 'duplicate'
+  end
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local limit = tonumber(ARGV[3])
+if redis.call('HLEN', KEYS[1]) >= limit then
+  local entries = redis.call('HGETALL', KEYS[1])
+  for i = 1, #entries, 2 do
+    if redis.call('EXISTS', 'aether:worker:' .. entries[i + 1]) == 0 then
+      redis.call('HDEL', KEYS[1], entries[i])
+    end
+  end
+  if redis.call('HLEN', KEYS[1]) >= limit then
+    return 'limit'
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 'ok'
+"""
+
+# KEYS[1]: the caller's live hash. ARGV: request id, this worker's id, the message.
+# Returns 1 once the owner worker has the message; 0 when no live worker runs the id; -1 when
+# its worker lives but does not listen (its subscription is reconnecting).
+ROUTE = """
+local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if not holder or holder == ARGV[2] then
+  return 0
+end
+if redis.call('EXISTS', 'aether:worker:' .. holder) == 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+if redis.call('PUBLISH', 'aether:control:' .. holder, ARGV[3]) == 0 then
+  return -1
+end
+return 1
+"""
+
+# KEYS: hashes to release from; ARGV: the request ids, one per key.
+RELEASE = """
+for i = 1, #KEYS do
+  redis.call('HDEL', KEYS[i], ARGV[i])
+end
+return #KEYS
+"""
+
+# Errors a routed command may answer with, by code.
+ROUTED_ERRORS: dict[str, type[AetherError]] = {
+    UnknownRequest.code: UnknownRequest,
+    StaleConfirmation.code: StaleConfirmation,
+}
+
+
+def new_worker_id() -> str:
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
+
+
+class RedisControlPlane:
+    shared = True
+
+    def __init__(
+        self, url: str, lease_s: float, workers_hint: int, worker_id: str | None = None
+    ) -> None:
+        self.url = url
+        self.worker_id = worker_id or new_worker_id()
+        self.lease_s = lease_s
+        # This worker's share of a limit while Redis is unreachable.
+        self._workers_hint = max(1, workers_hint)
+        self._client: coredis.Redis[str] = coredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            stream_timeout=COMMAND_TIMEOUT_S,
+        )
+        self._admit = self._client.register_script(ADMIT)
+        self._route = self._client.register_script(ROUTE)
+        self._release = self._client.register_script(RELEASE)
+        self._commands: WorkerCommands | None = None
+        self._nursery: trio.Nursery | None = None
+        self._releases: list[tuple[str, str]] = []
+        self._release_due = trio.Event()
+        self._calls: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._reachable = False
+        self._subscribed = False
+        self._subscription_changed = trio.Event()
+        self._listening = trio.CancelScope()
+        self._listening_done = trio.Event()
+        self._degraded_logged = False
+        # Whether the lease was ever taken, and whether Redis may miss some of this worker's
+        # running chats (a command failed since they were last registered).
+        self._leased = False
+        self._missing = False
+        # Local counts for the fallback, kept by admit/release whatever Redis does.
+        self._local_by_owner: dict[str, int] = {}
+        self.commands_sent = 0
+
+    @property
+    def reachable(self) -> bool:
+        return self._reachable and self._subscribed
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        commands: WorkerCommands,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._commands = commands
+        # Once started, the client and its tasks run shielded, so that the worker can still
+        # retire through it once cancelled; they end when this task lets them.
+        client_scope = trio.CancelScope()
+        async with trio.open_nursery() as guard:
+            await guard.start(self._serve, client_scope)
+            log.info("control plane: Redis at %s, worker %s", self._redacted_url, self.worker_id)
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(COMMAND_TIMEOUT_S) as cleanup:
+                    cleanup.shield = True
+                    await self._retire()
+                    # The subscription ends first, while its connection still works (coredis
+                    # unsubscribes on the way out, and fails if the pool is closing meanwhile).
+                    self._listening.cancel()
+                    await self._listening_done.wait()
+                client_scope.cancel()
+
+    async def _serve(
+        self, client_scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with client_scope:
+            async with self._client, trio.open_nursery() as nursery:
+                self._nursery = nursery
+                # Not waited for: a worker starts (not ready) while Redis is unreachable.
+                nursery.start_soon(self._subscribe)
+                nursery.start_soon(self._keep_lease)
+                nursery.start_soon(self._flush_releases)
+                client_scope.shield = True
+                task_status.started()
+
+    @property
+    def _redacted_url(self) -> str:
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+    async def _retire(self) -> None:
+        """Leaving: what this worker registered is dead at once."""
+        try:
+            await self._flush_now()
+            await self._client.delete([WORKER_KEY + self.worker_id])
+        except coredis.exceptions.RedisError as exc:
+            log.warning("control plane: could not retire worker %s: %r", self.worker_id, exc)
+
+    async def _subscribe(self) -> None:
+        """Listen on this worker's channel; after a lost connection, subscribe again (a
+        message published meanwhile is lost: its sender answers 503)."""
+        try:
+            with self._listening:
+                await self._listen()
+        finally:
+            self._listening_done.set()
+
+    async def _listen(self) -> None:
+        channel = CHANNEL + self.worker_id
+        delay = SUBSCRIBE_RETRY_MIN_S
+        while True:
+            try:
+                async with self._client.pubsub(
+                    channels=[channel], ignore_subscribe_messages=True, retry_policy=None
+                ) as subscription:
+                    self._subscribed = True
+                    self._subscription_changed.set()
+                    self._subscription_changed = trio.Event()
+                    delay = SUBSCRIBE_RETRY_MIN_S
+                    async for message in subscription:
+                        self._on_message(message)
+            except* (coredis.exceptions.RedisError, TimeoutError, OSError) as group:
+                # coredis raises from its task groups: the error comes in a group.
+                if self._subscribed:
+                    log.warning(
+                        "control plane: subscription lost (%r); subscribing again",
+                        group.exceptions[0],
+                    )
+            self._subscribed = False
+            await trio.sleep(delay)
+            delay = min(delay * 2, SUBSCRIBE_RETRY_MAX_S)
+
+    async def wait_subscribed(self) -> None:
+        """Wait until this worker listens on its channel."""
+        while not self._subscribed:
+            await self._subscription_changed.wait()
+
+    def _on_message(self, message: Any) -> None:
+        if message["type"] != "message":
+            return
+        try:
+            data = message["data"]
+            if isinstance(data, int):
+                raise TypeError("a number, not a command")
+            self._handle(orjson.loads(data))
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("control plane: unreadable message ignored: %r", exc)
+
+    async def _keep_lease(self) -> None:
+        while True:
+            with contextlib.suppress(ControlPlaneUnavailable):
+                await self.refresh_lease()
+            await trio.sleep(self.lease_s / 3)
+
+    async def refresh_lease(self) -> None:
+        """Refresh this worker's lease. If Redis may miss some of its chats (admitted while
+        Redis was unreachable, or forgotten by a restart: the lease is gone), register them
+        again. Raises ControlPlaneUnavailable."""
+        lease_ms = int(self.lease_s * 1000)
+        key = WORKER_KEY + self.worker_id
+        previous = await self._send(self._client.set(key, "1", px=lease_ms, get=True))
+        if previous is None and self._leased:
+            log.warning("control plane: Redis lost this worker's lease; registering again")
+            self._missing = True
+        self._leased = True
+        if self._missing:
+            await self._register_live()
+            self._missing = False
+
+    async def _register_live(self) -> None:
+        """Register every chat this worker runs (after Redis was unreachable or restarted)."""
+        assert self._commands is not None
+        live = self._commands.live_requests()
+        if not live:
+            return
+        try:
+            async with self._client.pipeline(transaction=False) as pipeline:
+                for owner, request_id in live:
+                    pipeline.hset(LIVE_KEY + owner, {request_id: self.worker_id})
+        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            raise ControlPlaneUnavailable("the workers' control plane cannot be reached") from exc
+        self.commands_sent += len(live)
+        log.info("control plane: %d running chats registered again", len(live))
+
+    async def _send(self, command: Any) -> Any:
+        """Await one Redis command; any failure to talk to Redis is ControlPlaneUnavailable."""
+        try:
+            result = await command
+        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            if self._reachable or not self._degraded_logged:
+                log.warning(
+                    "control plane: Redis unreachable (%r): limits apply per worker and stops "
+                    "of other workers' chats answer 503 until it is back",
+                    exc,
+                )
+                self._degraded_logged = True
+            self._reachable = False
+            self._missing = True
+            raise ControlPlaneUnavailable("the workers' control plane cannot be reached") from exc
+        self.commands_sent += 1
+        if not self._reachable:
+            if self._degraded_logged:
+                log.info("control plane: Redis reachable again")
+            self._reachable = True
+        return result
+
+    # -- admission ------------------------------------------------------------------------
+
+    async def admit(self, owner: str, request_id: str, limit: int) -> None:
+        releases, self._releases = self._releases, []
+        keys = [LIVE_KEY + owner, *(LIVE_KEY + o for o, _ in releases)]
+        args: list[str | int] = [request_id, self.worker_id, limit, *(i for _, i in releases)]
+        try:
+            with trio.CancelScope(shield=True):
+                verdict = await self._send(self._admit(keys=keys, args=args))
+        except ControlPlaneUnavailable:
+            self._releases.extend(releases)
+            share = max(1, limit // self._workers_hint)
+            if self._local_by_owner.get(owner, 0) >= share:
+                raise TooManyRequests(
+                    f"at most {share} chats may run at once for one caller on this worker "
+                    "while the control plane is unreachable"
+                ) from None
+            verdict = "ok"
+        if verdict == "duplicate":
+            raise DuplicateRequest(f"request {request_id!r} is already running")
+        if verdict == "limit":
+            raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
+        self._local_by_owner[owner] = self._local_by_owner.get(owner, 0) + 1
+
+    def release(self, owner: str, request_id: str) -> None:
+        count = self._local_by_owner.get(owner, 0) - 1
+        if count > 0:
+            self._local_by_owner[owner] = count
+        else:
+            self._local_by_owner.pop(owner, None)
+        self._releases.append((owner, request_id))
+        self._release_due.set()
+
+    async def _flush_releases(self) -> None:
+        while True:
+            await self._release_due.wait()
+            self._release_due = trio.Event()
+            # Gathered: the chats that end meanwhile (or an admission takes them along).
+            await trio.sleep(RELEASE_FLUSH_S)
+            with contextlib.suppress(ControlPlaneUnavailable):  # kept; sent once Redis answers
+                await self._flush_now()
+
+    async def flush_releases(self) -> None:
+        """Send the queued releases now. Raises ControlPlaneUnavailable."""
+        await self._flush_now()
+
+    async def _flush_now(self) -> None:
+        releases, self._releases = self._releases, []
+        if not releases:
+            return
+        keys = [LIVE_KEY + owner for owner, _ in releases]
+        try:
+            await self._send(self._release(keys=keys, args=[i for _, i in releases]))
+        except ControlPlaneUnavailable:
+            self._releases[:0] = releases
+            raise
+
+    # -- routing --------------------------------------------------------------------------
+
+    async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
+        await self._call(owner, request_id, {"op": "stop", "reason": reason})
+
+    async def approve_elsewhere(
+        self, request_id: str, owner: str, confirmation_id: str, approved: bool
+    ) -> None:
+        await self._call(
+            owner,
+            request_id,
+            {"op": "approve", "confirmation_id": confirmation_id, "approved": approved},
+        )
+
+    async def _call(self, owner: str, request_id: str, command: dict[str, Any]) -> None:
+        call = secrets.token_hex(8)
+        message = orjson.dumps(
+            {**command, "call": call, "from": self.worker_id, "owner": owner, "id": request_id}
+        )
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._calls[call] = send
+        try:
+            received = await self._send(
+                self._route(keys=[LIVE_KEY + owner], args=[request_id, self.worker_id, message])
+            )
+            if received == 0:
+                raise UnknownRequest(f"no running request with id {request_id!r}")
+            if received < 0:
+                raise ControlPlaneUnavailable("the worker running that request cannot be reached")
+            with trio.move_on_after(REPLY_TIMEOUT_S):
+                reply = await receive.receive()
+                error = reply.get("error")
+                if error is None:
+                    return
+                raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
+            raise ControlPlaneUnavailable("the worker running that request did not answer")
+        finally:
+            del self._calls[call]
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "reply":
+            waiter = self._calls.get(message["call"])
+            if waiter is not None:
+                waiter.send_nowait(message)
+            return
+        assert self._commands is not None
+        error: dict[str, str] | None = None
+        try:
+            if op == "stop":
+                self._commands.stop_local(message["id"], message["owner"], message["reason"])
+            elif op == "approve":
+                self._commands.approve_local(
+                    message["id"],
+                    message["owner"],
+                    message["confirmation_id"],
+                    bool(message["approved"]),
+                )
+            else:
+                log.warning("control plane: unknown command %r ignored", op)
+                return
+        except AetherError as exc:
+            error = {"code": exc.code, "message": exc.message}
+        reply = orjson.dumps({"op": "reply", "call": message["call"], "error": error})
+        self._reply_soon(CHANNEL + str(message["from"]), reply)
+
+    def _reply_soon(self, channel: str, reply: bytes) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._publish_reply, channel, reply)
+
+    async def _publish_reply(self, channel: str, reply: bytes) -> None:
+        with contextlib.suppress(ControlPlaneUnavailable):  # the asker times out: a 503
+            await self._send(self._client.publish(channel, reply))

@@ -1,0 +1,113 @@
+"""`python -m aether --workers N` as a user runs it: real worker processes on one socket, a real
+redis-server, real signals (SIGKILL to a worker, SIGTERM to the supervisor)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from aether.testing.redis_server import RedisServer, redis_server_available
+from tests.helpers import WSClient, aether_env, aether_process, ws_client
+
+pytestmark = pytest.mark.skipif(
+    not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
+)
+
+# Enough connections that both workers get chats: the kernel hands each to one of them.
+MAX_CONNECTIONS = 24
+LONG_MESSAGE = "word " * 4000
+
+
+async def read_until_closed(client: WSClient) -> None:
+    while True:
+        await client.receive()
+
+
+def test_several_workers_without_redis_refuse_to_start_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aether", "--workers", "2", "--port", "0"],
+        env=aether_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "AETHER_REDIS_URL" in lines[0]
+
+
+async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
+    redis: RedisServer,
+) -> None:
+    env = aether_env(
+        AETHER_WORKERS="2",
+        AETHER_REDIS_URL=redis.url,
+        AETHER_ECHO_TOKEN_DELAY_S="0.02",
+        AETHER_WORKER_LEASE_S="2",
+    )
+    db_path = env["AETHER_DB_PATH"]
+    with trio.fail_after(60):
+        async with aether_process(env) as server, AsyncExitStack() as clients:
+            await server.wait_for_log(rb"serving on", count=2)
+            # Chats until each worker runs at least one; which worker runs which, from the log.
+            chats: dict[str, tuple[str, WSClient]] = {}
+            for index in range(MAX_CONNECTIONS):
+                client = await clients.enter_async_context(ws_client(server.ws_url))
+                request_id = f"k{index}"
+                await client.send({"type": "chat", "id": request_id, "message": LONG_MESSAGE})
+                await client.wait_for(request_id, lambda m: m.get("content"))
+                [started] = await server.wait_for_log(
+                    rb"\[(w\d-\w+)\] \S+: request " + request_id.encode() + rb" started"
+                )
+                chats[request_id] = (started.group(1).decode(), client)
+                if len({worker for worker, _ in chats.values()}) == 2:
+                    break
+            victim = chats["k0"][0]
+            assert len({worker for worker, _ in chats.values()}) == 2, "one worker got them all"
+            [spawned] = await server.wait_for_log(
+                rb"worker " + victim.encode() + rb" started \(pid (\d+)\)"
+            )
+            os.kill(int(spawned.group(1)), signal.SIGKILL)
+
+            # The victim's clients lose their connection; the other worker's streams go on.
+            for request_id, (worker, client) in chats.items():
+                if worker == victim:
+                    with pytest.raises(ConnectionClosed):
+                        await read_until_closed(client)
+                else:
+                    seen = len(client.messages.by_request[request_id])
+                    await client.wait_for(request_id, lambda m, seen=seen: m["seq"] > seen + 3)
+                    await client.send({"type": "stop", "id": request_id})
+                    messages = await client.finish(request_id)
+                    assert messages[-1]["type"] == "stopped", messages[-1]
+            await server.wait_for_log(rb"answers of worker " + victim.encode() + rb" marked")
+            # A new worker takes its place, and serves.
+            await server.wait_for_log(rb"serving on", count=3)
+            async with ws_client(server.ws_url) as late:
+                await late.send({"type": "chat", "id": "after", "message": "hi"})
+                await late.wait_for("after", lambda m: m.get("content"))
+                await late.send({"type": "stop", "id": "after"})
+                await late.finish("after")
+
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+    log = server.log.decode()
+    assert re.search(rf"worker {victim} \(pid \d+\) ended by itself \(signal SIGKILL\)", log)
+    statuses = dict(
+        sqlite3.connect(db_path).execute(
+            "SELECT request_id, status FROM messages WHERE role = 'assistant'"
+        )
+    )
+    for request_id, (worker, _) in chats.items():
+        assert statuses[request_id] == ("interrupted" if worker == victim else "stopped")

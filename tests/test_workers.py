@@ -1,0 +1,202 @@
+"""Several workers sharing one Redis: two Aether servers on two ports, one real redis-server.
+
+Where a request lands does not matter to a client: a chat running on one worker is stopped or
+approved through the other, the per-caller limit counts both, and an id no worker runs is a 404.
+Redis stopped mid-stream: streams carry on, a routed stop answers 503, a local stop works, and
+routing comes back by itself once Redis does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from aether.core.control.redis_plane import RedisControlPlane
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from aether.testing.redis_server import RedisServer, redis_server_available
+from tests.helpers import (
+    RunningServer,
+    assert_stream_invariants,
+    http_settings,
+    running_server,
+    ws_client,
+)
+
+pytestmark = pytest.mark.skipif(
+    not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
+)
+
+DEADLINE_S = 15
+# A stream long enough to be stopped mid-way.
+LONG = Behaviour(tokens=2000, delay_s=0.005)
+
+
+@asynccontextmanager
+async def two_workers(
+    fake: FakeLLM, redis: RedisServer, **overrides: Any
+) -> AsyncIterator[tuple[RunningServer, RunningServer]]:
+    """Two servers of one Aether: one Redis, one history file."""
+    settings = http_settings(fake, redis_url=redis.url, workers=2, **overrides)
+    async with running_server(settings) as a, running_server(settings) as b:
+        yield a, b
+
+
+def plane(server: RunningServer) -> RedisControlPlane:
+    control = server.state.engine.control
+    assert isinstance(control, RedisControlPlane)
+    return control
+
+
+async def test_a_chat_on_one_worker_is_stopped_through_the_other(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    fake_llm.script(*[LONG] * 4)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            ws_client(a.ws_url) as client,
+            httpx.AsyncClient(base_url=b.base_url) as rest,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "hi"})
+            await client.wait_for("r1", lambda m: m.get("content"))
+            response = await rest.post("/v1/chat/r1/stop")
+            messages = await client.finish("r1")
+            assert b.state.engine.tracker.get("r1", "anonymous") is None  # never ran on b
+            record = await fake_llm.wait_for_stream(0)
+            await record.closed.wait()  # a closed the upstream
+    assert response.status_code == 202, response.text
+    terminal = assert_stream_invariants(messages)
+    assert terminal["type"] == "stopped"
+    assert terminal["reason"] == "stop"
+
+
+async def test_a_stop_frame_on_another_connection_reaches_the_other_worker(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    fake_llm.script(*[LONG] * 4)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            ws_client(a.ws_url) as chatting,
+            ws_client(b.ws_url) as stopping,
+        ):
+            await chatting.send({"type": "chat", "id": "r2", "message": "hi"})
+            await chatting.wait_for("r2", lambda m: m.get("content"))
+            await stopping.send({"type": "stop", "id": "r2"})
+            messages = await chatting.finish("r2")
+    assert assert_stream_invariants(messages)["type"] == "stopped"
+
+
+async def test_an_id_no_worker_runs_is_unknown_everywhere(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            httpx.AsyncClient(base_url=b.base_url) as rest,
+            ws_client(a.ws_url) as client,
+        ):
+            response = await rest.post("/v1/chat/nobody/stop")
+            await client.send({"type": "stop", "id": "nobody"})
+            error = await client.receive_control()
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "unknown_request"
+    assert error["code"] == "unknown_request"
+    assert error["ref"] == {"type": "stop", "id": "nobody"}
+
+
+async def test_an_approval_is_answered_by_the_worker_that_runs_the_chat(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    # The chat on a has no pending confirmation: a's own answer (stale) comes back through b.
+    fake_llm.script(*[LONG] * 4)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            ws_client(a.ws_url) as client,
+            httpx.AsyncClient(base_url=b.base_url) as rest,
+        ):
+            await client.send({"type": "chat", "id": "r3", "message": "hi"})
+            await client.wait_for("r3", lambda m: m.get("content"))
+            response = await rest.post(
+                "/v1/chat/r3/approve", json={"confirmation_id": "k1", "approved": True}
+            )
+            await client.send({"type": "stop", "id": "r3"})
+            await client.finish("r3")
+    assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "stale_confirmation"
+
+
+async def test_the_per_caller_limit_counts_every_worker(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    fake_llm.script(*[LONG] * 4)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis, max_requests_per_caller=2) as (a, b),
+            ws_client(a.ws_url) as on_a,
+            ws_client(b.ws_url) as on_b,
+        ):
+            for request_id in ("l1", "l2"):
+                await on_a.send({"type": "chat", "id": request_id, "message": "hi"})
+                await on_a.wait_for(request_id, lambda m: m.get("content"))
+            await on_b.send({"type": "chat", "id": "l3", "message": "hi"})
+            refused = await on_b.receive_control()
+            # A duplicate id is refused across workers too.
+            await on_b.send({"type": "chat", "id": "l1", "message": "hi"})
+            duplicate = await on_b.receive_control()
+            # Once one ends, the other worker may start one.
+            await on_a.send({"type": "stop", "id": "l1"})
+            await on_a.finish("l1")
+            await trio.testing.wait_all_tasks_blocked()  # l1's turn closed on a
+            await plane(a).flush_releases()
+            await on_b.send({"type": "chat", "id": "l4", "message": "hi"})
+            await on_b.wait_for("l4", lambda m: m.get("content"))
+            for client, request_id in ((on_a, "l2"), (on_b, "l4")):
+                await client.send({"type": "stop", "id": request_id})
+                await client.finish(request_id)
+    assert refused["code"] == "too_many_requests", refused
+    assert duplicate["code"] == "duplicate_request", duplicate
+
+
+async def test_redis_down_mid_stream_then_back(fake_llm: FakeLLM, redis: RedisServer) -> None:
+    fake_llm.script(*[LONG] * 4)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            ws_client(a.ws_url) as client,
+            httpx.AsyncClient(base_url=b.base_url) as rest,
+        ):
+            await client.send({"type": "chat", "id": "d1", "message": "hi"})
+            await client.send({"type": "chat", "id": "d2", "message": "hi"})
+            await client.wait_for("d2", lambda m: m.get("content"))
+            await redis.stop()
+            # Routing cannot tell who runs it: 503, not a false 404.
+            unavailable = await rest.post("/v1/chat/d1/stop")
+            not_ready = await rest.get("/ready")
+            # The stream carries on, and a stop on its own worker still works.
+            count = len(client.messages.by_request["d1"])
+            await client.wait_for("d1", lambda m: m["seq"] > count + 5)
+            await client.send({"type": "stop", "id": "d1"})
+            stopped_locally = await client.finish("d1")
+            # Redis back (empty): the worker registers its running chat again by itself.
+            await redis.restart()
+            for server in (a, b):  # what their next lease refresh does
+                await plane(server).refresh_lease()
+            await plane(a).wait_subscribed()
+            routed = await rest.post("/v1/chat/d2/stop")
+            stopped_through_b = await client.finish("d2")
+            ready = await rest.get("/ready")
+    assert unavailable.status_code == 503, unavailable.text
+    assert unavailable.json()["error"]["code"] == "control_plane_unavailable"
+    assert not_ready.status_code == 503
+    assert assert_stream_invariants(stopped_locally)["type"] == "stopped"
+    assert routed.status_code == 202, routed.text
+    assert assert_stream_invariants(stopped_through_b)["type"] == "stopped"
+    assert ready.status_code == 200
