@@ -165,6 +165,58 @@ async def test_the_per_caller_limit_counts_every_worker(
     assert duplicate["code"] == "duplicate_request", duplicate
 
 
+async def test_a_follow_up_on_another_worker_sees_the_whole_previous_answer(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    """A streamed answer's final save follows its terminal: a follow-up sent at once to another
+    worker waits for that save (the first worker says when), then reads the history."""
+    fake_llm.script(Behaviour(tokens=5, delay_s=0.01), Behaviour(tokens=1))
+    saves_held, asked = trio.Event(), trio.Event()
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis) as (a, b),
+            ws_client(a.ws_url) as on_a,
+            ws_client(b.ws_url) as on_b,
+        ):
+            store, engine = a.state.engine.history, a.state.engine
+            assert store is not None
+            write_answers, wait_saved = store.write_answers, engine.wait_saved
+
+            async def held_write(writes: Any) -> Any:
+                if any(w.start is None and w.status != "streaming" for w in writes):
+                    with trio.move_on_after(DEADLINE_S):  # the writer is shielded: bounded
+                        await saves_held.wait()
+                return await write_answers(writes)
+
+            async def observed_wait(owner: str, conversation_id: str) -> None:
+                asked.set()
+                await wait_saved(owner, conversation_id)
+
+            store.write_answers = held_write  # type: ignore[method-assign]
+            engine.wait_saved = observed_wait  # type: ignore[method-assign]
+            first = await on_a.chat("first question", id="f1")
+            conversation_id = first[0]["conversation_id"]
+            await on_b.send(
+                {
+                    "type": "chat",
+                    "id": "f2",
+                    "message": "second",
+                    "conversation_id": conversation_id,
+                }
+            )
+            await asked.wait()  # b asked a, whose save is held
+            assert len(fake_llm.streams) == 1  # so b's turn has not read its context yet
+            saves_held.set()
+            second = await on_b.finish("f2")
+    assert assert_stream_invariants(second)["type"] == "completion"
+    context = [(m["role"], m["content"]) for m in fake_llm.streams[1].request["messages"]]
+    assert context[-3:] == [
+        ("user", "first question"),
+        ("assistant", "tok0 tok1 tok2 tok3 tok4 "),
+        ("user", "second"),
+    ]
+
+
 async def test_redis_down_mid_stream_then_back(fake_llm: FakeLLM, redis: RedisServer) -> None:
     fake_llm.script(*[LONG] * 4)
     with trio.fail_after(DEADLINE_S):

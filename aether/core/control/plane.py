@@ -42,6 +42,10 @@ class WorkerCommands(Protocol):
     def live_requests(self) -> list[tuple[str, str]]:
         """The (owner, request id) of every chat this worker runs."""
 
+    async def wait_saved(self, owner: str, conversation_id: str) -> None:
+        """Return once the conversation's last turn that told its client its terminal is saved
+        (at once if none waits for its save here)."""
+
 
 class ControlPlane(Protocol):
     @property
@@ -57,12 +61,22 @@ class ControlPlane(Protocol):
     ) -> None:
         """Serve other workers' commands until cancelled."""
 
-    async def admit(self, owner: str, request_id: str, limit: int) -> None:
-        """Count a new chat of ``owner``. Raises TooManyRequests when the caller already runs
-        ``limit`` chats on the whole server, DuplicateRequest when a worker runs that id."""
+    async def admit(
+        self, owner: str, request_id: str, limit: int, conversation_id: str | None = None
+    ) -> str | None:
+        """Count a new chat of ``owner`` (of ``conversation_id``, with history). Raises
+        TooManyRequests when the caller already runs ``limit`` chats on the whole server,
+        DuplicateRequest when a worker runs that id. Returns the other worker whose turn of
+        the conversation may not be saved yet (``await_saved`` waits for it), or None."""
 
-    def release(self, owner: str, request_id: str) -> None:
-        """The chat ended (or was never registered after ``admit``). Never blocks."""
+    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
+        """The chat ended, its answer saved (or it was never registered after ``admit``).
+        Never blocks."""
+
+    async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
+        """Wait until ``worker`` has saved its turn of the conversation, if that turn told its
+        client its terminal; a follow-up then sees the whole answer. Gives up (logged) when
+        the worker cannot be asked: the follow-up runs on what the history holds."""
 
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
         """Stop a request this worker does not run. Raises UnknownRequest when no worker runs
@@ -94,13 +108,20 @@ class LocalControlPlane:
         task_status.started()
         await trio.sleep_forever()
 
-    async def admit(self, owner: str, request_id: str, limit: int) -> None:
+    async def admit(
+        self, owner: str, request_id: str, limit: int, conversation_id: str | None = None
+    ) -> str | None:
         # No checkpoint: a transport admits and starts a chat in one step. A duplicate id is
-        # the tracker's to refuse (``start_request``).
+        # the tracker's to refuse (``start_request``); a follow-up waits for this worker's
+        # own previous turn in the history (``TurnHistory``).
         if self._live_count_for(owner) >= limit:
             raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
+        return None
 
-    def release(self, owner: str, request_id: str) -> None:
+    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
+        pass
+
+    async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
         pass
 
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:

@@ -10,6 +10,11 @@ What lives in Redis (``aether:`` keys; one Redis database per Aether server):
   chats (entries of dead workers pruned when the count is at the limit), register. The caller's
   limit is the server's, not each worker's. A chat's release (``HDEL``) is queued and sent with
   the worker's next command, or within ``RELEASE_FLUSH_S``, so a quick chat costs one command.
+- ``aether:turn:<owner>:<conversation id>``: the worker and request of the conversation's latest
+  turn, set by its admission, deleted by its release (after its final save). A follow-up
+  admitted while another live worker's marker stands asks that worker (``await_saved``) to
+  answer once its turn is saved, if the turn already told its client its terminal: the client
+  may have sent the follow-up on seeing it, and the final save comes after the terminal.
 - ``aether:control:<worker id>``: the worker's channel. A stop or an approval for a request
   this worker does not run looks its owner worker up and publishes to it in one script
   (``ROUTE``); the owner answers on the asker's channel. No owner, or a dead one: the id is
@@ -38,6 +43,7 @@ import contextlib
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import coredis
@@ -61,10 +67,17 @@ log = logging.getLogger(__name__)
 PREFIX = "aether:"
 WORKER_KEY = PREFIX + "worker:"
 LIVE_KEY = PREFIX + "live:"
+TURN_KEY = PREFIX + "turn:"
+NO_KEY = PREFIX + "none"
 CHANNEL = PREFIX + "control:"
 
 # How long a routed stop or approval waits for the owner worker's answer.
 REPLY_TIMEOUT_S = 2.0
+# How long a follow-up waits for another worker's previous turn to be saved (its final save
+# itself gives up after 5 s).
+SAVED_TIMEOUT_S = 6.0
+# A turn marker outlives any turn; a dead worker's are ignored (its lease is gone).
+TURN_MARKER_MS = 24 * 3600 * 1000
 # Longest a finished chat's release waits for a command to ride with.
 RELEASE_FLUSH_S = 0.05
 # After a lost subscription, the first wait before subscribing again, and the longest.
@@ -74,16 +87,36 @@ SUBSCRIBE_RETRY_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 2.0
 
-# KEYS[1]: the caller's live hash; KEYS[2..]: hashes to release from.
-# ARGV: request id, worker id, limit, then the request ids to release (one per extra key).
-ADMIT = """
-for i = 2, #KEYS do
-  redis.call('HDEL', KEYS[i], ARGV[i + 2])
+# Releases, in ADMIT and RELEASE: per released chat, two keys (its caller's live hash, its
+# conversation's turn marker or NO_KEY) and one argument (its request id), from KEYS[first]
+# and ARGV[first_arg]. A marker is deleted only if it still names that chat.
+RELEASE_LOOP = """
+local function release(wid, first, first_arg)
+  local n = 0
+  for i = first, #KEYS, 2 do
+    local rid = ARGV[first_arg + n]
+    n = n + 1
+    redis.call('HDEL', KEYS[i], rid)
+    if redis.call('GET', KEYS[i + 1]) == wid .. '|' .. rid then
+      redis.call('DEL', KEYS[i + 1])
+    end
+  end
+  return n
 end
+"""
+
+# KEYS[1]: the caller's live hash; KEYS[2]: the conversation's turn marker (or NO_KEY); then
+# the releases. ARGV: request id, worker id, limit, marker lifetime (ms), then the releases.
+# Returns {verdict} or {'ok', worker whose turn of the conversation may be unsaved}.
+ADMIT = (
+    RELEASE_LOOP
+    + """
+local wid = ARGV[2]
+release(wid, 3, 5)
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
 if holder then
   if redis.call('EXISTS', 'aether:worker:' .. holder) == 1 then
-    return 'duplicate'
+    return {'duplicate'}
   end
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
@@ -96,12 +129,24 @@ if redis.call('HLEN', KEYS[1]) >= limit then
     end
   end
   if redis.call('HLEN', KEYS[1]) >= limit then
-    return 'limit'
+    return {'limit'}
   end
 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 'ok'
+redis.call('HSET', KEYS[1], ARGV[1], wid)
+if KEYS[2] == 'aether:none' then
+  return {'ok'}
+end
+local marker = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[2], wid .. '|' .. ARGV[1], 'PX', ARGV[4])
+if marker then
+  local previous = string.match(marker, '^(.-)|')
+  if previous ~= wid and redis.call('EXISTS', 'aether:worker:' .. previous) == 1 then
+    return {'ok', previous}
+  end
+end
+return {'ok'}
 """
+)
 
 # KEYS[1]: the caller's live hash. ARGV: request id, this worker's id, the message.
 # Returns 1 once the owner worker has the message; 0 when no live worker runs the id; -1 when
@@ -121,13 +166,13 @@ end
 return 1
 """
 
-# KEYS: hashes to release from; ARGV: the request ids, one per key.
-RELEASE = """
-for i = 1, #KEYS do
-  redis.call('HDEL', KEYS[i], ARGV[i])
-end
-return #KEYS
+# The releases from KEYS[1]; ARGV: this worker's id, then the releases.
+RELEASE = (
+    RELEASE_LOOP
+    + """
+return release(ARGV[1], 1, 2)
 """
+)
 
 # Errors a routed command may answer with, by code.
 ROUTED_ERRORS: dict[str, type[AetherError]] = {
@@ -162,7 +207,7 @@ class RedisControlPlane:
         self._release = self._client.register_script(RELEASE)
         self._commands: WorkerCommands | None = None
         self._nursery: trio.Nursery | None = None
-        self._releases: list[tuple[str, str]] = []
+        self._releases: list[_Release] = []
         self._release_due = trio.Event()
         self._calls: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._reachable = False
@@ -347,10 +392,13 @@ class RedisControlPlane:
 
     # -- admission ------------------------------------------------------------------------
 
-    async def admit(self, owner: str, request_id: str, limit: int) -> None:
+    async def admit(
+        self, owner: str, request_id: str, limit: int, conversation_id: str | None = None
+    ) -> str | None:
         releases, self._releases = self._releases, []
-        keys = [LIVE_KEY + owner, *(LIVE_KEY + o for o, _ in releases)]
-        args: list[str | int] = [request_id, self.worker_id, limit, *(i for _, i in releases)]
+        marker = TURN_KEY + owner + ":" + conversation_id if conversation_id else NO_KEY
+        keys, args = _released([LIVE_KEY + owner, marker], releases)
+        args[:0] = [request_id, self.worker_id, limit, TURN_MARKER_MS]
         try:
             with trio.CancelScope(shield=True):
                 verdict = await self._send(self._admit(keys=keys, args=args))
@@ -362,20 +410,21 @@ class RedisControlPlane:
                     f"at most {share} chats may run at once for one caller on this worker "
                     "while the control plane is unreachable"
                 ) from None
-            verdict = "ok"
-        if verdict == "duplicate":
+            verdict = ["ok"]
+        if verdict[0] == "duplicate":
             raise DuplicateRequest(f"request {request_id!r} is already running")
-        if verdict == "limit":
+        if verdict[0] == "limit":
             raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
         self._local_by_owner[owner] = self._local_by_owner.get(owner, 0) + 1
+        return str(verdict[1]) if len(verdict) > 1 else None
 
-    def release(self, owner: str, request_id: str) -> None:
+    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
         count = self._local_by_owner.get(owner, 0) - 1
         if count > 0:
             self._local_by_owner[owner] = count
         else:
             self._local_by_owner.pop(owner, None)
-        self._releases.append((owner, request_id))
+        self._releases.append(_Release(owner, request_id, conversation_id))
         self._release_due.set()
 
     async def _flush_releases(self) -> None:
@@ -395,9 +444,9 @@ class RedisControlPlane:
         releases, self._releases = self._releases, []
         if not releases:
             return
-        keys = [LIVE_KEY + owner for owner, _ in releases]
+        keys, args = _released([], releases)
         try:
-            await self._send(self._release(keys=keys, args=[i for _, i in releases]))
+            await self._send(self._release(keys=keys, args=[self.worker_id, *args]))
         except ControlPlaneUnavailable:
             self._releases[:0] = releases
             raise
@@ -416,13 +465,46 @@ class RedisControlPlane:
             {"op": "approve", "confirmation_id": confirmation_id, "approved": approved},
         )
 
-    async def _call(self, owner: str, request_id: str, command: dict[str, Any]) -> None:
+    async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
+        call, replies = self._open_call()
+        message = orjson.dumps(
+            {
+                "op": "saved",
+                "call": call,
+                "from": self.worker_id,
+                "owner": owner,
+                "conversation_id": conversation_id,
+            }
+        )
+        try:
+            received = await self._send(self._client.publish(CHANNEL + worker, message))
+            if received:
+                with trio.move_on_after(SAVED_TIMEOUT_S):
+                    await replies.receive()
+                    return
+            log.warning(
+                "control plane: worker %s did not say whether its turn of conversation %s is "
+                "saved; the follow-up reads the history as it is",
+                worker,
+                conversation_id,
+            )
+        except ControlPlaneUnavailable:
+            pass  # logged by _send; the history as it is
+        finally:
+            del self._calls[call]
+
+    def _open_call(self) -> tuple[str, trio.MemoryReceiveChannel[dict[str, Any]]]:
         call = secrets.token_hex(8)
+        send, receive = trio.open_memory_channel[dict[str, Any]](1)
+        self._calls[call] = send
+        return call, receive
+
+    async def _call(self, owner: str, request_id: str, command: dict[str, Any]) -> None:
+        """Route ``command`` to the worker running the request; raise what it answers."""
+        call, replies = self._open_call()
         message = orjson.dumps(
             {**command, "call": call, "from": self.worker_id, "owner": owner, "id": request_id}
         )
-        send, receive = trio.open_memory_channel[dict[str, Any]](1)
-        self._calls[call] = send
         try:
             received = await self._send(
                 self._route(keys=[LIVE_KEY + owner], args=[request_id, self.worker_id, message])
@@ -432,7 +514,7 @@ class RedisControlPlane:
             if received < 0:
                 raise ControlPlaneUnavailable("the worker running that request cannot be reached")
             with trio.move_on_after(REPLY_TIMEOUT_S):
-                reply = await receive.receive()
+                reply = await replies.receive()
                 error = reply.get("error")
                 if error is None:
                     return
@@ -449,6 +531,10 @@ class RedisControlPlane:
                 waiter.send_nowait(message)
             return
         assert self._commands is not None
+        assert self._nursery is not None
+        if op == "saved":
+            self._nursery.start_soon(self._answer_saved, message)
+            return
         error: dict[str, str] | None = None
         try:
             if op == "stop":
@@ -468,6 +554,12 @@ class RedisControlPlane:
         reply = orjson.dumps({"op": "reply", "call": message["call"], "error": error})
         self._reply_soon(CHANNEL + str(message["from"]), reply)
 
+    async def _answer_saved(self, message: dict[str, Any]) -> None:
+        assert self._commands is not None
+        await self._commands.wait_saved(str(message["owner"]), str(message["conversation_id"]))
+        reply = orjson.dumps({"op": "reply", "call": message["call"], "error": None})
+        await self._publish_reply(CHANNEL + str(message["from"]), reply)
+
     def _reply_soon(self, channel: str, reply: bytes) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(self._publish_reply, channel, reply)
@@ -475,3 +567,23 @@ class RedisControlPlane:
     async def _publish_reply(self, channel: str, reply: bytes) -> None:
         with contextlib.suppress(ControlPlaneUnavailable):  # the asker times out: a 503
             await self._send(self._client.publish(channel, reply))
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    owner: str
+    request_id: str
+    conversation_id: str | None
+
+
+def _released(keys: list[str], releases: list[_Release]) -> tuple[list[str], list[str | int]]:
+    """``keys`` followed by the releases' keys (two each), and the releases' arguments."""
+    args: list[str | int] = []
+    for release in releases:
+        marker = release.conversation_id
+        keys += [
+            LIVE_KEY + release.owner,
+            TURN_KEY + release.owner + ":" + marker if marker else NO_KEY,
+        ]
+        args.append(release.request_id)
+    return keys, args

@@ -22,7 +22,7 @@ from dataclasses import replace
 import trio
 
 from aether.core.chat import ChatRequest
-from aether.core.history.recorder import TurnRecorder
+from aether.core.history.recorder import FINAL_SAVE_TIMEOUT_S, TurnRecorder
 from aether.core.history.store import HistoryStore, StoredMessage, TurnStart
 from aether.core.history.writer import AnswerWriter
 
@@ -65,6 +65,14 @@ class TurnHistory:
         start = TurnStart(request.owner, conversation_id, title, request.id, request.message)
         recorder = TurnRecorder(self.writer, start)
         return request, recorder
+
+    async def wait_saved(self, owner: str, conversation_id: str) -> None:
+        """Return once the conversation's turn whose terminal was queued is saved (at once if
+        none is pending), or after the final save's own timeout."""
+        saved = self._saving.get((owner, conversation_id))
+        if saved is not None:
+            with trio.move_on_after(FINAL_SAVE_TIMEOUT_S):
+                await saved.wait()
 
     def publish(self, recorder: TurnRecorder) -> None:
         """The turn's terminal is about to be queued: later turns wait for its final save. (A

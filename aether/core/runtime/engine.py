@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 
 import trio
 
@@ -38,7 +39,7 @@ from aether.core.files import ConversationFiles
 from aether.core.history.store import (
     HistoryStore,
 )
-from aether.core.history.turns import TurnHistory
+from aether.core.history.turns import TurnHistory, new_conversation_id
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
 from aether.core.runtime.file_chat import FileChat
@@ -166,6 +167,10 @@ class RuntimeEngine:
     def live_requests(self) -> list[tuple[str, str]]:
         return [(record.owner, record.id) for record in self.tracker.live()]
 
+    async def wait_saved(self, owner: str, conversation_id: str) -> None:
+        if self._turn_history is not None:
+            await self._turn_history.wait_saved(owner, conversation_id)
+
     async def _serve(
         self, model_paths: ModelPaths | None, task_status: trio.TaskStatus[None]
     ) -> None:
@@ -254,7 +259,14 @@ class RuntimeEngine:
         """
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
-        await self.control.admit(request.owner, request.id, self.settings.max_requests_per_caller)
+        conversation_id = None
+        if self._turn_history is not None:
+            if request.conversation_id is None and self.control.shared:
+                # Named now, so that a follow-up on another worker can tell it is a turn's.
+                request = replace(request, conversation_id=new_conversation_id())
+            conversation_id = request.conversation_id
+        limit = self.settings.max_requests_per_caller
+        unsaved_on = await self.control.admit(request.owner, request.id, limit, conversation_id)
         try:
             provider: Provider | PathUnavailable
             try:
@@ -264,9 +276,9 @@ class RuntimeEngine:
             path = provider.name if not isinstance(provider, PathUnavailable) else request.path
             record = self.tracker.start_request(request.id, request.owner, path)
         except BaseException:
-            self.control.release(request.owner, request.id)
+            self.control.release(request.owner, request.id, conversation_id)
             raise
-        return ChatTurn(self._turn_services(), request, outbox, provider, record)
+        return ChatTurn(self._turn_services(), request, outbox, provider, record, unsaved_on)
 
     def _turn_services(self) -> TurnServices:
         if self._services is None:

@@ -77,8 +77,11 @@ class ChatTurn:
         outbox: Outbox,
         provider: Provider | PathUnavailable,
         record: RequestRecord,
+        unsaved_on: str | None = None,
     ) -> None:
         self._services = services
+        # Another worker whose turn of this conversation may not be saved yet.
+        self._unsaved_on = unsaved_on
         self.request = request
         self.record = record
         self.relay = StreamRelay(request.id, outbox)
@@ -119,6 +122,10 @@ class ChatTurn:
     async def _open(self) -> None:
         history = self._services.history
         if history is not None:
+            if self._unsaved_on is not None and self.request.conversation_id is not None:
+                await self._services.control.await_saved(
+                    self._unsaved_on, self.request.owner, self.request.conversation_id
+                )
             self.request, self._recorder = await history.open(self.request)
             self.relay.transcript = self._recorder.transcript
         accepted: Chunk = {"path": self.record.path}
@@ -184,7 +191,7 @@ class ChatTurn:
             await recorder.finish(ANSWER_STATUS[record.state], error_code)
             history.release(recorder)
         self._services.tracker.end_request(record, record.state)
-        self._services.control.release(record.owner, record.id)
+        self._services.control.release(record.owner, record.id, self.request.conversation_id)
         self._observe()
 
     def _observe(self) -> None:
