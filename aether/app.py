@@ -35,6 +35,7 @@ from aether.api.web import PAGE_FILES_PREFIX, PAGE_PATHS
 from aether.asgi import ASGIApp, Receive, Scope, Send
 from aether.config import Settings
 from aether.core.control.choice import control_plane_for
+from aether.core.control.plane import ControlPlane
 from aether.core.history.sqlite import SQLiteHistoryStore
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
@@ -132,11 +133,14 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
         keys,
         settings,
         metrics,
+        engine.control,
     )
     return app
 
 
-def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics) -> ASGIApp:
+def middleware_stack(
+    app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics, control: ControlPlane
+) -> ASGIApp:
     """Outermost first: the shielded response end, security headers, request ids and errors,
     the browser guard (Host, Origin, cross-site), rate limits, authentication."""
     public = PUBLIC_PATHS | PAGE_PATHS | ({"/metrics"} if settings.metrics_public else set())
@@ -148,6 +152,7 @@ def middleware_stack(app: ASGIApp, keys: KeyRing, settings: Settings, metrics: M
         default=Tier("default", settings.rate_limit_default_per_minute, 60.0),
         exempt_ips=frozenset(settings.rate_limit_exempt_ips),
         metrics=metrics,
+        control=control,
     )
     guarded = BrowserGuardMiddleware(
         limited,

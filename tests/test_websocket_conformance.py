@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from aether.app import middleware_stack
+from aether.core.control.plane import LocalControlPlane
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
 from aether.main import hypercorn_config
@@ -65,7 +66,7 @@ def read_outcomes(report_dir: Path, stderr: str) -> dict[str, str]:
 
 async def test_autobahn_cases_pass(tmp_path: Path) -> None:
     settings = make_settings(provider="echo", rate_limit_exempt_ips="127.0.0.1")
-    app = middleware_stack(echo, KeyRing([]), settings, Metrics())
+    app = middleware_stack(echo, KeyRing([]), settings, Metrics(), LocalControlPlane(lambda _: 0))
     config = hypercorn_config(settings)
     stop = trio.Event()
     with trio.fail_after(600):

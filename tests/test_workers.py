@@ -25,6 +25,7 @@ from tests.helpers import (
     assert_stream_invariants,
     http_settings,
     running_server,
+    websocket_handshake_status,
     ws_client,
 )
 
@@ -215,6 +216,44 @@ async def test_a_follow_up_on_another_worker_sees_the_whole_previous_answer(
         ("assistant", "tok0 tok1 tok2 tok3 tok4 "),
         ("user", "second"),
     ]
+
+
+async def test_the_per_ip_rate_limit_counts_every_worker(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    fake_llm.script(*[Behaviour(tokens=1)] * 6)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            two_workers(fake_llm, redis, rate_limit_chat_per_minute=3) as (a, b),
+            httpx.AsyncClient(base_url=a.base_url) as on_a,
+            httpx.AsyncClient(base_url=b.base_url) as on_b,
+        ):
+            statuses = [
+                (await client.post("/v1/chat", json={"message": "hi"})).status_code
+                for client in (on_a, on_b, on_a, on_b, on_a, on_b)
+            ]
+            await redis.stop()
+            # Redis away: each worker allows its share (3 // 2 = 1) in a bucket of its own.
+            fallback = [
+                (await on_a.post("/v1/chat", json={"message": "hi"})).status_code for _ in range(2)
+            ]
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert fallback == [200, 429]
+
+
+async def test_the_per_ip_connection_limit_counts_every_worker(
+    fake_llm: FakeLLM, redis: RedisServer
+) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with two_workers(fake_llm, redis, max_connections_per_ip=2) as (a, b):
+            async with ws_client(a.ws_url), ws_client(b.ws_url):
+                refused = await websocket_handshake_status(a.ws_url)
+            for server in (a, b):  # the connections' ends, told to Redis
+                await trio.testing.wait_all_tasks_blocked()
+                await plane(server).flush_releases()
+            accepted = await websocket_handshake_status(b.ws_url)
+    assert refused == 429
+    assert accepted == 101
 
 
 async def test_redis_down_mid_stream_then_back(fake_llm: FakeLLM, redis: RedisServer) -> None:

@@ -69,12 +69,25 @@ class WebSocketEndpoint:
             return
         host, port = scope.get("client") or ("?", 0)
         limit = self._settings.max_connections_per_ip
-        if self._hub.count_from(host) >= limit:
+        control = self._engine.control
+        counted = await control.connection_opened(host, limit)
+        if counted is None:  # this worker is the whole server
+            counted = self._hub.count_from(host) < limit
+        if not counted:
             log.info("WebSocket from %s refused: %d connections already", host, limit)
             await refuse(
                 scope, send, 429, "too_many_connections", f"at most {limit} connections per IP"
             )
             return
+        try:
+            await self._serve(scope, receive, send, host, port)
+        finally:
+            control.connection_closed(host)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, host: str, port: int
+    ) -> None:
+        """Accept the counted connection and serve it to its end."""
         accept: Message = {"type": "websocket.accept"}
         subprotocol = select_subprotocol(scope.get("subprotocols", ()))
         if subprotocol is not None:

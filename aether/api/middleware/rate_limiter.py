@@ -27,6 +27,7 @@ import trio
 
 from aether.api.middleware.asgi import send_error
 from aether.asgi import REQUEST_ID_KEY, ASGIApp, Message, Receive, Scope, Send
+from aether.core.control.plane import ControlPlane
 from aether.core.metrics import Metrics
 from aether.core.token_bucket import TokenBucket
 
@@ -85,10 +86,13 @@ class RateLimitMiddleware:
         default: Tier,
         exempt_ips: frozenset[str],
         metrics: Metrics,
+        control: ControlPlane,
     ) -> None:
         self._app = app
         self._metrics = metrics
         self._limiter = limiter
+        # With several workers, the buckets are the server's (in the control plane).
+        self._control = control
         self._chat = chat
         self._default = default
         self._exempt_ips = exempt_ips
@@ -110,7 +114,13 @@ class RateLimitMiddleware:
         if tier is None or client in self._exempt_ips:
             await self._app(scope, receive, send)
             return
-        allowed, remaining, retry_after_s = self._limiter.take(client, tier)
+        if self._control.shared:
+            bucket = f"{tier.name}:{client}"
+            verdict = await self._control.take_token(bucket, tier.limit, tier.window_s)
+            assert verdict is not None
+            allowed, remaining, retry_after_s = verdict
+        else:
+            allowed, remaining, retry_after_s = self._limiter.take(client, tier)
         reset_s = 0 if allowed else math.ceil(retry_after_s)
         headers = [
             (b"ratelimit-policy", tier.policy),

@@ -27,6 +27,9 @@ import trio
 from aether.core.chat import StopReason
 from aether.core.errors import TooManyRequests, UnknownRequest
 
+# A rate limit's answer: allowed, whole tokens left, seconds until the next token.
+RateVerdict = tuple[bool, int, float]
+
 
 class WorkerCommands(Protocol):
     """What another worker may ask of this one (its engine answers)."""
@@ -78,6 +81,18 @@ class ControlPlane(Protocol):
         client its terminal; a follow-up then sees the whole answer. Gives up (logged) when
         the worker cannot be asked: the follow-up runs on what the history holds."""
 
+    async def take_token(self, bucket: str, limit: int, window_s: float) -> RateVerdict | None:
+        """Take a token from the server's ``bucket`` (``limit`` tokens, refilled over
+        ``window_s``): (allowed, whole tokens left, seconds until the next). None: this worker
+        is the whole server, its own buckets decide."""
+
+    async def connection_opened(self, ip: str, limit: int) -> bool | None:
+        """Count a connection from ``ip`` if the server has fewer than ``limit`` from it.
+        None: this worker is the whole server, its own count decides."""
+
+    def connection_closed(self, ip: str) -> None:
+        """A connection counted by ``connection_opened`` closed. Never blocks."""
+
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
         """Stop a request this worker does not run. Raises UnknownRequest when no worker runs
         it, ControlPlaneUnavailable when the plane cannot tell."""
@@ -122,6 +137,15 @@ class LocalControlPlane:
         pass
 
     async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
+        pass
+
+    async def take_token(self, bucket: str, limit: int, window_s: float) -> RateVerdict | None:
+        return None
+
+    async def connection_opened(self, ip: str, limit: int) -> bool | None:
+        return None
+
+    def connection_closed(self, ip: str) -> None:
         pass
 
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:

@@ -52,7 +52,7 @@ import orjson
 import trio
 
 from aether.core.chat import StopReason
-from aether.core.control.plane import WorkerCommands
+from aether.core.control.plane import RateVerdict, WorkerCommands
 from aether.core.errors import (
     AetherError,
     ControlPlaneUnavailable,
@@ -61,12 +61,15 @@ from aether.core.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from aether.core.token_bucket import TokenBucket
 
 log = logging.getLogger(__name__)
 
 PREFIX = "aether:"
 WORKER_KEY = PREFIX + "worker:"
 LIVE_KEY = PREFIX + "live:"
+RATE_KEY = PREFIX + "rate:"
+CONNECTIONS_KEY = PREFIX + "connections:"
 TURN_KEY = PREFIX + "turn:"
 NO_KEY = PREFIX + "none"
 CHANNEL = PREFIX + "control:"
@@ -174,6 +177,59 @@ return release(ARGV[1], 1, 2)
 """
 )
 
+# KEYS[1]: a token bucket (a hash: tokens, updated in ms by Redis' clock). ARGV: limit, window
+# in ms. Returns {allowed, whole tokens left, ms until the next token}.
+TAKE_TOKEN = """
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 't', 'u')
+local tokens = tonumber(state[1])
+local updated = tonumber(state[2])
+if not tokens then
+  tokens = limit
+  updated = now
+end
+tokens = math.min(limit, tokens + (now - updated) * limit / window)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = math.ceil((1 - tokens) * window / limit)
+end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'u', now)
+redis.call('PEXPIRE', KEYS[1], window)
+return {allowed, math.floor(tokens), wait}
+"""
+
+# KEYS[1]: an IP's connection counts (a hash: worker id -> its connections from that IP).
+# ARGV: this worker's id, its count with the new connection, the limit. Counts of dead workers
+# are dropped. Returns 1 (counted) or 0 (refused).
+CONNECT = """
+local total = tonumber(ARGV[2])
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  if entries[i] ~= ARGV[1] then
+    if redis.call('EXISTS', 'aether:worker:' .. entries[i]) == 1 then
+      total = total + tonumber(entries[i + 1])
+    else
+      redis.call('HDEL', KEYS[1], entries[i])
+    end
+  end
+end
+if total > tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# What talking to Redis may fail with.
+REDIS_FAILURES = (coredis.exceptions.RedisError, TimeoutError, OSError)
+
 # Errors a routed command may answer with, by code.
 ROUTED_ERRORS: dict[str, type[AetherError]] = {
     UnknownRequest.code: UnknownRequest,
@@ -205,6 +261,8 @@ class RedisControlPlane:
         self._admit = self._client.register_script(ADMIT)
         self._route = self._client.register_script(ROUTE)
         self._release = self._client.register_script(RELEASE)
+        self._take_token = self._client.register_script(TAKE_TOKEN)
+        self._connect = self._client.register_script(CONNECT)
         self._commands: WorkerCommands | None = None
         self._nursery: trio.Nursery | None = None
         self._releases: list[_Release] = []
@@ -222,6 +280,11 @@ class RedisControlPlane:
         self._missing = False
         # Local counts for the fallback, kept by admit/release whatever Redis does.
         self._local_by_owner: dict[str, int] = {}
+        # This worker's connections by IP (what it last told Redis, or will), the IPs whose
+        # count changed since, and the buckets that stand in for Redis' while it is away.
+        self._connections: dict[str, int] = {}
+        self._connections_changed: set[str] = set()
+        self._fallback_buckets: dict[str, TokenBucket] = {}
         self.commands_sent = 0
 
     @property
@@ -279,7 +342,7 @@ class RedisControlPlane:
         try:
             await self._flush_now()
             await self._client.delete([WORKER_KEY + self.worker_id])
-        except coredis.exceptions.RedisError as exc:
+        except (ControlPlaneUnavailable, *REDIS_FAILURES) as exc:
             log.warning("control plane: could not retire worker %s: %r", self.worker_id, exc)
 
     async def _subscribe(self) -> None:
@@ -305,7 +368,7 @@ class RedisControlPlane:
                     delay = SUBSCRIBE_RETRY_MIN_S
                     async for message in subscription:
                         self._on_message(message)
-            except* (coredis.exceptions.RedisError, TimeoutError, OSError) as group:
+            except* REDIS_FAILURES as group:
                 # coredis raises from its task groups: the error comes in a group.
                 if self._subscribed:
                     log.warning(
@@ -357,38 +420,50 @@ class RedisControlPlane:
         """Register every chat this worker runs (after Redis was unreachable or restarted)."""
         assert self._commands is not None
         live = self._commands.live_requests()
-        if not live:
+        if not live and not self._connections:
             return
         try:
             async with self._client.pipeline(transaction=False) as pipeline:
                 for owner, request_id in live:
                     pipeline.hset(LIVE_KEY + owner, {request_id: self.worker_id})
-        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
-            raise ControlPlaneUnavailable("the workers' control plane cannot be reached") from exc
-        self.commands_sent += len(live)
-        log.info("control plane: %d running chats registered again", len(live))
+                for ip, count in self._connections.items():
+                    pipeline.hset(CONNECTIONS_KEY + ip, {self.worker_id: count})
+        except REDIS_FAILURES as exc:
+            raise self._unreachable(exc) from exc
+        self._reached()
+        log.info(
+            "control plane: %d running chats and the connection counts registered again",
+            len(live),
+        )
 
     async def _send(self, command: Any) -> Any:
         """Await one Redis command; any failure to talk to Redis is ControlPlaneUnavailable."""
         try:
             result = await command
-        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
-            if self._reachable or not self._degraded_logged:
-                log.warning(
-                    "control plane: Redis unreachable (%r): limits apply per worker and stops "
-                    "of other workers' chats answer 503 until it is back",
-                    exc,
-                )
-                self._degraded_logged = True
-            self._reachable = False
-            self._missing = True
-            raise ControlPlaneUnavailable("the workers' control plane cannot be reached") from exc
+        except REDIS_FAILURES as exc:
+            raise self._unreachable(exc) from exc
+        self._reached()
+        return result
+
+    def _unreachable(self, exc: BaseException) -> ControlPlaneUnavailable:
+        """Note that Redis did not answer (logged once per outage)."""
+        if self._reachable or not self._degraded_logged:
+            log.warning(
+                "control plane: Redis unreachable (%r): limits apply per worker and stops "
+                "of other workers' chats answer 503 until it is back",
+                exc,
+            )
+            self._degraded_logged = True
+        self._reachable = False
+        self._missing = True
+        return ControlPlaneUnavailable("the workers' control plane cannot be reached")
+
+    def _reached(self) -> None:
         self.commands_sent += 1
         if not self._reachable:
             if self._degraded_logged:
                 log.info("control plane: Redis reachable again")
             self._reachable = True
-        return result
 
     # -- admission ------------------------------------------------------------------------
 
@@ -427,6 +502,47 @@ class RedisControlPlane:
         self._releases.append(_Release(owner, request_id, conversation_id))
         self._release_due.set()
 
+    async def take_token(self, bucket: str, limit: int, window_s: float) -> RateVerdict:
+        window_ms = max(1, int(window_s * 1000))
+        try:
+            allowed, left, wait_ms = await self._send(
+                self._take_token(keys=[RATE_KEY + bucket], args=[limit, window_ms])
+            )
+        except ControlPlaneUnavailable:
+            # This worker's share of the limit, in a bucket of its own, until Redis is back.
+            local = self._fallback_buckets.get(bucket)
+            if local is None:
+                share = max(1, limit // self._workers_hint)
+                local = self._fallback_buckets[bucket] = TokenBucket(
+                    share, window_s, trio.current_time()
+                )
+            return local.take(trio.current_time())
+        self._fallback_buckets.clear()
+        return bool(allowed), int(left), int(wait_ms) / 1000
+
+    async def connection_opened(self, ip: str, limit: int) -> bool:
+        count = self._connections.get(ip, 0) + 1
+        try:
+            counted = await self._send(
+                self._connect(keys=[CONNECTIONS_KEY + ip], args=[self.worker_id, count, limit])
+            )
+        except ControlPlaneUnavailable:
+            counted = count <= max(1, limit // self._workers_hint)
+            if counted:
+                self._connections_changed.add(ip)  # told Redis once it answers
+        if counted:
+            self._connections[ip] = count
+        return bool(counted)
+
+    def connection_closed(self, ip: str) -> None:
+        count = self._connections.get(ip, 0) - 1
+        if count > 0:
+            self._connections[ip] = count
+        else:
+            self._connections.pop(ip, None)
+        self._connections_changed.add(ip)
+        self._release_due.set()
+
     async def _flush_releases(self) -> None:
         while True:
             await self._release_due.wait()
@@ -442,14 +558,25 @@ class RedisControlPlane:
 
     async def _flush_now(self) -> None:
         releases, self._releases = self._releases, []
-        if not releases:
+        changed, self._connections_changed = self._connections_changed, set()
+        if not releases and not changed:
             return
         keys, args = _released([], releases)
         try:
-            await self._send(self._release(keys=keys, args=[self.worker_id, *args]))
-        except ControlPlaneUnavailable:
+            async with self._client.pipeline(transaction=False) as pipeline:
+                if releases:
+                    self._release(keys=keys, args=[self.worker_id, *args], client=pipeline)
+                for ip in changed:
+                    count = self._connections.get(ip, 0)
+                    if count:
+                        pipeline.hset(CONNECTIONS_KEY + ip, {self.worker_id: count})
+                    else:
+                        pipeline.hdel(CONNECTIONS_KEY + ip, [self.worker_id])
+        except REDIS_FAILURES as exc:
             self._releases[:0] = releases
-            raise
+            self._connections_changed |= changed
+            raise self._unreachable(exc) from exc
+        self._reached()
 
     # -- routing --------------------------------------------------------------------------
 
