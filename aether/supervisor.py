@@ -26,19 +26,25 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.utils import repr_socket_addr
+from prometheus_client import multiprocess
 
 from aether.config import Settings
 from aether.core.history.sqlite import mark_interrupted
+from aether.core.metrics import MULTIPROCESS_DIR_VARIABLE
 from aether.main import ShutdownSignals
 
 log = logging.getLogger("aether.supervisor")
@@ -58,10 +64,18 @@ def _die_with_supervisor() -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, argv: Sequence[str], listener: socket.socket) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        argv: Sequence[str],
+        listener: socket.socket,
+        metrics_dir: Path,
+    ) -> None:
         self._settings = settings
         self._argv = list(argv)
         self._listener = listener
+        self._metrics_dir = metrics_dir
+        self._environment = {**os.environ, MULTIPROCESS_DIR_VARIABLE: str(metrics_dir)}
         self._processes: dict[int, trio.Process] = {}
         self.stopping = False
         self.failed = False
@@ -112,6 +126,7 @@ class Supervisor:
             started = time.monotonic()
             process = await trio.lowlevel.open_process(
                 self._command(worker_id),
+                env=self._environment,
                 pass_fds=(self._listener.fileno(),),
                 start_new_session=True,
                 preexec_fn=_die_with_supervisor,
@@ -128,6 +143,8 @@ class Supervisor:
                 return
             how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             log.error("worker %s (pid %d) ended by itself (%s)", worker_id, process.pid, how)
+            # Its gauges leave the sums; its counters stay (what it counted happened).
+            multiprocess.mark_process_dead(process.pid, str(self._metrics_dir))  # type: ignore[no-untyped-call]
             await self._interrupt_answers(worker_id)
             if time.monotonic() - started < YOUNG_S:
                 young_deaths += 1
@@ -174,4 +191,9 @@ def supervise(settings: Settings, argv: Sequence[str], config: HypercornConfig) 
         log.info(
             "history in %s (%d answers left streaming marked interrupted)", settings.db_path, count
         )
-    return trio.run(Supervisor(settings, argv, listener).run)
+    # The workers' metrics, summed by whichever answers /metrics; gone with the supervisor.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="aether-metrics-"))
+    try:
+        return trio.run(Supervisor(settings, argv, listener, metrics_dir).run)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -39,6 +39,11 @@ every server alike.
     python scripts/bench_stream.py --workloads stop --stop-streams 200,1000 --json out.json
     python scripts/bench_stream.py --workloads chat-cost
     python scripts/bench_stream.py --workloads stop --stop-streams 50,500 --repeat 5
+    python scripts/bench_stream.py --workloads capacity,paced,stop --workers 2 --servers aether
+
+``--workers N`` adds ``aether-Nw`` (``python -m aether --workers N`` with a redis-server the
+benchmark starts) to the capacity, paced and stop workloads: server CPU sums the supervisor and
+its workers, and ``redis cmds/chat`` counts the commands Redis ran per chat.
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
 shares the machine with the servers, so compare ratios, not absolute figures across machines.
@@ -55,6 +60,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -76,6 +82,8 @@ import psutil
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from aether.testing.redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TERMINALS = {"completion", "stopped", "error"}
@@ -85,6 +93,8 @@ SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse"
 # The SSE variants run the same server processes; only the client's transport differs.
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
 SSE_WORKLOADS = ("capacity", "paced")
+# The workloads run with several workers too (``--workers``).
+WORKERS_WORKLOADS = ("capacity", "paced", "stop")
 # Also measurable: Aether without conversation history (the cost of storing every answer).
 OPTIONAL_SERVERS = ("aether-no-history", "hypercorn-asgi")
 STREAM_WORKLOADS = ("capacity", "paced", "stop", "idle", "storm")
@@ -138,6 +148,18 @@ class Process:
     def psutil(self) -> psutil.Process:
         return psutil.Process(self.process.pid)
 
+    def tree(self) -> list[psutil.Process]:
+        """The process and its children (a supervisor's workers)."""
+        handle = self.psutil
+        return [handle, *handle.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        """User and system CPU seconds of the process and its children so far."""
+        return sum(t.user + t.system for t in (p.cpu_times() for p in self.tree()))
+
+    def rss(self) -> int:
+        return sum(p.memory_info().rss for p in self.tree())
+
     async def stop(self) -> None:
         with trio.CancelScope(shield=True):
             if self.process.returncode is None:
@@ -180,11 +202,89 @@ async def start_upstream(tokens: int, delay_ms: float) -> Process:
     return await start_process("upstream", argv, port, {})
 
 
+# ``aether-2w``: Aether with two worker processes (``--workers 2``) and Redis.
+WORKERS_SERVER = re.compile(r"aether-(\d+)w")
+# The Redis the several-worker servers share, started by ``main`` when one is measured.
+REDIS: RedisServer | None = None
+WORKERS_READY_TIMEOUT_S = 60
+
+
+def workers_of(name: str) -> int:
+    match = WORKERS_SERVER.fullmatch(name)
+    return int(match.group(1)) if match else 1
+
+
+async def redis_command(*args: str) -> Any:
+    """One command to the benchmark's Redis, on a connection of its own (RESP, by hand: the
+    replies used here are integers, bulk strings and arrays of them)."""
+    assert REDIS is not None
+    stream = await trio.open_tcp_stream("127.0.0.1", REDIS.port)
+    async with stream:
+        request = b"*%d\r\n" % len(args)
+        for arg in args:
+            request += b"$%d\r\n%s\r\n" % (len(arg.encode()), arg.encode())
+        await stream.send_all(request)
+        buffer = b""
+
+        async def line() -> bytes:
+            nonlocal buffer
+            while b"\r\n" not in buffer:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise ConnectionError("redis closed the connection")
+                buffer += chunk
+            head, buffer = buffer.split(b"\r\n", 1)
+            return head
+
+        async def reply() -> Any:
+            nonlocal buffer
+            head = await line()
+            kind, rest = head[:1], head[1:]
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                size = int(rest)
+                if size < 0:
+                    return None
+                while len(buffer) < size + 2:
+                    buffer += await stream.receive_some(65536)
+                value, buffer = buffer[:size], buffer[size + 2 :]
+                return value.decode()
+            if kind == b"*":
+                return [await reply() for _ in range(int(rest))]
+            raise ConnectionError(f"redis answered {head!r}")
+
+        return await reply()
+
+
+async def redis_calls(process: Process | None) -> int | None:
+    """Commands Redis has run so far (None when the server does not use it)."""
+    if process is None or workers_of(process.name) == 1:
+        return None
+    stats = await redis_command("INFO", "commandstats")
+    return sum(int(m) for m in re.findall(r"^cmdstat_[^:]+:calls=(\d+)", stats, re.MULTILINE))
+
+
+async def wait_for_workers(process: Process, workers: int) -> None:
+    """Wait until every worker holds its lease in Redis and the server answers /ready (another
+    process's state: polled)."""
+    async with httpx.AsyncClient() as client:
+        for _ in range(int(WORKERS_READY_TIMEOUT_S / 0.05)):
+            leases = await redis_command("KEYS", "aether:worker:*")
+            if len(leases) >= workers:
+                ready = await client.get(f"http://127.0.0.1:{process.port}/ready")
+                if ready.status_code == 200:
+                    return
+            await trio.sleep(0.05)
+    raise RuntimeError(f"{process.name}: {workers} workers not ready")
+
+
 async def start_server(name: str, upstream_url: str | None, log_level: str = "WARNING") -> Process:
     """Start a server under test; Aether without ``upstream_url`` serves its echo model."""
     port = free_port()
+    workers = workers_of(name)
     name = PROCESS_OF.get(name, name)
-    if name in ("aether", "aether-no-history"):
+    if name in ("aether", "aether-no-history") or workers > 1:
         argv = [PY, "-m", "aether", "--port", str(port), "--log-level", log_level]
         if upstream_url is None:
             argv += ["--provider", "echo"]
@@ -202,6 +302,12 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
             "AETHER_DB_PATH": str(DB_DIR / f"history-{port}.sqlite3"),
             "AETHER_HISTORY": "false" if name == "aether-no-history" else "true",
         }
+        if workers > 1:
+            assert REDIS is not None
+            argv += ["--workers", str(workers)]
+            env["AETHER_REDIS_URL"] = REDIS.url
+            # Flushed between servers, so each run's command count is its own.
+            await redis_command("FLUSHDB")
     elif name == "hypercorn-asgi":
         argv = [PY, "scripts/bench/hypercorn_asgi.py", "--port", str(port)]
         env = {}
@@ -215,7 +321,11 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
         env = {"AETHER_BENCH_UPSTREAM": upstream_url} if upstream_url else {}
     else:
         raise ValueError(name)
-    return await start_process(name, argv, port, env)
+    process = await start_process(name, argv, port, env)
+    if workers > 1:
+        process.name = f"aether-{workers}w"
+        await wait_for_workers(process, workers)
+    return process
 
 
 @dataclass
@@ -471,10 +581,8 @@ def reset(sock: Any) -> None:
 async def sample_cpu(process: Process | None, samples: list[tuple[float, float]]) -> None:
     if process is None:
         return
-    handle = process.psutil
     while True:
-        times = handle.cpu_times()
-        samples.append((now(), times.user + times.system))
+        samples.append((now(), process.cpu_s()))
         await trio.sleep(CPU_SAMPLE_S)
 
 
@@ -494,9 +602,8 @@ def busy_after_ms(samples: list[tuple[float, float]], since: float) -> float:
 async def sample_rss(process: Process | None, peak: list[int]) -> None:
     if process is None:
         return
-    handle = process.psutil
     while True:
-        peak[0] = max(peak[0], handle.memory_info().rss)
+        peak[0] = max(peak[0], process.rss())
         await trio.sleep(0.05)
 
 
@@ -511,8 +618,9 @@ async def measure(
             url = f"ws://127.0.0.1:{process.port}/ws"
             if server.endswith("-sse"):
                 url = f"http://127.0.0.1:{process.port}/v1/chat/stream"
-        idle_rss = process.psutil.memory_info().rss if process else 0
-        cpu_before = process.psutil.cpu_times() if process else None
+        idle_rss = process.rss() if process else 0
+        cpu_before = process.cpu_s() if process else None
+        redis_before = await redis_calls(process)
         upstream_cpu_before = upstream.psutil.cpu_times()
         peak = [idle_rss]
         cpu_samples: list[tuple[float, float]] = []
@@ -525,8 +633,8 @@ async def measure(
             nursery.cancel_scope.cancel()
         cpu_s = 0.0
         if process is not None and cpu_before is not None:
-            after = process.psutil.cpu_times()
-            cpu_s = (after.user - cpu_before.user) + (after.system - cpu_before.system)
+            cpu_s = process.cpu_s() - cpu_before
+        redis_after = await redis_calls(process) if redis_before is not None else 0
         up_after = upstream.psutil.cpu_times()
         upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
             up_after.system - upstream_cpu_before.system
@@ -537,6 +645,10 @@ async def measure(
         if process is not None:
             await process.stop()
     summary = summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
+    summary["server_cpu_ms_per_chat"] = cpu_s / streams * 1000
+    summary["redis_cmds_per_chat"] = (
+        (redis_after - redis_before) / streams if redis_before is not None else math.nan
+    )
     ends = [r.terminal_at for r in results if r.terminal_at is not None]
     summary["busy_after_ms"] = busy_after_ms(cpu_samples, max(ends)) if ends else math.nan
     return summary
@@ -549,7 +661,7 @@ async def measure_idle(
     process = await start_server(server, f"http://127.0.0.1:{upstream.port}/v1", log_level)
     url = f"ws://127.0.0.1:{process.port}/ws"
     try:
-        before = process.psutil.memory_info().rss
+        before = process.rss()
         opened = 0
         all_open = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -568,7 +680,7 @@ async def measure_idle(
             with trio.fail_after(120):
                 await all_open.wait()
             await trio.sleep(IDLE_SETTLE_S)
-            after = process.psutil.memory_info().rss
+            after = process.rss()
             nursery.cancel_scope.cancel()
     finally:
         await process.stop()
@@ -918,6 +1030,8 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
     "capacity": [
         ("deltas/s", "deltas_per_s", 0),
         ("cpu us/delta", "server_cpu_us_per_delta", 1),
+        ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
+        ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("peak RSS MiB", "peak_rss_mib", 1),
         ("ttft p50 ms", "ttft_p50_ms", 1),
         ("ttft p99 ms", "ttft_p99_ms", 1),
@@ -933,6 +1047,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("gap max ms", "gap_max_ms", 1),
         ("gap added p99 ms", "gap_added_p99_ms", 1),
         ("server cpu %", "server_cpu_pct", 0),
+        ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
         ("failed", "failed", 0),
     ],
@@ -942,6 +1057,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("stop max ms", "stop_max_ms", 2),
         ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
         ("chunks after stopped", "chunks_after_terminal", 0),
+        ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("failed", "failed", 0),
     ],
     "idle": [
@@ -1050,6 +1166,21 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
+    global REDIS
+    servers = list(args.servers or SERVERS)
+    if args.workers > 1:
+        several = f"aether-{args.workers}w"
+        where = servers.index("aether") + 1 if "aether" in servers else len(servers)
+        servers.insert(where, several)
+    async with trio.open_nursery() as nursery:
+        if any(workers_of(server) > 1 for server in servers):
+            REDIS = RedisServer()
+            await nursery.start(REDIS.run)
+        await run_cases(args, servers)
+        nursery.cancel_scope.cancel()
+
+
+async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:
     rows: list[dict[str, Any]] = []
     for case in cases(args):
         if case.workload == "chat-cost":
@@ -1059,9 +1190,11 @@ async def main(args: argparse.Namespace) -> None:
         rounds: dict[str, list[dict[str, Any]]] = {}
         try:
             # Rounds interleave the servers, so a slow spell of the machine falls on each alike.
-            for server in [s for _ in range(args.repeat) for s in args.servers or SERVERS]:
+            for server in [s for _ in range(args.repeat) for s in servers]:
                 if server == "hypercorn-asgi":
                     continue  # it answers chat-cost's routes only
+                if workers_of(server) > 1 and case.workload not in WORKERS_WORKLOADS:
+                    continue
                 if case.workload in ("stop", "idle", "storm") and server == "direct":
                     continue
                 if server.endswith("-sse") and case.workload not in SSE_WORKLOADS:
@@ -1136,6 +1269,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1000,
         help="more streams than this run for Aether alone (idle connections excepted)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="also run Aether with this many worker processes and a Redis (aether-Nw) in the "
+        "capacity, paced and stop workloads",
     )
     parser.add_argument("--chat-cost-requests", type=int, default=2000, help="per route")
     parser.add_argument("--chat-cost-warmup", type=int, default=200, help="per route, unmeasured")

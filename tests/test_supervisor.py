@@ -11,6 +11,7 @@ import subprocess
 import sys
 from contextlib import AsyncExitStack
 
+import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
@@ -111,3 +112,42 @@ async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
     )
     for request_id, (worker, _) in chats.items():
         assert statuses[request_id] == ("interrupted" if worker == victim else "stopped")
+
+
+def completed_chats(exposition: str) -> float:
+    match = re.search(
+        r'^aether_requests_total\{(?=[^}]*outcome="completed")(?=[^}]*path="echo")[^}]*\} (\S+)$',
+        exposition,
+        re.MULTILINE,
+    )
+    assert match is not None, exposition
+    return float(match.group(1))
+
+
+async def test_metrics_count_the_chats_of_every_worker(redis: RedisServer) -> None:
+    env = aether_env(AETHER_WORKERS="2", AETHER_REDIS_URL=redis.url, AETHER_ECHO_TOKEN_DELAY_S="0")
+    with trio.fail_after(60):
+        async with aether_process(env) as server:
+            await server.wait_for_log(rb"serving on", count=2)
+            workers: set[str] = set()
+            chats = 0
+            while len(workers) < 2 and chats < MAX_CONNECTIONS:
+                request_id = f"m{chats}"
+                async with httpx.AsyncClient(base_url=server.base_url) as client:  # a connection
+                    response = await client.post(
+                        "/v1/chat", json={"message": "hi", "id": request_id}
+                    )
+                assert response.status_code == 200
+                chats += 1
+                [ran] = await server.wait_for_log(
+                    rb"\[(w\d-\w+)\] \S+: request " + request_id.encode() + rb" completed"
+                )
+                workers.add(ran.group(1).decode())
+            assert len(workers) == 2, "one worker got every connection"
+            scraped = []
+            for _ in range(3):
+                async with httpx.AsyncClient(base_url=server.base_url) as client:
+                    scraped.append(completed_chats((await client.get("/metrics")).text))
+            server.process.send_signal(signal.SIGTERM)
+            assert await server.process.wait() == 0
+    assert scraped == [chats] * 3

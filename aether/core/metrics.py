@@ -4,6 +4,12 @@ A registry per ``Metrics`` object (not the process-global one) keeps every ``cre
 independent: tests build many apps in one process. Counters that would tick per delta are added
 once per request instead, so the hot path pays nothing for them.
 
+Several workers (``python -m aether --workers N``): the supervisor gives them a directory in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode: each process keeps its
+values in files there), and ``exposition`` reports the sum over every worker, those that have
+died included for counters and histograms; the gauges (connections, chats in flight) count the
+live workers only.
+
 @.architecture
 role: metrics
 jobs: [observability]
@@ -11,10 +17,21 @@ jobs: [observability]
 
 from __future__ import annotations
 
+import os
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# prometheus-client's multiprocess mode: read when it is imported.
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -46,10 +63,17 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Gauge(
-            "aether_websocket_connections", "Open WebSocket connections.", registry=r
+            "aether_websocket_connections",
+            "Open WebSocket connections.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests_in_flight = Gauge(
-            "aether_requests_in_flight", "Chats running now.", ["path"], registry=r
+            "aether_requests_in_flight",
+            "Chats running now.",
+            ["path"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests = Counter(
             "aether_requests", "Chats ended, by path and outcome.", ["path", "outcome"], registry=r
@@ -92,5 +116,9 @@ class Metrics:
         self.upstream_failed = Children(self.upstream_errors)
 
     def exposition(self) -> bytes:
-        """The metrics in Prometheus' text format."""
+        """The metrics in Prometheus' text format: this process's, or every worker's."""
+        if MULTIPROCESS_DIR_VARIABLE in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)
