@@ -93,7 +93,9 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
     )
     metrics = Metrics()
     history = SQLiteHistoryStore(settings.db_path, worker_id) if settings.history else None
-    engine = RuntimeEngine(settings, metrics, history, control_plane_for(settings, worker_id))
+    engine = RuntimeEngine(
+        settings, metrics, history, control_plane_for(settings, metrics, worker_id)
+    )
     hub = ClientHub(metrics)
     app.extensions[EXTENSION_KEY] = AppState(settings=settings, engine=engine, metrics=metrics)
     app.extensions[HUB_KEY] = hub

@@ -242,6 +242,8 @@ async def redis_command(*args: str) -> Any:
             kind, rest = head[:1], head[1:]
             if kind == b":":
                 return int(rest)
+            if kind == b"+":
+                return rest.decode()
             if kind == b"$":
                 size = int(rest)
                 if size < 0:
@@ -257,12 +259,16 @@ async def redis_command(*args: str) -> Any:
         return await reply()
 
 
-async def redis_calls(process: Process | None) -> int | None:
-    """Commands Redis has run so far (None when the server does not use it)."""
+async def redis_calls(process: Process | None) -> float | None:
+    """The round trips to Redis the server's workers made so far, from its /metrics (None when
+    the server does not use Redis). Redis' own command count would also count the commands its
+    scripts run."""
     if process is None or workers_of(process.name) == 1:
         return None
-    stats = await redis_command("INFO", "commandstats")
-    return sum(int(m) for m in re.findall(r"^cmdstat_[^:]+:calls=(\d+)", stats, re.MULTILINE))
+    async with httpx.AsyncClient() as client:
+        exposition = (await client.get(f"http://127.0.0.1:{process.port}/metrics")).text
+    match = re.search(r"^aether_control_plane_commands_total (\S+)$", exposition, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 async def wait_for_workers(process: Process, workers: int) -> None:
@@ -634,7 +640,7 @@ async def measure(
         cpu_s = 0.0
         if process is not None and cpu_before is not None:
             cpu_s = process.cpu_s() - cpu_before
-        redis_after = await redis_calls(process) if redis_before is not None else 0
+        redis_after = await redis_calls(process) if redis_before is not None else 0.0
         up_after = upstream.psutil.cpu_times()
         upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
             up_after.system - upstream_cpu_before.system

@@ -101,6 +101,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.control_plane_commands = Counter(
+            "aether_control_plane_commands",
+            "Round trips to the workers' control plane (Redis): a script or a pipeline is one.",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "aether_rate_limited",
             "Requests and messages refused by a rate limit.",

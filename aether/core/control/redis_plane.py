@@ -50,6 +50,7 @@ import coredis
 import coredis.exceptions
 import orjson
 import trio
+from prometheus_client import Counter
 
 from aether.core.chat import StopReason
 from aether.core.control.plane import RateVerdict, WorkerCommands
@@ -245,7 +246,12 @@ class RedisControlPlane:
     shared = True
 
     def __init__(
-        self, url: str, lease_s: float, workers_hint: int, worker_id: str | None = None
+        self,
+        url: str,
+        lease_s: float,
+        workers_hint: int,
+        worker_id: str | None = None,
+        commands: Counter | None = None,
     ) -> None:
         self.url = url
         self.worker_id = worker_id or new_worker_id()
@@ -263,6 +269,7 @@ class RedisControlPlane:
         self._release = self._client.register_script(RELEASE)
         self._take_token = self._client.register_script(TAKE_TOKEN)
         self._connect = self._client.register_script(CONNECT)
+        self._scripts = (self._admit, self._route, self._release, self._take_token, self._connect)
         self._commands: WorkerCommands | None = None
         self._nursery: trio.Nursery | None = None
         self._releases: list[_Release] = []
@@ -285,7 +292,8 @@ class RedisControlPlane:
         self._connections: dict[str, int] = {}
         self._connections_changed: set[str] = set()
         self._fallback_buckets: dict[str, TokenBucket] = {}
-        self.commands_sent = 0
+        # Round trips to Redis (a pipeline or a script is one), for /metrics.
+        self._commands_counter = commands
 
     @property
     def reachable(self) -> bool:
@@ -408,13 +416,26 @@ class RedisControlPlane:
         lease_ms = int(self.lease_s * 1000)
         key = WORKER_KEY + self.worker_id
         previous = await self._send(self._client.set(key, "1", px=lease_ms, get=True))
-        if previous is None and self._leased:
-            log.warning("control plane: Redis lost this worker's lease; registering again")
-            self._missing = True
+        if previous is None:
+            if self._leased:
+                log.warning("control plane: Redis lost this worker's lease; registering again")
+                self._missing = True
+            # A new Redis (or this worker's first lease): its scripts, before a burst of chats
+            # all finds them missing at once.
+            await self._load_scripts()
         self._leased = True
         if self._missing:
             await self._register_live()
             self._missing = False
+
+    async def _load_scripts(self) -> None:
+        try:
+            async with self._client.pipeline(transaction=False) as pipeline:
+                for script in self._scripts:
+                    pipeline.script_load(script.script)
+        except REDIS_FAILURES as exc:
+            raise self._unreachable(exc) from exc
+        self._reached()
 
     async def _register_live(self) -> None:
         """Register every chat this worker runs (after Redis was unreachable or restarted)."""
@@ -459,7 +480,8 @@ class RedisControlPlane:
         return ControlPlaneUnavailable("the workers' control plane cannot be reached")
 
     def _reached(self) -> None:
-        self.commands_sent += 1
+        if self._commands_counter is not None:
+            self._commands_counter.inc()
         if not self._reachable:
             if self._degraded_logged:
                 log.info("control plane: Redis reachable again")
