@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Given by the supervisor to each worker it starts: the inherited listening socket, and
     # the worker's name.
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-id", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"aether {__version__}")
     return parser
@@ -189,6 +190,14 @@ class ShutdownSignals:
                     self.hurried.set()
                 else:
                     log.warning("received %s: already stopping every chat", name)
+
+    async def on_end_of_file(self, fd: int) -> None:
+        """Shut down as on a signal once ``fd`` (a pipe whose other end the supervisor holds)
+        reads end-of-file: the supervisor is gone."""
+        await trio.lowlevel.wait_readable(fd)
+        if not self.requested.is_set():
+            log.warning("the supervisor is gone: shutting down")
+            self.requested.set()
 
 
 def describe_security(settings: Settings) -> None:
@@ -335,16 +344,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return supervise(settings, argv, hypercorn_config(settings))
     tune_garbage_collector()
-    trio.run(serve_until_signalled, settings, args.listen_fd, args.worker_id)
+    trio.run(serve_until_signalled, settings, args.listen_fd, args.worker_id, args.supervisor_fd)
     return 0
 
 
 async def serve_until_signalled(
-    settings: Settings, listen_fd: int | None = None, worker_id: str | None = None
+    settings: Settings,
+    listen_fd: int | None = None,
+    worker_id: str | None = None,
+    supervisor_fd: int | None = None,
 ) -> None:
     signals = ShutdownSignals()
     async with trio.open_nursery() as nursery:
         await nursery.start(signals.watch)
+        if supervisor_fd is not None:
+            nursery.start_soon(signals.on_end_of_file, supervisor_fd)
         await serve(
             settings,
             shutdown_trigger=signals.requested.wait,

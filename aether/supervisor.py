@@ -15,7 +15,10 @@ plane, ``core/control/redis_plane.py``).
   each running chat stopped with its terminal); a second signal is passed on too (the workers
   stop their chats at once). The supervisor exits 0 once every worker has.
 - Workers run in a session of their own, so a terminal's Ctrl-C reaches the supervisor only (and
-  is passed on once), and they are sent SIGTERM if the supervisor itself dies.
+  is passed on once). Each inherits the reading end of a pipe whose writing end only the
+  supervisor holds (``--supervisor-fd``): if the supervisor dies, even by SIGKILL, the pipe
+  reads end-of-file and every worker drains as on SIGTERM. (Not PR_SET_PDEATHSIG: it fires when
+  the *thread* that started the worker ends, and Trio starts processes from worker threads.)
 
 @.architecture
 role: worker supervisor
@@ -24,7 +27,6 @@ jobs: [server_startup, signal_handling, crash_recovery]
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import secrets
@@ -54,13 +56,6 @@ YOUNG_S = 5.0
 MAX_YOUNG_DEATHS = 5
 RESTART_DELAY_S = 0.5
 MAX_RESTART_DELAY_S = 10.0
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_supervisor() -> None:
-    """In the worker, before it runs: SIGTERM when the supervisor dies (Linux)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Supervisor:
@@ -76,16 +71,19 @@ class Supervisor:
         self._listener = listener
         self._metrics_dir = metrics_dir
         self._environment = {**os.environ, MULTIPROCESS_DIR_VARIABLE: str(metrics_dir)}
+        # Workers read the first end; the second stays here, open until this process ends.
+        self._lifeline, self._lifeline_held = os.pipe()
         self._processes: dict[int, trio.Process] = {}
         self.stopping = False
         self.failed = False
         self._stop_requested = trio.Event()
 
     def _command(self, worker_id: str) -> list[str]:
-        fd = str(self._listener.fileno())
         return [
             sys.executable, "-m", "aether", *self._argv,
-            "--listen-fd", fd, "--worker-id", worker_id,
+            "--listen-fd", str(self._listener.fileno()),
+            "--supervisor-fd", str(self._lifeline),
+            "--worker-id", worker_id,
         ]  # fmt: skip
 
     async def run(self) -> int:
@@ -127,9 +125,8 @@ class Supervisor:
             process = await trio.lowlevel.open_process(
                 self._command(worker_id),
                 env=self._environment,
-                pass_fds=(self._listener.fileno(),),
+                pass_fds=(self._listener.fileno(), self._lifeline),
                 start_new_session=True,
-                preexec_fn=_die_with_supervisor,
             )
             self._processes[index] = process
             log.info("worker %s started (pid %d)", worker_id, process.pid)

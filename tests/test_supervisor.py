@@ -151,3 +151,15 @@ async def test_metrics_count_the_chats_of_every_worker(redis: RedisServer) -> No
             server.process.send_signal(signal.SIGTERM)
             assert await server.process.wait() == 0
     assert scraped == [chats] * 3
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(redis: RedisServer) -> None:
+    env = aether_env(AETHER_WORKERS="2", AETHER_REDIS_URL=redis.url)
+    with trio.fail_after(60):
+        async with aether_process(env) as server:
+            await server.wait_for_log(rb"serving on", count=2)
+            server.process.kill()
+            # The workers write to the same log; it ends once both have exited.
+            log = (await server.read_log_to_end()).decode()
+    assert log.count("the supervisor is gone: shutting down") == 2
+    assert len(re.findall(r"\[w\d-\w+\] aether: stopped", log)) == 2
