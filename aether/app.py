@@ -92,7 +92,11 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
         security=[{"bearer": []}] if settings.auth_enabled else None,
     )
     metrics = Metrics()
-    history = SQLiteHistoryStore(settings.db_path, worker_id) if settings.history else None
+    history = (
+        SQLiteHistoryStore(settings.db_path, worker_id, metrics.observe_commit)
+        if settings.history
+        else None
+    )
     engine = RuntimeEngine(
         settings, metrics, history, control_plane_for(settings, metrics, worker_id)
     )

@@ -259,16 +259,21 @@ async def redis_command(*args: str) -> Any:
         return await reply()
 
 
-async def redis_calls(process: Process | None) -> float | None:
-    """The round trips to Redis the server's workers made so far, from its /metrics (None when
-    the server does not use Redis). Redis' own command count would also count the commands its
-    scripts run."""
-    if process is None or workers_of(process.name) == 1:
-        return None
+async def aether_metric(process: Process, name: str) -> float:
+    """One unlabelled figure of an Aether server's /metrics (all its workers'); nan if absent."""
     async with httpx.AsyncClient() as client:
         exposition = (await client.get(f"http://127.0.0.1:{process.port}/metrics")).text
-    match = re.search(r"^aether_control_plane_commands_total (\S+)$", exposition, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    match = re.search(rf"^{name} (\S+)$", exposition, re.MULTILINE)
+    return float(match.group(1)) if match else math.nan
+
+
+async def redis_calls(process: Process | None) -> float | None:
+    """The round trips to Redis the server's workers made so far (None when the server does
+    not use Redis). Redis' own command count would also count the commands its scripts run."""
+    if process is None or workers_of(process.name) == 1:
+        return None
+    calls = await aether_metric(process, "aether_control_plane_commands_total")
+    return 0.0 if math.isnan(calls) else calls
 
 
 async def wait_for_workers(process: Process, workers: int) -> None:
@@ -641,6 +646,10 @@ async def measure(
         if process is not None and cpu_before is not None:
             cpu_s = process.cpu_s() - cpu_before
         redis_after = await redis_calls(process) if redis_before is not None else 0.0
+        longest_commit_s = math.nan
+        if process is not None and server.startswith("aether"):
+            name = "aether_history_commit_longest_seconds"
+            longest_commit_s = await aether_metric(process, name)
         up_after = upstream.psutil.cpu_times()
         upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
             up_after.system - upstream_cpu_before.system
@@ -652,6 +661,7 @@ async def measure(
             await process.stop()
     summary = summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
     summary["server_cpu_ms_per_chat"] = cpu_s / streams * 1000
+    summary["longest_commit_ms"] = longest_commit_s * 1000
     summary["redis_cmds_per_chat"] = (
         (redis_after - redis_before) / streams if redis_before is not None else math.nan
     )
@@ -1038,6 +1048,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("cpu us/delta", "server_cpu_us_per_delta", 1),
         ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
+        ("longest commit ms", "longest_commit_ms", 1),
         ("peak RSS MiB", "peak_rss_mib", 1),
         ("ttft p50 ms", "ttft_p50_ms", 1),
         ("ttft p99 ms", "ttft_p99_ms", 1),
@@ -1053,7 +1064,9 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("gap max ms", "gap_max_ms", 1),
         ("gap added p99 ms", "gap_added_p99_ms", 1),
         ("server cpu %", "server_cpu_pct", 0),
+        ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
+        ("longest commit ms", "longest_commit_ms", 1),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
         ("failed", "failed", 0),
     ],

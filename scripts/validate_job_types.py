@@ -57,6 +57,23 @@ Cancellation: `stop` -> MessageHandler -> RuntimeEngine.stop_generation ->
 RequestTracker.cancel_request -> ChatTurn.seal queues the block end and `stopped` at once ->
 the request's CancelScope is cancelled -> the producer (and the upstream stream) and the relay
 stop; the relay queues nothing after the terminal.
+
+Several workers (`python -m aether --workers N`, `AETHER_REDIS_URL`):
+
+```
+supervisor.py: binds the socket, starts N `python -m aether --listen-fd --worker-id` workers,
+  replaces one that dies (its streaming answers marked interrupted), passes signals on
+  └─ each worker: the whole pipeline above, with core/control/redis_plane.py as its
+     RuntimeEngine.control (the embedded core/control/plane.py LocalControlPlane otherwise)
+```
+
+What the workers share goes through the control plane, never a delta: admission (per-caller
+limit, duplicate ids, the conversation's turn marker: one script), the release after the final
+save, stop and approve routed to the owner worker over its channel (`ROUTE` script, reply on
+the asker's channel), "is your turn of this conversation saved" for a follow-up, the per-IP
+token buckets and connection counts, and a lease per worker that makes a dead worker's entries
+count for nothing. Redis unreachable: local work goes on, routed control answers 503, limits
+fall back to each worker's share, and the next lease refresh registers everything again.
 """
 
 

@@ -23,7 +23,10 @@ from aether.testing.redis_server import RedisServer, redis_server_available
 from tests.helpers import (
     RunningServer,
     assert_stream_invariants,
+    console_of,
     http_settings,
+    needs_oi,
+    oi_settings,
     running_server,
     websocket_handshake_status,
     ws_client,
@@ -34,6 +37,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 DEADLINE_S = 15
+# Code the model proposes on the agentic path.
+CODE = ("Let me.\n", "```", "python\n", "print('ran on a')\n", "```", "\n")
 # A stream long enough to be stopped mid-way.
 LONG = Behaviour(tokens=2000, delay_s=0.005)
 
@@ -132,6 +137,29 @@ async def test_an_approval_is_answered_by_the_worker_that_runs_the_chat(
             await client.finish("r3")
     assert response.status_code == 409, response.text
     assert response.json()["error"]["code"] == "stale_confirmation"
+
+
+@needs_oi
+async def test_code_proposed_on_one_worker_is_approved_through_the_other(
+    fake_llm: FakeLLM, redis: RedisServer, collect_garbage_after: None
+) -> None:
+    fake_llm.script(Behaviour(reply=CODE), Behaviour(reply="Done."))
+    settings = oi_settings(fake_llm, redis_url=redis.url, workers=2)
+    with trio.fail_after(60):
+        async with (
+            running_server(settings) as a,
+            running_server(settings) as b,
+            ws_client(a.ws_url) as client,
+            httpx.AsyncClient(base_url=b.base_url) as rest,
+        ):
+            await client.send({"type": "chat", "id": "x1", "message": "go"})
+            confirmation = await client.wait_for("x1", lambda m: m["type"] == "confirmation")
+            answer = {"confirmation_id": confirmation["confirmation_id"], "approved": True}
+            approved = await rest.post("/v1/chat/x1/approve", json=answer)
+            messages = await client.finish("x1")
+    assert approved.status_code == 202, approved.text
+    assert "ran on a" in console_of(messages)
+    assert assert_stream_invariants(messages)["type"] == "completion"
 
 
 async def test_the_per_caller_limit_counts_every_worker(

@@ -30,6 +30,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+COMMIT_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
 # prometheus-client's multiprocess mode: read when it is imported.
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -101,6 +102,19 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.history_commits = Histogram(
+            "aether_history_commit_seconds",
+            "How long each history write batch held the event loop (with several workers, "
+            "waiting for another's write lock included).",
+            buckets=COMMIT_BUCKETS_S,
+            registry=r,
+        )
+        self.history_commit_longest = Gauge(
+            "aether_history_commit_longest_seconds",
+            "The longest history write batch so far.",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.control_plane_commands = Counter(
             "aether_control_plane_commands",
             "Round trips to the workers' control plane (Redis): a script or a pipeline is one.",
@@ -113,12 +127,19 @@ class Metrics:
             registry=r,
         )
 
+        self._longest_commit = 0.0
         # The children each chat uses, by their label values.
         self.in_flight_on = Children(self.requests_in_flight)
         self.requests_ended = Children(self.requests)
         self.first_token_on = Children(self.time_to_first_token)
         self.stopped_by = Children(self.stop_latency)
         self.upstream_failed = Children(self.upstream_errors)
+
+    def observe_commit(self, seconds: float) -> None:
+        self.history_commits.observe(seconds)
+        if seconds > self._longest_commit:
+            self._longest_commit = seconds
+            self.history_commit_longest.set(seconds)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format: this process's, or every worker's."""

@@ -495,9 +495,17 @@ class SQLiteHistoryStore:
     supervisor marks a dead worker's). Without it, this process is the only writer: opening
     marks every answer left streaming as interrupted."""
 
-    def __init__(self, path: Path, writer: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: str | None = None,
+        on_commit: Callable[[float], None] | None = None,
+    ) -> None:
         self.path = path
         self.writer = writer
+        # Told how long each write batch held the event loop (seconds): with several workers
+        # on one file, that includes any wait for another's write lock.
+        self._on_commit = on_commit
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._pending_writes: list[_WriteJob[Any]] = []
@@ -542,7 +550,10 @@ class SQLiteHistoryStore:
             batch, self._pending_writes = self._pending_writes, []
             self.write_batches += 1
             try:
+                started = time.perf_counter()
                 _run_batch(self._w, batch)
+                if self._on_commit is not None:
+                    self._on_commit(time.perf_counter() - started)
                 self._after_commit()
             finally:
                 for taken in batch:
