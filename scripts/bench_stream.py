@@ -19,6 +19,9 @@ Workloads:
   first token (also as added over the upstream's own, read directly) and the gaps between tokens;
 - ``stop``: a stop mid-stream on every stream at once: stop -> ``stopped`` latency, chunks after
   ``stopped``, stop -> upstream connection closed;
+- ``stop-rest`` (Aether only, not in the defaults): the same stops sent as
+  ``POST /v1/chat/<id>/stop`` on a connection of their own; with several workers, such a stop
+  often lands on a worker that does not run the chat and is routed through Redis;
 - ``idle``: connections that said hello and wait: server memory per connection;
 - ``storm``: every stream runs, then half the clients vanish at once (socket reset, no close
   frame): how soon the server closes their upstream streams, that none is left open, that the
@@ -94,7 +97,9 @@ SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse"
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
 SSE_WORKLOADS = ("capacity", "paced")
 # The workloads run with several workers too (``--workers``).
-WORKERS_WORKLOADS = ("capacity", "paced", "stop")
+WORKERS_WORKLOADS = ("capacity", "paced", "stop", "stop-rest")
+# Aether's own REST stop route: no baseline has one.
+AETHER_ONLY_WORKLOADS = ("stop-rest",)
 # Also measurable: Aether without conversation history (the cost of storing every answer).
 OPTIONAL_SERVERS = ("aether-no-history", "hypercorn-asgi")
 STREAM_WORKLOADS = ("capacity", "paced", "stop", "idle", "storm")
@@ -368,8 +373,11 @@ class Workload:
         linger_s: float,
         stagger_s: float,
         vanish_after_tokens: int | None = None,
+        stop_url: str | None = None,
     ) -> None:
         self.stop_after_tokens = stop_after_tokens
+        # Stop over REST, on a connection of its own, at this base URL (else a `stop` frame).
+        self.stop_url = stop_url
         # Every other stream (odd tags) vanishes once it has this many tokens.
         self.vanish_after_tokens = vanish_after_tokens
         self.linger_s = linger_s
@@ -387,20 +395,23 @@ class Workload:
     ) -> StreamResult:
         result = StreamResult()
         try:
-            async with open_websocket_url(url, max_message_size=1 << 22) as ws:
+            async with (
+                trio.open_nursery() as nursery,
+                open_websocket_url(url, max_message_size=1 << 22) as ws,
+            ):
                 await ws.get_message()  # hello
                 connected()
                 await self.wait_turn(tag, go)
                 result.sent_at = now()
                 await ws.send_message(json.dumps({"type": "chat", "id": tag, "message": tag}))
-                await self._read(ws, tag, result)
+                await self._read(ws, tag, result, nursery)
         except ConnectionClosed as exc:
             result.error = f"closed: {exc.reason}"
         except Vanish:
             result.terminal = "vanished"
         return result
 
-    async def _read(self, ws: Any, tag: str, result: StreamResult) -> None:
+    async def _read(self, ws: Any, tag: str, result: StreamResult, nursery: trio.Nursery) -> None:
         vanishes = self.vanish_after_tokens is not None and int(tag[1:]) % 2 == 1
         while True:
             message = orjson.loads(await ws.get_message())
@@ -416,13 +427,21 @@ class Workload:
                 and result.tokens >= self.stop_after_tokens
             ):
                 result.stop_sent_at = now()
-                await ws.send_message(json.dumps({"type": "stop", "id": tag}))
+                if self.stop_url is None:
+                    await ws.send_message(json.dumps({"type": "stop", "id": tag}))
+                else:  # beside the reading, so that `stopped` is timed when it arrives
+                    nursery.start_soon(self._stop_over_rest, tag, result)
             if result.terminal is not None:
                 if self.linger_s > 0:
                     # Listen a little longer: nothing of this request may follow its terminal.
                     with trio.move_on_after(self.linger_s):
                         await self._read_after_terminal(ws, result)
                 return
+
+    async def _stop_over_rest(self, tag: str, result: StreamResult) -> None:
+        status = await post_lines(f"{self.stop_url}/v1/chat/{tag}/stop", {}, lambda *_: None)
+        if status != 202:
+            result.error = f"stop: HTTP {status}"
 
     @staticmethod
     def _take(message: dict[str, Any], at: float, result: StreamResult) -> bool:
@@ -619,10 +638,17 @@ async def sample_rss(process: Process | None, peak: list[int]) -> None:
 
 
 async def measure(
-    server: str, upstream: Process, streams: int, workload: Workload, log_level: str
+    server: str,
+    upstream: Process,
+    streams: int,
+    workload: Workload,
+    log_level: str,
+    stop_over_rest: bool = False,
 ) -> dict[str, Any]:
     upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
     process = None if server == "direct" else await start_server(server, upstream_url, log_level)
+    if stop_over_rest and process is not None:
+        workload.stop_url = f"http://127.0.0.1:{process.port}"
     try:
         url = upstream_url
         if process is not None:
@@ -646,10 +672,12 @@ async def measure(
         if process is not None and cpu_before is not None:
             cpu_s = process.cpu_s() - cpu_before
         redis_after = await redis_calls(process) if redis_before is not None else 0.0
-        longest_commit_s = math.nan
+        longest_commit_s = longest_lock_wait_s = math.nan
         if process is not None and server.startswith("aether"):
             name = "aether_history_commit_longest_seconds"
             longest_commit_s = await aether_metric(process, name)
+            name = "aether_history_lock_wait_longest_seconds"
+            longest_lock_wait_s = await aether_metric(process, name)
         up_after = upstream.psutil.cpu_times()
         upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
             up_after.system - upstream_cpu_before.system
@@ -662,6 +690,7 @@ async def measure(
     summary = summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
     summary["server_cpu_ms_per_chat"] = cpu_s / streams * 1000
     summary["longest_commit_ms"] = longest_commit_s * 1000
+    summary["longest_lock_wait_ms"] = longest_lock_wait_s * 1000
     summary["redis_cmds_per_chat"] = (
         (redis_after - redis_before) / streams if redis_before is not None else math.nan
     )
@@ -1022,6 +1051,9 @@ def cases(args: argparse.Namespace) -> list[Case]:
     if "stop" in args.workloads:
         for streams in args.stop_streams:
             chosen.append(Case("stop", streams, 2000, 10.0, 10, 0.2))
+    if "stop-rest" in args.workloads:
+        for streams in args.stop_streams:
+            chosen.append(Case("stop-rest", streams, 2000, 10.0, 10, 0.2))
     if "idle" in args.workloads:
         chosen.append(Case("idle", args.idle_connections, 1, 0.0))
     if "storm" in args.workloads:
@@ -1049,6 +1081,7 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("longest commit ms", "longest_commit_ms", 1),
+        ("longest lock wait ms", "longest_lock_wait_ms", 1),
         ("peak RSS MiB", "peak_rss_mib", 1),
         ("ttft p50 ms", "ttft_p50_ms", 1),
         ("ttft p99 ms", "ttft_p99_ms", 1),
@@ -1067,10 +1100,20 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("longest commit ms", "longest_commit_ms", 1),
+        ("longest lock wait ms", "longest_lock_wait_ms", 1),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
         ("failed", "failed", 0),
     ],
     "stop": [
+        ("stop p50 ms", "stop_p50_ms", 2),
+        ("stop p99 ms", "stop_p99_ms", 2),
+        ("stop max ms", "stop_max_ms", 2),
+        ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
+        ("chunks after stopped", "chunks_after_terminal", 0),
+        ("redis cmds/chat", "redis_cmds_per_chat", 2),
+        ("failed", "failed", 0),
+    ],
+    "stop-rest": [
         ("stop p50 ms", "stop_p50_ms", 2),
         ("stop p99 ms", "stop_p99_ms", 2),
         ("stop max ms", "stop_max_ms", 2),
@@ -1106,6 +1149,7 @@ RATIO_KEY = {
     "capacity": "deltas_per_s",
     "paced": "ttft_p99_ms",
     "stop": "stop_p99_ms",
+    "stop-rest": "stop_p99_ms",
     "idle": "rss_per_connection_kib",
     "storm": "upstream_closed_p99_ms",
     "chat-cost": "cpu_ms_per_request",
@@ -1214,6 +1258,9 @@ async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:
                     continue  # it answers chat-cost's routes only
                 if workers_of(server) > 1 and case.workload not in WORKERS_WORKLOADS:
                     continue
+                in_aether = server.startswith("aether") and not server.endswith("-sse")
+                if case.workload in AETHER_ONLY_WORKLOADS and not in_aether:
+                    continue
                 if case.workload in ("stop", "idle", "storm") and server == "direct":
                     continue
                 if server.endswith("-sse") and case.workload not in SSE_WORKLOADS:
@@ -1234,7 +1281,12 @@ async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:
                         case.vanish_after_tokens,
                     )
                     summary = await measure(
-                        server, upstream, case.streams, workload, args.aether_log_level
+                        server,
+                        upstream,
+                        case.streams,
+                        workload,
+                        args.aether_log_level,
+                        stop_over_rest=case.workload == "stop-rest",
                     )
                 rounds.setdefault(server, []).append(summary)
                 print(f"  -> {json.dumps(summary['terminals'])}", file=sys.stderr)
@@ -1266,7 +1318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         type=lambda t: t.split(","),
         default=list(STREAM_WORKLOADS),
-        help=f"comma-separated, from {', '.join(STREAM_WORKLOADS)}, chat-cost",
+        help=f"comma-separated, from {', '.join(STREAM_WORKLOADS)}, stop-rest, chat-cost",
     )
     parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 50, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")

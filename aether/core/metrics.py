@@ -115,6 +115,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.history_lock_wait_longest = Gauge(
+            "aether_history_lock_wait_longest_seconds",
+            "The longest wait of a history write batch for the database's write lock so far "
+            "(another worker writing).",
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.control_plane_commands = Counter(
             "aether_control_plane_commands",
             "Round trips to the workers' control plane (Redis): a script or a pipeline is one.",
@@ -127,7 +134,7 @@ class Metrics:
             registry=r,
         )
 
-        self._longest_commit = 0.0
+        self._longest_commit = self._longest_lock_wait = 0.0
         # The children each chat uses, by their label values.
         self.in_flight_on = Children(self.requests_in_flight)
         self.requests_ended = Children(self.requests)
@@ -135,11 +142,14 @@ class Metrics:
         self.stopped_by = Children(self.stop_latency)
         self.upstream_failed = Children(self.upstream_errors)
 
-    def observe_commit(self, seconds: float) -> None:
+    def observe_commit(self, seconds: float, lock_wait_s: float) -> None:
         self.history_commits.observe(seconds)
         if seconds > self._longest_commit:
             self._longest_commit = seconds
             self.history_commit_longest.set(seconds)
+        if lock_wait_s > self._longest_lock_wait:
+            self._longest_lock_wait = lock_wait_s
+            self.history_lock_wait_longest.set(lock_wait_s)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format: this process's, or every worker's."""

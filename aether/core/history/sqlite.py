@@ -159,9 +159,15 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 @contextmanager
-def _transaction(connection: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction: all of it is stored, or (on any error) none of it."""
+def _transaction(
+    connection: sqlite3.Connection, lock_waits: list[float] | None = None
+) -> Iterator[None]:
+    """One write transaction: all of it is stored, or (on any error) none of it. How long
+    taking the write lock took is appended to ``lock_waits``."""
+    started = time.perf_counter()
     connection.execute("BEGIN IMMEDIATE")
+    if lock_waits is not None:
+        lock_waits.append(time.perf_counter() - started)
     try:
         yield
         connection.execute("COMMIT")
@@ -181,11 +187,13 @@ class _WriteJob(Generic[T]):
         self.result: outcome.Outcome[T] | None = None
 
 
-def _run_batch(writer: Callable[[], sqlite3.Connection], jobs: list[_WriteJob[Any]]) -> None:
-    """Run every job in one transaction, each in its own savepoint."""
+def _run_batch(writer: Callable[[], sqlite3.Connection], jobs: list[_WriteJob[Any]]) -> float:
+    """Run every job in one transaction, each in its own savepoint. Returns how long taking the
+    write lock took (another process's transaction holds it meanwhile)."""
     connection = writer()
+    lock_waits: list[float] = []
     try:
-        with _transaction(connection):
+        with _transaction(connection, lock_waits):
             for job in jobs:
                 connection.execute("SAVEPOINT job")
                 job.result = outcome.capture(job.fn, connection)
@@ -196,6 +204,7 @@ def _run_batch(writer: Callable[[], sqlite3.Connection], jobs: list[_WriteJob[An
         # The commit failed: nothing of the batch is stored, whatever each job returned.
         for job in jobs:
             job.result = outcome.Error(exc)
+    return sum(lock_waits)
 
 
 def _read(connection: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[Any]:
@@ -499,12 +508,12 @@ class SQLiteHistoryStore:
         self,
         path: Path,
         writer: str | None = None,
-        on_commit: Callable[[float], None] | None = None,
+        on_commit: Callable[[float, float], None] | None = None,
     ) -> None:
         self.path = path
         self.writer = writer
-        # Told how long each write batch held the event loop (seconds): with several workers
-        # on one file, that includes any wait for another's write lock.
+        # Told how long each write batch held the event loop and, of that, how long it waited
+        # for the write lock (another worker's transaction on the same file), in seconds.
         self._on_commit = on_commit
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -551,9 +560,9 @@ class SQLiteHistoryStore:
             self.write_batches += 1
             try:
                 started = time.perf_counter()
-                _run_batch(self._w, batch)
+                lock_wait = _run_batch(self._w, batch)
                 if self._on_commit is not None:
-                    self._on_commit(time.perf_counter() - started)
+                    self._on_commit(time.perf_counter() - started, lock_wait)
                 self._after_commit()
             finally:
                 for taken in batch:
