@@ -15,6 +15,9 @@ What lives in Redis (``aether:`` keys; one Redis database per Aether server):
   admitted while another live worker's marker stands asks that worker (``await_saved``) to
   answer once its turn is saved, if the turn already told its client its terminal: the client
   may have sent the follow-up on seeing it, and the final save comes after the terminal.
+- ``aether:rate:<tier>:<ip>`` and ``aether:connections:<ip>``: the per-IP token buckets (kept
+  on Redis' clock, ``TAKE_TOKEN``) and connection counts (worker id -> its count, ``CONNECT``),
+  so the limits are the server's.
 - ``aether:control:<worker id>``: the worker's channel. A stop or an approval for a request
   this worker does not run looks its owner worker up and publishes to it in one script
   (``ROUTE``); the owner answers on the asker's channel. No owner, or a dead one: the id is
@@ -22,11 +25,11 @@ What lives in Redis (``aether:`` keys; one Redis database per Aether server):
   ControlPlaneUnavailable (503).
 
 Faults: a delta never touches Redis, so running streams never notice it. While Redis is
-unreachable, a chat's admission falls back to this worker's share of the caller's limit (logged
-once), stops of this worker's own chats work as ever, and stops that need routing answer 503.
+unreachable, the limits fall back to this worker's share (limit / workers; logged once), stops
+of this worker's own chats work as ever, and stops that need routing answer 503.
 When Redis is back (a lease refresh succeeds again, or finds its lease gone: Redis restarted
-empty), the worker registers its live chats again, so routing resumes by itself. The channel
-subscription reconnects by itself (coredis' retry policy).
+empty), the worker registers its live chats and connection counts again, so routing resumes
+by itself. The channel subscription is taken again after a lost connection (``_listen``).
 
 Resource handling: ``run`` holds the client, the subscription, the lease and the release
 flusher for the engine's life; leaving it deletes the lease, so the worker's entries are dead at
