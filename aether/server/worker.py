@@ -7,9 +7,11 @@ protocol did) ended ``serve_listeners`` and the process. Here each connection ru
 ``serve_connection``: its failure is logged with the peer's address and that connection closed;
 every other connection and the listener carry on. Cancellation (shutdown) still propagates.
 
-The rest follows Hypercorn 0.18's loop: lifespan startup, listening sockets, ``task_status``
-with the bound URLs, then serving until ``shutdown_trigger`` returns, with
-``config.graceful_timeout`` as the deadline for connections still open.
+Listening sockets accept every queued connection in one scheduling round
+(``server/listener.py``), not one round each. The rest follows Hypercorn 0.18's loop: lifespan
+startup, listening sockets, ``task_status`` with the bound URLs, then serving until
+``shutdown_trigger`` returns, with ``config.graceful_timeout`` as the deadline for connections
+still open.
 
 @.architecture
 role: HTTP server worker
@@ -37,11 +39,12 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
 from hypercorn.utils import wrap_app as hypercorn_wrap_app
 
+from aether.server.listener import BatchedSocketListener
 from aether.server.protocol import HTTP1Connection
 
 log = logging.getLogger(__name__)
 
-Listener = trio.SSLListener[trio.SocketStream] | trio.SocketListener
+Listener = trio.SSLListener[trio.SocketStream] | BatchedSocketListener
 
 
 class AetherTCPServer(TCPServer):
@@ -241,15 +244,11 @@ def _listen(config: Config) -> tuple[list[Listener], list[str]]:
         sock.listen(config.backlog)
         assert ssl_context is not None
         listeners.append(
-            trio.SSLListener(
-                trio.SocketListener(trio.socket.from_stdlib_socket(sock)),
-                ssl_context,
-                https_compatible=True,
-            )
+            trio.SSLListener(BatchedSocketListener(sock), ssl_context, https_compatible=True)
         )
         binds.append(f"https://{repr_socket_addr(sock.family, sock.getsockname())}")
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
-        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        listeners.append(BatchedSocketListener(sock))
         binds.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
     return listeners, binds
