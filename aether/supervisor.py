@@ -76,6 +76,9 @@ class Supervisor:
         self._processes: dict[int, trio.Process] = {}
         self.stopping = False
         self.failed = False
+        # The first pause before a worker that died young is started again, and the longest.
+        self.restart_delay_s = RESTART_DELAY_S
+        self.max_restart_delay_s = MAX_RESTART_DELAY_S
         self._stop_requested = trio.Event()
 
     def _command(self, worker_id: str) -> list[str]:
@@ -118,7 +121,7 @@ class Supervisor:
 
     async def _keep_running(self, index: int) -> None:
         young_deaths = 0
-        delay = RESTART_DELAY_S
+        delay = self.restart_delay_s
         while not self.stopping:
             worker_id = f"w{index}-{secrets.token_hex(4)}"
             started = time.monotonic()
@@ -156,9 +159,9 @@ class Supervisor:
                     self._stop_all(signal.SIGTERM)
                     return
                 await trio.sleep(delay)
-                delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                delay = min(delay * 2, self.max_restart_delay_s)
             else:
-                young_deaths, delay = 0, RESTART_DELAY_S
+                young_deaths, delay = 0, self.restart_delay_s
 
     async def _interrupt_answers(self, worker_id: str) -> None:
         if not self._settings.history:

@@ -6,18 +6,21 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from aether.supervisor import Supervisor
 from aether.testing.redis_server import RedisServer, redis_server_available
-from tests.helpers import WSClient, aether_env, aether_process, ws_client
+from tests.helpers import WSClient, aether_env, aether_process, make_settings, ws_client
 
 pytestmark = pytest.mark.skipif(
     not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
@@ -163,3 +166,30 @@ async def test_workers_drain_and_exit_when_the_supervisor_is_killed(redis: Redis
             log = (await server.read_log_to_end()).decode()
     assert log.count("the supervisor is gone: shutting down") == 2
     assert len(re.findall(r"\[w\d-\w+\] aether: stopped", log)) == 2
+
+
+class DyingSupervisor(Supervisor):
+    """Its workers exit with status 3 as soon as they start."""
+
+    def _command(self, worker_id: str) -> list[str]:
+        return [sys.executable, "-c", "raise SystemExit(3)"]
+
+
+async def test_a_worker_that_keeps_dying_young_stops_the_supervisor(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each death is logged and the worker started again after a pause; the fifth death in a
+    row within YOUNG_S of its start stops every worker: exit 1."""
+    settings = make_settings(workers=2, redis_url="redis://127.0.0.1:9/0", history=False)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        supervisor = DyingSupervisor(settings, [], listener, tmp_path)
+        supervisor.restart_delay_s = supervisor.max_restart_delay_s = 0.01
+        with trio.fail_after(60):
+            code = await supervisor.run()
+    assert code == 1
+    assert supervisor.failed
+    deaths = [r for r in caplog.records if "ended by itself (exit code 3)" in r.getMessage()]
+    assert len(deaths) >= 5
+    assert any("died 5 times" in r.getMessage() for r in caplog.records)
