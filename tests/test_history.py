@@ -355,3 +355,29 @@ async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_
     assert messages[3]["content"].startswith("tok0 tok1 ")
     with sqlite3.connect(db_path) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+async def test_query_parameters_the_schema_calls_invalid_get_a_400(fake_llm: FakeLLM) -> None:
+    """Found by schemathesis: ``before=9%0D`` (a number and a carriage return) was read as 9,
+    and a parameter given twice silently by its first value."""
+    queries = [
+        "before=9%0D",
+        "before=1&before=2",
+        "before=nan",
+        "before=inf",
+        "before=1_000",
+        "limit=%205",
+        "limit=2.5",
+        "limit=1&limit=2",
+    ]
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(http_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            answers = [(await rest.get(f"/v1/conversations?{q}")).status_code for q in queries]
+            valid = (await rest.get("/v1/conversations?limit=5&before=1.5e9")).status_code
+            twice = await rest.get("/v1/chat/history?conversation_id=a&conversation_id=b")
+    assert answers == [400] * len(queries)
+    assert valid == 200
+    assert twice.status_code == 400

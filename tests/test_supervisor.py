@@ -20,7 +20,14 @@ from trio_websocket import ConnectionClosed
 
 from aether.supervisor import Supervisor
 from aether.testing.redis_server import RedisServer, redis_server_available
-from tests.helpers import WSClient, aether_env, aether_process, make_settings, ws_client
+from tests.helpers import (
+    AetherProcess,
+    WSClient,
+    aether_env,
+    aether_process,
+    make_settings,
+    ws_client,
+)
 
 pytestmark = pytest.mark.skipif(
     not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
@@ -29,6 +36,26 @@ pytestmark = pytest.mark.skipif(
 # Enough connections that both workers get chats: the kernel hands each to one of them.
 MAX_CONNECTIONS = 24
 LONG_MESSAGE = "word " * 4000
+
+
+async def chats_on_both_workers(
+    server: AetherProcess, clients: AsyncExitStack
+) -> dict[str, tuple[str, WSClient]]:
+    """Long chats, each on a connection of its own, until each worker runs at least one:
+    request id -> (the worker that runs it, from the log; its client)."""
+    chats: dict[str, tuple[str, WSClient]] = {}
+    for index in range(MAX_CONNECTIONS):
+        client = await clients.enter_async_context(ws_client(server.ws_url))
+        request_id = f"k{index}"
+        await client.send({"type": "chat", "id": request_id, "message": LONG_MESSAGE})
+        await client.wait_for(request_id, lambda m: m.get("content"))
+        [started] = await server.wait_for_log(
+            rb"\[(w\d-\w+)\] \S+: request " + request_id.encode() + rb" started"
+        )
+        chats[request_id] = (started.group(1).decode(), client)
+        if len({worker for worker, _ in chats.values()}) == 2:
+            return chats
+    raise AssertionError("one worker got every connection")
 
 
 async def read_until_closed(client: WSClient) -> None:
@@ -64,21 +91,8 @@ async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
     with trio.fail_after(60):
         async with aether_process(env) as server, AsyncExitStack() as clients:
             await server.wait_for_log(rb"serving on", count=2)
-            # Chats until each worker runs at least one; which worker runs which, from the log.
-            chats: dict[str, tuple[str, WSClient]] = {}
-            for index in range(MAX_CONNECTIONS):
-                client = await clients.enter_async_context(ws_client(server.ws_url))
-                request_id = f"k{index}"
-                await client.send({"type": "chat", "id": request_id, "message": LONG_MESSAGE})
-                await client.wait_for(request_id, lambda m: m.get("content"))
-                [started] = await server.wait_for_log(
-                    rb"\[(w\d-\w+)\] \S+: request " + request_id.encode() + rb" started"
-                )
-                chats[request_id] = (started.group(1).decode(), client)
-                if len({worker for worker, _ in chats.values()}) == 2:
-                    break
+            chats = await chats_on_both_workers(server, clients)
             victim = chats["k0"][0]
-            assert len({worker for worker, _ in chats.values()}) == 2, "one worker got them all"
             [spawned] = await server.wait_for_log(
                 rb"worker " + victim.encode() + rb" started \(pid (\d+)\)"
             )
@@ -193,3 +207,33 @@ async def test_a_worker_that_keeps_dying_young_stops_the_supervisor(
     deaths = [r for r in caplog.records if "ended by itself (exit code 3)" in r.getMessage()]
     assert len(deaths) >= 5
     assert any("died 5 times" in r.getMessage() for r in caplog.records)
+
+
+async def test_sigterm_drains_every_worker_and_each_chat_gets_its_terminal(
+    redis: RedisServer,
+) -> None:
+    """As one server: the first SIGTERM tells every client `going_away` and gives running chats
+    the grace period; a second stops them now, each with `stopped`; the supervisor exits 0."""
+    env = aether_env(
+        AETHER_WORKERS="2",
+        AETHER_REDIS_URL=redis.url,
+        AETHER_ECHO_TOKEN_DELAY_S="0.02",
+        AETHER_SHUTDOWN_GRACE_S="60",
+    )
+    with trio.fail_after(60):
+        async with aether_process(env) as server, AsyncExitStack() as clients:
+            await server.wait_for_log(rb"serving on", count=2)
+            chats = await chats_on_both_workers(server, clients)
+            server.process.send_signal(signal.SIGTERM)
+            for _, client in chats.values():
+                going_away = await client.receive_control()
+                assert going_away["type"] == "going_away"
+            server.process.send_signal(signal.SIGTERM)
+            ends = {
+                request_id: await client.finish(request_id)
+                for request_id, (_, client) in chats.items()
+            }
+            assert await server.process.wait() == 0
+    for messages in ends.values():
+        terminal = messages[-1]
+        assert (terminal["type"], terminal["reason"]) == ("stopped", "shutdown")

@@ -16,6 +16,7 @@ import logging
 from quart import Blueprint, Response, request
 from quart_schema import document
 
+from aether.api import query
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
@@ -59,11 +60,10 @@ async def list_conversations() -> Response:
     if isinstance(store, Response):
         return store
     try:
-        limit = int(request.args.get("limit", DEFAULT_PAGE))
-        before = request.args.get("before")
-        before_ts = float(before) if before is not None else None
-    except ValueError:
-        return json_error(400, "invalid_request", "limit must be an integer, before a number")
+        limit = query.integer(request.args, "limit", DEFAULT_PAGE)
+        before_ts = query.number(request.args, "before")
+    except query.InvalidQuery as exc:
+        return json_error(400, "invalid_request", str(exc))
     if not 1 <= limit <= MAX_PAGE:
         return json_error(400, "invalid_request", f"limit must be between 1 and {MAX_PAGE}")
     try:
@@ -82,7 +82,10 @@ async def chat_history() -> Response:
     store = _store()
     if isinstance(store, Response):
         return store
-    conversation_id = request.args.get("conversation_id")
+    try:
+        conversation_id = query.single(request.args, "conversation_id")
+    except query.InvalidQuery as exc:
+        return json_error(400, "invalid_request", str(exc))
     if not conversation_id:
         return json_error(400, "invalid_request", "conversation_id is required")
     try:
