@@ -1074,6 +1074,16 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+# The stop workloads' columns (a stop frame, or a REST stop).
+STOP_COLUMNS = [
+    ("stop p50 ms", "stop_p50_ms", 2),
+    ("stop p99 ms", "stop_p99_ms", 2),
+    ("stop max ms", "stop_max_ms", 2),
+    ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
+    ("chunks after stopped", "chunks_after_terminal", 0),
+    ("redis cmds/chat", "redis_cmds_per_chat", 2),
+    ("failed", "failed", 0),
+]
 COLUMNS: dict[str, list[tuple[str, str, int]]] = {
     "capacity": [
         ("deltas/s", "deltas_per_s", 0),
@@ -1104,24 +1114,8 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
         ("failed", "failed", 0),
     ],
-    "stop": [
-        ("stop p50 ms", "stop_p50_ms", 2),
-        ("stop p99 ms", "stop_p99_ms", 2),
-        ("stop max ms", "stop_max_ms", 2),
-        ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
-        ("chunks after stopped", "chunks_after_terminal", 0),
-        ("redis cmds/chat", "redis_cmds_per_chat", 2),
-        ("failed", "failed", 0),
-    ],
-    "stop-rest": [
-        ("stop p50 ms", "stop_p50_ms", 2),
-        ("stop p99 ms", "stop_p99_ms", 2),
-        ("stop max ms", "stop_max_ms", 2),
-        ("upstream closed p99 ms", "upstream_closed_p99_ms", 2),
-        ("chunks after stopped", "chunks_after_terminal", 0),
-        ("redis cmds/chat", "redis_cmds_per_chat", 2),
-        ("failed", "failed", 0),
-    ],
+    "stop": STOP_COLUMNS,
+    "stop-rest": STOP_COLUMNS,
     "idle": [
         ("RSS before MiB", "rss_before_mib", 1),
         ("RSS after MiB", "rss_after_mib", 1),

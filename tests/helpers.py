@@ -28,6 +28,7 @@ from aether.app import create_app, websocket_hub
 from aether.config import Settings, load_settings
 from aether.main import serve
 from aether.testing.fake_llm import FakeLLM
+from aether.testing.redis_server import redis_server_available
 from aether.ws.hub import ClientHub
 
 TERMINALS = {"completion", "stopped", "error"}
@@ -215,6 +216,11 @@ class WSClient:
                 "approved": approved,
             }
         )
+
+    async def streaming(self, request_id: str, message: str, **fields: Any) -> dict[str, Any]:
+        """Start a chat and return its first content: it is running."""
+        await self.send({"type": "chat", "id": request_id, "message": message, **fields})
+        return await self.wait_for(request_id, lambda m: m.get("content"))
 
     async def chat(self, message: str, **fields: Any) -> list[dict[str, Any]]:
         request_id = fields.setdefault("id", f"t{id(fields)}")
@@ -424,6 +430,11 @@ class AetherProcess:
         """The whole log, once the process closed its stderr (it exited)."""
         await self._log_ended.wait()
         return self.log
+
+
+needs_redis = pytest.mark.skipif(
+    not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
+)
 
 
 def aether_env(**extra: str) -> dict[str, str]:

@@ -19,19 +19,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from aether.supervisor import Supervisor
-from aether.testing.redis_server import RedisServer, redis_server_available
+from aether.testing.redis_server import RedisServer
 from tests.helpers import (
     AetherProcess,
     WSClient,
     aether_env,
     aether_process,
     make_settings,
+    needs_redis,
     ws_client,
 )
 
-pytestmark = pytest.mark.skipif(
-    not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
-)
+pytestmark = needs_redis
 
 # Enough connections that both workers get chats: the kernel hands each to one of them.
 MAX_CONNECTIONS = 24
@@ -47,8 +46,7 @@ async def chats_on_both_workers(
     for index in range(MAX_CONNECTIONS):
         client = await clients.enter_async_context(ws_client(server.ws_url))
         request_id = f"k{index}"
-        await client.send({"type": "chat", "id": request_id, "message": LONG_MESSAGE})
-        await client.wait_for(request_id, lambda m: m.get("content"))
+        await client.streaming(request_id, LONG_MESSAGE)
         [started] = await server.wait_for_log(
             rb"\[(w\d-\w+)\] \S+: request " + request_id.encode() + rb" started"
         )
@@ -113,8 +111,7 @@ async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
             # A new worker takes its place, and serves.
             await server.wait_for_log(rb"serving on", count=3)
             async with ws_client(server.ws_url) as late:
-                await late.send({"type": "chat", "id": "after", "message": "hi"})
-                await late.wait_for("after", lambda m: m.get("content"))
+                await late.streaming("after", "hi")
                 await late.send({"type": "stop", "id": "after"})
                 await late.finish("after")
 

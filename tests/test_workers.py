@@ -13,28 +13,26 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import pytest
 import trio
 import trio.testing
 
 from aether.core.control.redis_plane import RedisControlPlane
 from aether.testing.fake_llm import Behaviour, FakeLLM
-from aether.testing.redis_server import RedisServer, redis_server_available
+from aether.testing.redis_server import RedisServer
 from tests.helpers import (
     RunningServer,
     assert_stream_invariants,
     console_of,
     http_settings,
     needs_oi,
+    needs_redis,
     oi_settings,
     running_server,
     websocket_handshake_status,
     ws_client,
 )
 
-pytestmark = pytest.mark.skipif(
-    not redis_server_available(), reason="redis-server is not installed (scripts/test installs it)"
-)
+pytestmark = needs_redis
 
 DEADLINE_S = 15
 # Code the model proposes on the agentic path.
@@ -69,8 +67,7 @@ async def test_a_chat_on_one_worker_is_stopped_through_the_other(
             ws_client(a.ws_url) as client,
             httpx.AsyncClient(base_url=b.base_url) as rest,
         ):
-            await client.send({"type": "chat", "id": "r1", "message": "hi"})
-            await client.wait_for("r1", lambda m: m.get("content"))
+            await client.streaming("r1", "hi")
             response = await rest.post("/v1/chat/r1/stop")
             messages = await client.finish("r1")
             assert b.state.engine.tracker.get("r1", "anonymous") is None  # never ran on b
@@ -92,8 +89,7 @@ async def test_a_stop_frame_on_another_connection_reaches_the_other_worker(
             ws_client(a.ws_url) as chatting,
             ws_client(b.ws_url) as stopping,
         ):
-            await chatting.send({"type": "chat", "id": "r2", "message": "hi"})
-            await chatting.wait_for("r2", lambda m: m.get("content"))
+            await chatting.streaming("r2", "hi")
             await stopping.send({"type": "stop", "id": "r2"})
             messages = await chatting.finish("r2")
     assert assert_stream_invariants(messages)["type"] == "stopped"
@@ -128,8 +124,7 @@ async def test_an_approval_is_answered_by_the_worker_that_runs_the_chat(
             ws_client(a.ws_url) as client,
             httpx.AsyncClient(base_url=b.base_url) as rest,
         ):
-            await client.send({"type": "chat", "id": "r3", "message": "hi"})
-            await client.wait_for("r3", lambda m: m.get("content"))
+            await client.streaming("r3", "hi")
             response = await rest.post(
                 "/v1/chat/r3/approve", json={"confirmation_id": "k1", "approved": True}
             )
@@ -173,8 +168,7 @@ async def test_the_per_caller_limit_counts_every_worker(
             ws_client(b.ws_url) as on_b,
         ):
             for request_id in ("l1", "l2"):
-                await on_a.send({"type": "chat", "id": request_id, "message": "hi"})
-                await on_a.wait_for(request_id, lambda m: m.get("content"))
+                await on_a.streaming(request_id, "hi")
             await on_b.send({"type": "chat", "id": "l3", "message": "hi"})
             refused = await on_b.receive_control()
             # A duplicate id is refused across workers too.
@@ -185,8 +179,7 @@ async def test_the_per_caller_limit_counts_every_worker(
             await on_a.finish("l1")
             await trio.testing.wait_all_tasks_blocked()  # l1's turn closed on a
             await plane(a).flush_releases()
-            await on_b.send({"type": "chat", "id": "l4", "message": "hi"})
-            await on_b.wait_for("l4", lambda m: m.get("content"))
+            await on_b.streaming("l4", "hi")
             for client, request_id in ((on_a, "l2"), (on_b, "l4")):
                 await client.send({"type": "stop", "id": request_id})
                 await client.finish(request_id)
@@ -293,8 +286,7 @@ async def test_redis_down_mid_stream_then_back(fake_llm: FakeLLM, redis: RedisSe
             httpx.AsyncClient(base_url=b.base_url) as rest,
         ):
             await client.send({"type": "chat", "id": "d1", "message": "hi"})
-            await client.send({"type": "chat", "id": "d2", "message": "hi"})
-            await client.wait_for("d2", lambda m: m.get("content"))
+            await client.streaming("d2", "hi")
             await redis.stop()
             # Routing cannot tell who runs it: 503, not a false 404.
             unavailable = await rest.post("/v1/chat/d1/stop")
