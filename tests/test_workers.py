@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 
@@ -135,9 +136,12 @@ async def test_an_approval_is_answered_by_the_worker_that_runs_the_chat(
 
 
 @needs_oi
+@pytest.mark.parametrize("through", ["rest", "websocket"])
 async def test_code_proposed_on_one_worker_is_approved_through_the_other(
-    fake_llm: FakeLLM, redis: RedisServer, collect_garbage_after: None
+    fake_llm: FakeLLM, redis: RedisServer, collect_garbage_after: None, through: str
 ) -> None:
+    """The approval lands on b: as POST /v1/chat/<id>/approve, or as an `approve` frame on a
+    connection of b (the caller's other tab, say)."""
     fake_llm.script(Behaviour(reply=CODE), Behaviour(reply="Done."))
     settings = oi_settings(fake_llm, redis_url=redis.url, workers=2)
     with trio.fail_after(60):
@@ -145,14 +149,18 @@ async def test_code_proposed_on_one_worker_is_approved_through_the_other(
             running_server(settings) as a,
             running_server(settings) as b,
             ws_client(a.ws_url) as client,
+            ws_client(b.ws_url) as other_tab,
             httpx.AsyncClient(base_url=b.base_url) as rest,
         ):
             await client.send({"type": "chat", "id": "x1", "message": "go"})
             confirmation = await client.wait_for("x1", lambda m: m["type"] == "confirmation")
-            answer = {"confirmation_id": confirmation["confirmation_id"], "approved": True}
-            approved = await rest.post("/v1/chat/x1/approve", json=answer)
+            if through == "rest":
+                answer = {"confirmation_id": confirmation["confirmation_id"], "approved": True}
+                approved = await rest.post("/v1/chat/x1/approve", json=answer)
+                assert approved.status_code == 202, approved.text
+            else:
+                await other_tab.answer(confirmation, approved=True)
             messages = await client.finish("x1")
-    assert approved.status_code == 202, approved.text
     assert "ran on a" in console_of(messages)
     assert assert_stream_invariants(messages)["type"] == "completion"
 
