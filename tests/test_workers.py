@@ -22,6 +22,7 @@ from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.testing.redis_server import RedisServer
 from tests.helpers import (
     RunningServer,
+    WSClient,
     assert_stream_invariants,
     console_of,
     http_settings,
@@ -52,6 +53,19 @@ async def two_workers(
         yield a, b
 
 
+@asynccontextmanager
+async def chat_on_a_rest_on_b(
+    fake: FakeLLM, redis: RedisServer
+) -> AsyncIterator[tuple[RunningServer, RunningServer, WSClient, httpx.AsyncClient]]:
+    """Two workers, a WebSocket client of the first and a REST client of the second."""
+    async with (
+        two_workers(fake, redis) as (a, b),
+        ws_client(a.ws_url) as client,
+        httpx.AsyncClient(base_url=b.base_url) as rest,
+    ):
+        yield a, b, client, rest
+
+
 def plane(server: RunningServer) -> RedisControlPlane:
     control = server.state.engine.control
     assert isinstance(control, RedisControlPlane)
@@ -63,11 +77,7 @@ async def test_a_chat_on_one_worker_is_stopped_through_the_other(
 ) -> None:
     fake_llm.script(*[LONG] * 4)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            two_workers(fake_llm, redis) as (a, b),
-            ws_client(a.ws_url) as client,
-            httpx.AsyncClient(base_url=b.base_url) as rest,
-        ):
+        async with chat_on_a_rest_on_b(fake_llm, redis) as (_a, b, client, rest):
             await client.streaming("r1", "hi")
             response = await rest.post("/v1/chat/r1/stop")
             messages = await client.finish("r1")
@@ -100,11 +110,7 @@ async def test_an_id_no_worker_runs_is_unknown_everywhere(
     fake_llm: FakeLLM, redis: RedisServer
 ) -> None:
     with trio.fail_after(DEADLINE_S):
-        async with (
-            two_workers(fake_llm, redis) as (a, b),
-            httpx.AsyncClient(base_url=b.base_url) as rest,
-            ws_client(a.ws_url) as client,
-        ):
+        async with chat_on_a_rest_on_b(fake_llm, redis) as (_a, _b, client, rest):
             response = await rest.post("/v1/chat/nobody/stop")
             await client.send({"type": "stop", "id": "nobody"})
             error = await client.receive_control()
@@ -120,11 +126,7 @@ async def test_an_approval_is_answered_by_the_worker_that_runs_the_chat(
     # The chat on a has no pending confirmation: a's own answer (stale) comes back through b.
     fake_llm.script(*[LONG] * 4)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            two_workers(fake_llm, redis) as (a, b),
-            ws_client(a.ws_url) as client,
-            httpx.AsyncClient(base_url=b.base_url) as rest,
-        ):
+        async with chat_on_a_rest_on_b(fake_llm, redis) as (_a, _b, client, rest):
             await client.streaming("r3", "hi")
             response = await rest.post(
                 "/v1/chat/r3/approve", json={"confirmation_id": "k1", "approved": True}
@@ -288,11 +290,7 @@ async def test_the_per_ip_connection_limit_counts_every_worker(
 async def test_redis_down_mid_stream_then_back(fake_llm: FakeLLM, redis: RedisServer) -> None:
     fake_llm.script(*[LONG] * 4)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            two_workers(fake_llm, redis) as (a, b),
-            ws_client(a.ws_url) as client,
-            httpx.AsyncClient(base_url=b.base_url) as rest,
-        ):
+        async with chat_on_a_rest_on_b(fake_llm, redis) as (a, b, client, rest):
             await client.send({"type": "chat", "id": "d1", "message": "hi"})
             await client.streaming("d2", "hi")
             await redis.stop()
