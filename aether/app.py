@@ -36,7 +36,7 @@ from aether.asgi import ASGIApp, Receive, Scope, Send
 from aether.config import Settings
 from aether.core.control.choice import control_plane_for
 from aether.core.control.plane import ControlPlane
-from aether.core.history.sqlite import SQLiteHistoryStore
+from aether.core.history.choice import history_store_for
 from aether.core.identity import KeyRing
 from aether.core.metrics import Metrics
 from aether.core.runtime.engine import RuntimeEngine
@@ -92,11 +92,7 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
         security=[{"bearer": []}] if settings.auth_enabled else None,
     )
     metrics = Metrics()
-    history = (
-        SQLiteHistoryStore(settings.db_path, worker_id, metrics.observe_commit)
-        if settings.history
-        else None
-    )
+    history = history_store_for(settings, metrics, worker_id)
     engine = RuntimeEngine(
         settings, metrics, history, control_plane_for(settings, metrics, worker_id)
     )

@@ -198,7 +198,25 @@ class Settings(BaseModel):
         "chats count no more.",
     )
 
-    history: bool = Field(True, description="Keep conversation history (in SQLite).")
+    history: bool = Field(
+        True, description="Keep conversation history (in SQLite, or PostgreSQL with database_url)."
+    )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL for the history, shared by several nodes, e.g. "
+        "postgresql://aether:secret@127.0.0.1:5432/aether (default: SQLite at db_path).",
+    )
+    database_pool_size: int = Field(
+        8, ge=1, le=100, description="Connections each worker opens to PostgreSQL at most."
+    )
+    node_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="This node's name among several sharing Redis and PostgreSQL (default: "
+        "the host name and a random part, logged at start).",
+    )
     db_path: Path = Field(
         default_factory=lambda: default_db_path(),
         description="The history database file (default: in the per-user data directory).",
@@ -309,6 +327,13 @@ class Settings(BaseModel):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
         return value
 
     @field_validator("llm_base_url", "search_url")

@@ -42,6 +42,7 @@ from aether.config import (
 )
 from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
+from aether.core.history.choice import generated_node_id
 from aether.core.history.sqlite import prepare_database
 from aether.core.providers.oi.interpreters import agentic_path_enabled
 from aether.core.providers.oi.sandbox import require_sandbox
@@ -332,10 +333,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in unknown_environment_settings(os.environ):
         log.warning("%s", warning)
     supervising = settings.workers > 1 and args.listen_fd is None
+    if settings.node_id is None:
+        # One name for the whole node: the supervisor's workers inherit it.
+        settings = settings.model_copy(update={"node_id": generated_node_id()})
+        os.environ["AETHER_NODE_ID"] = str(settings.node_id)
     if settings.history and args.listen_fd is None:
-        # Checked before serving: a bad file is one line here, not a failed app startup.
+        # Checked before serving: a bad database is one line here, not a failed app startup.
         try:
-            prepare_database(settings.db_path)
+            if settings.database_url is None:
+                prepare_database(settings.db_path)
+            else:
+                from aether.core.history.postgres import prepare_schema
+
+                trio.run(prepare_schema, settings.database_url)
+                log.info("node %s, history in PostgreSQL", settings.node_id)
         except StorageError as exc:
             print(f"aether: {exc.message}", file=sys.stderr)
             return 1

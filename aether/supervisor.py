@@ -164,7 +164,8 @@ class Supervisor:
                 young_deaths, delay = 0, self.restart_delay_s
 
     async def _interrupt_answers(self, worker_id: str) -> None:
-        if not self._settings.history:
+        # PostgreSQL's answers are marked by lease expiry (every node sweeps), not here.
+        if not self._settings.history or self._settings.database_url is not None:
             return
         try:
             count = await trio.to_thread.run_sync(
@@ -185,7 +186,7 @@ def supervise(settings: Settings, argv: Sequence[str], config: HypercornConfig) 
         raise RuntimeError(f"expected one listening socket, got {len(listening)}")
     listener = listening[0]
     listener.listen(config.backlog)
-    if settings.history:
+    if settings.history and settings.database_url is None:
         # No worker runs yet: whatever was left streaming was a previous run's.
         count = mark_interrupted(settings.db_path)
         log.info(

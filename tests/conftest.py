@@ -7,7 +7,10 @@ import pytest
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
+from aether.testing.postgres_server import PostgresServer, postgres_available
 from aether.testing.redis_server import RedisServer
+from tests.helpers import fresh_db_path
+from tests.history_backends import HistoryBackend, PostgresBackend, SQLiteBackend
 
 
 @pytest.fixture
@@ -36,3 +39,30 @@ async def redis(nursery: trio.Nursery) -> RedisServer:
     server = RedisServer()
     await nursery.start(server.run)
     return server
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the test session (each test takes a database of its
+    own), on a free loopback port, stopped and removed after."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL is not installed (scripts/test installs it)")
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres(postgres_cluster: PostgresServer) -> PostgresBackend:
+    """A new, empty PostgreSQL database."""
+    return PostgresBackend(postgres_cluster.create_database())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_backend(request: pytest.FixtureRequest) -> HistoryBackend:
+    """Each history store in turn, on a new database: the tests that take it hold for both."""
+    if request.param == "sqlite":
+        return SQLiteBackend(fresh_db_path())
+    backend: PostgresBackend = request.getfixturevalue("postgres")
+    return backend

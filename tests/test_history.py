@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-from pathlib import Path
 
 import httpx
 import trio
@@ -16,21 +15,23 @@ from tests.helpers import (
     aether_process,
     assert_stream_invariants,
     content_of,
-    fresh_db_path,
     http_settings,
     make_settings,
     running_server,
     ws_client,
 )
+from tests.history_backends import HistoryBackend, PostgresBackend, SQLiteBackend
 
 DEADLINE_S = 15
 
 
-async def test_follow_up_turns_send_the_conversation_as_context(fake_llm: FakeLLM) -> None:
+async def test_follow_up_turns_send_the_conversation_as_context(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     fake_llm.default = Behaviour(tokens=3)
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(http_settings(fake_llm)) as server,
+            running_server(http_settings(fake_llm, **history_backend.settings)) as server,
             ws_client(server.ws_url) as client,
         ):
             first = await client.chat("first question", id="r1")
@@ -47,13 +48,13 @@ async def test_follow_up_turns_send_the_conversation_as_context(fake_llm: FakeLL
 
 
 async def test_a_turn_does_not_wait_for_another_still_streaming_in_its_conversation(
-    fake_llm: FakeLLM,
+    fake_llm: FakeLLM, history_backend: HistoryBackend
 ) -> None:
     # The first answer never ends by itself; the second must stream regardless.
     fake_llm.script(Behaviour(tokens=10_000, delay_s=0.05), Behaviour(tokens=2))
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(http_settings(fake_llm)) as server,
+            running_server(http_settings(fake_llm, **history_backend.settings)) as server,
             ws_client(server.ws_url) as client,
         ):
             await client.send(
@@ -70,7 +71,9 @@ async def test_a_turn_does_not_wait_for_another_still_streaming_in_its_conversat
     assert fake_llm.streams[1].request["messages"][-1] == {"role": "user", "content": "two"}
 
 
-async def test_each_answer_is_stored_with_its_status(fake_llm: FakeLLM) -> None:
+async def test_each_answer_is_stored_with_its_status(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     fake_llm.script(
         Behaviour(tokens=3), Behaviour(tokens=10_000, delay_s=0.01), Behaviour(status=503)
     )
@@ -108,7 +111,9 @@ async def test_each_answer_is_stored_with_its_status(fake_llm: FakeLLM) -> None:
     assert over_ws["messages"] == messages
 
 
-async def test_listing_paging_and_deleting_conversations(fake_llm: FakeLLM) -> None:
+async def test_listing_paging_and_deleting_conversations(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     fake_llm.default = Behaviour(tokens=1)
     with trio.fail_after(DEADLINE_S):
         async with (
@@ -144,11 +149,13 @@ KEY_A, KEY_B = "key-a-0123456789", "key-b-0123456789"
 ALICE, BOB = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
 
 
-async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
+async def test_conversation_ids_are_per_caller(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     """Alice's "c1" and Bob's "c1" are two conversations, over REST and the WebSocket: each
     works, each sees only its own, and neither can tell that the other's exists."""
     fake_llm.default = Behaviour(tokens=1)
-    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}")
+    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}", **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(settings) as server,
@@ -225,9 +232,11 @@ async def test_conversation_ids_are_per_caller(fake_llm: FakeLLM) -> None:
     assert bob_after.status_code == 404
 
 
-async def test_a_conversation_is_renamed_by_its_owner_only(fake_llm: FakeLLM) -> None:
+async def test_a_conversation_is_renamed_by_its_owner_only(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     fake_llm.default = Behaviour(tokens=1)
-    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}")
+    settings = http_settings(fake_llm, api_keys=f"{KEY_A},{KEY_B}", **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(settings) as server,
@@ -274,16 +283,18 @@ def test_an_unknown_conversation_ending_a_rest_chat_is_a_404() -> None:
     assert status == 404
 
 
-async def test_history_survives_a_restart(fake_llm: FakeLLM) -> None:
+async def test_history_survives_a_restart(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     fake_llm.default = Behaviour(tokens=2)
-    db_path = str(fresh_db_path())
+    settings = http_settings(fake_llm, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(http_settings(fake_llm, db_path=db_path)) as server,
+            running_server(settings) as server,
             ws_client(server.ws_url) as client,
         ):
             await client.chat("remember me", id="r1", conversation_id="keep")
-        async with running_server(http_settings(fake_llm, db_path=db_path)) as server:
+        async with running_server(settings) as server:
             async with httpx.AsyncClient(base_url=server.base_url) as rest:
                 history = await rest.get("/v1/chat/history", params={"conversation_id": "keep"})
             async with ws_client(server.ws_url) as client:
@@ -316,14 +327,15 @@ async def test_a_storage_failure_is_an_error_and_the_server_keeps_serving(
     assert pong["type"] == "pong"
 
 
-async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_path: Path) -> None:
+async def test_a_killed_server_leaves_consistent_history(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     """kill -9 mid-stream, then restart: completed answers are whole, the interrupted one keeps
     the text saved so far, and the database passes its integrity check."""
     fake_llm.script(Behaviour(tokens=3), Behaviour(tokens=100_000, delay_s=0.01))
-    db_path = tmp_path / "history.sqlite3"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
     env.update(
-        AETHER_DB_PATH=str(db_path),
+        history_backend.environment,
         AETHER_PROVIDER="http",
         AETHER_LLM_BASE_URL=fake_llm.base_url,
         AETHER_LLM_MODEL="fake-model",
@@ -338,7 +350,11 @@ async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_
             await client.wait_for("r2", lambda m: "tok150 " in m.get("content", ""))
             server.process.send_signal(signal.SIGKILL)
             assert await server.process.wait() == -signal.SIGKILL
-        settings = make_settings(provider="echo", db_path=str(db_path))
+        if isinstance(history_backend, PostgresBackend):
+            # The dead server's lease would run out within its period; the next start's sweep
+            # then marks its answers (the sweep and the lease are tested on their own).
+            history_backend.expire_leases()
+        settings = make_settings(provider="echo", **history_backend.settings)
         async with (
             running_server(settings) as server,
             httpx.AsyncClient(base_url=server.base_url) as rest,
@@ -353,8 +369,9 @@ async def test_a_killed_server_leaves_consistent_history(fake_llm: FakeLLM, tmp_
     ]
     assert messages[1]["content"] == "tok0 tok1 tok2 "
     assert messages[3]["content"].startswith("tok0 tok1 ")
-    with sqlite3.connect(db_path) as db:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    if isinstance(history_backend, SQLiteBackend):
+        with sqlite3.connect(history_backend.path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
 
 
 async def test_query_parameters_the_schema_calls_invalid_get_a_400(fake_llm: FakeLLM) -> None:

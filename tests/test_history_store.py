@@ -1,4 +1,6 @@
-"""The SQLite history store on its own: migrations, crash recovery, fresh reads."""
+"""The history stores on their own: the contract both hold (the tests that take
+``history_backend`` run against SQLite and PostgreSQL), and SQLite's own migrations, WAL and
+batching."""
 
 from __future__ import annotations
 
@@ -19,11 +21,12 @@ from aether.core.history.sqlite import (
     SQLiteHistoryStore,
     mark_interrupted,
 )
-from aether.core.history.store import MessageStatus
+from aether.core.history.store import AnswerWrite, MessageStatus, TurnStart
+from tests.history_backends import HistoryBackend
 
 
-async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:
-    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+async def test_reads_see_what_was_just_written(history_backend: HistoryBackend) -> None:
+    store = history_backend.store()
     await store.open()
     try:
         await store.begin_turn("me", "first", "t", "r1", "hello")
@@ -40,14 +43,13 @@ async def test_reads_see_what_was_just_written(tmp_path: Path) -> None:
         await store.close()
 
 
-async def test_open_marks_streaming_answers_interrupted(tmp_path: Path) -> None:
-    path = tmp_path / "h.sqlite3"
-    store = SQLiteHistoryStore(path)
+async def test_open_marks_streaming_answers_interrupted(history_backend: HistoryBackend) -> None:
+    store = history_backend.store()
     await store.open()
     answer = await store.begin_turn("me", "c", "t", "r1", "hello")
     await store.save_answer(answer, "partial", "streaming")
-    await store.close()  # as if the process died here
-    store = SQLiteHistoryStore(path)
+    await store.close()  # its writer is gone, with the answer still streaming
+    store = history_backend.store()
     await store.open()
     try:
         messages = await store.messages("me", "c")
@@ -202,8 +204,8 @@ async def test_an_overdue_checkpoint_is_taken_by_the_writer(
         await store.close()
 
 
-async def test_conversation_ids_are_per_owner(tmp_path: Path) -> None:
-    store = SQLiteHistoryStore(tmp_path / "h.sqlite3")
+async def test_conversation_ids_are_per_owner(history_backend: HistoryBackend) -> None:
+    store = history_backend.store()
     await store.open()
     try:
         await store.begin_turn("alice", "c1", "alice's", "r1", "from alice")
@@ -229,6 +231,92 @@ async def test_conversation_ids_are_per_owner(tmp_path: Path) -> None:
     assert [m.content for m in alice_context] == ["from alice"]
     assert listed == {"alice": [("c1", "alice's")], "bob": [("c1", "bob's")]}
     assert alice_after == alice
+
+
+async def test_a_write_that_fails_undoes_only_itself(history_backend: HistoryBackend) -> None:
+    store = history_backend.store()
+    await store.open()
+    try:
+        kept = await store.begin_turn("me", "earlier", "t", "r0", "kept")
+        writes = [
+            AnswerWrite(TurnStart("me", "a", "t", "ra", "first"), None, "", "streaming"),
+            AnswerWrite(None, kept, "lost", cast(MessageStatus, "no such status")),
+            AnswerWrite(TurnStart("me", "b", "t", "rb", "second"), None, "so far", "streaming"),
+            AnswerWrite(None, kept, "done", "complete"),
+        ]
+        results = await store.write_answers(writes)
+        stored = {c: await store.messages("me", c) for c in ("a", "b", "earlier")}
+    finally:
+        await store.close()
+    assert isinstance(results[1], StorageError)
+    assert results[3] == kept
+    assert isinstance(results[0], int)
+    assert isinstance(results[2], int)
+    assert results[0] < results[2]  # in the order given
+    assert [(m.content, m.status) for m in stored["a"]] == [
+        ("first", "complete"),
+        ("", "streaming"),
+    ]
+    assert [(m.id, m.content, m.status) for m in stored["b"]][1] == (
+        results[2],
+        "so far",
+        "streaming",
+    )
+    assert [(m.content, m.status) for m in stored["earlier"]] == [
+        ("kept", "complete"),
+        ("done", "complete"),
+    ]
+
+
+async def test_every_text_is_stored_as_given_but_nul(history_backend: HistoryBackend) -> None:
+    """PostgreSQL's text cannot hold U+0000: both stores keep U+FFFD in its place, and every
+    other character as it was (quotes, backslashes, astral characters, a dollar sign as
+    PostgreSQL's parameters are written)."""
+    text = 'it\'s \\ "q" $1 %s 😀 \u2028 tab\tend'
+    store = history_backend.store()
+    await store.open()
+    try:
+        answer = await store.begin_turn("me", "c", "title\x00", "r1", text + "\x00!")
+        await store.save_answer(answer, "\x00" + text, "complete")
+        renamed = await store.rename_conversation("me", "c", "new\x00name")
+        messages = await store.messages("me", "c")
+        listed = await store.list_conversations("me", 10, None)
+    finally:
+        await store.close()
+    assert [m.content for m in messages] == [text + "\ufffd!", "\ufffd" + text]
+    assert renamed is not None
+    assert renamed.title == "new\ufffdname"
+    assert [c.title for c in listed] == ["new\ufffdname"]
+
+
+async def test_context_is_the_last_finished_messages(history_backend: HistoryBackend) -> None:
+    store = history_backend.store()
+    await store.open()
+    try:
+        for index, status in enumerate(["complete", "error", "stopped", "streaming"]):
+            answer = await store.begin_turn("me", "c", "t", f"r{index}", f"q{index}")
+            await store.save_answer(
+                answer, f"a{index}", cast(MessageStatus, status), "x" if status == "error" else None
+            )
+        context = await store.context("me", "c", 4)
+        everything = await store.context("me", "c", 100)
+        listed = await store.list_conversations("me", 10, None)
+        before = await store.list_conversations("me", 10, listed[0].updated_at)
+        created = await store.claim_conversation("me", "empty", "")
+        empty = await store.messages("me", "empty")
+    finally:
+        await store.close()
+    assert created is None
+    assert empty == []
+    assert [(m.content, m.status) for m in context] == [
+        ("q1", "complete"),
+        ("q2", "complete"),
+        ("a2", "stopped"),
+        ("q3", "complete"),
+    ]
+    assert [m.content for m in everything] == ["q0", "a0", "q1", "q2", "a2", "q3"]
+    assert [c.id for c in listed] == ["c"]
+    assert before == []
 
 
 def _version_1_database(path: Path) -> None:

@@ -104,8 +104,9 @@ class Metrics:
         )
         self.history_commits = Histogram(
             "aether_history_commit_seconds",
-            "How long each history write batch held the event loop (with several workers, "
-            "waiting for another's write lock included).",
+            "How long each history write batch took: in SQLite, the time it held the event "
+            "loop (with several workers, waiting for another's write lock included); in "
+            "PostgreSQL, its round trip.",
             buckets=COMMIT_BUCKETS_S,
             registry=r,
         )

@@ -55,6 +55,7 @@ from aether.core.history.store import (
     MessageStatus,
     StoredMessage,
     TurnStart,
+    storable,
 )
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def _claim(
         "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner, id) DO UPDATE SET "
         "updated_at = excluded.updated_at, "
         "title = CASE WHEN title = '' THEN excluded.title ELSE title END",
-        (owner, conversation_id, title, now, now),
+        (owner, conversation_id, storable(title), now, now),
     )
 
 
@@ -242,7 +243,7 @@ def _begin_turn(
     db.execute(
         "INSERT INTO messages (owner, conversation_id, role, content, status, "
         "request_id, created_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?)",
-        (start.owner, start.conversation_id, start.user_text, start.request_id, now),
+        (start.owner, start.conversation_id, storable(start.user_text), start.request_id, now),
     )
     cursor = db.execute(
         "INSERT INTO messages (owner, conversation_id, role, content, status, "
@@ -250,7 +251,7 @@ def _begin_turn(
         (
             start.owner,
             start.conversation_id,
-            content,
+            storable(content),
             status,
             start.request_id,
             error_code,
@@ -272,7 +273,7 @@ def _save_answer(
 ) -> None:
     db.execute(
         "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
-        (content, status, error_code, message_id),
+        (storable(content), status, error_code, message_id),
     )
 
 
@@ -621,6 +622,9 @@ class SQLiteHistoryStore:
         else:
             log.info("history in %s, shared with the other workers", self.path)
 
+    async def maintain(self) -> None:
+        """Nothing to keep up: the WAL checkpointer is a thread of its own."""
+
     async def close(self) -> None:
         def close_sync() -> None:
             for connection in (self._reader, self._writer):
@@ -737,7 +741,7 @@ class SQLiteHistoryStore:
             rows = db.execute(
                 f"UPDATE conversations SET title = ? WHERE owner = ? AND id = ? "
                 f"RETURNING {_CONVERSATION_COLUMNS}",
-                (title, owner, conversation_id),
+                (storable(title), owner, conversation_id),
             ).fetchall()  # consumed whole: a statement left running would block the commit
             return _conversation(rows[0]) if rows else None
 

@@ -67,9 +67,20 @@ class AnswerWrite:
     error_code: str | None = None
 
 
+def storable(text: str) -> str:
+    """Text as every store keeps it: U+0000 (which PostgreSQL's text cannot hold) becomes
+    U+FFFD, the replacement character."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
 class HistoryStore(Protocol):
     async def open(self) -> None:
-        """Create or migrate the schema; mark answers left ``streaming`` as ``interrupted``."""
+        """Create or migrate the schema; mark answers left ``streaming`` as ``interrupted``
+        (those whose writer is gone)."""
+
+    async def maintain(self) -> None:
+        """The store's upkeep while it is open (a shared store's lease and sweeps), until
+        cancelled; returns at once if it has none."""
 
     async def close(self) -> None: ...
 

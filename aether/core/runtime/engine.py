@@ -110,8 +110,11 @@ class RuntimeEngine:
         """Run the engine until ``stop``: its model paths, the detached request nursery."""
         if self._history is not None:
             await self._history.open()
+        upkeep = trio.CancelScope()
         try:
             async with trio.open_nursery() as writing:
+                if self._history is not None:
+                    writing.start_soon(self._keep_up, self._history, upkeep)
                 if self._turn_history is not None:
                     writing.start_soon(self._turn_history.writer.run)
                 try:
@@ -120,10 +123,16 @@ class RuntimeEngine:
                     # The answers' writer stores what is queued, then ends: before the close.
                     if self._turn_history is not None:
                         self._turn_history.writer.close()
+                    upkeep.cancel()
         finally:
             if self._history is not None:
                 await self._history.close()
         log.info("engine stopped")
+
+    @staticmethod
+    async def _keep_up(history: HistoryStore, scope: trio.CancelScope) -> None:
+        with scope:
+            await history.maintain()
 
     @property
     def history(self) -> HistoryStore | None:

@@ -1,0 +1,216 @@
+"""The PostgreSQL history store's own behaviour, against a real server: leases and the sweep,
+migrations by several nodes at once, a restarted or stopped server, and writes cut short.
+(What both stores do is in test_history_store.py and test_history.py.)"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+import pytest
+import trio
+
+from aether.core.errors import StorageError
+from aether.core.history import postgres as postgres_store
+from aether.core.history.postgres import MIGRATIONS, PostgresHistoryStore
+from aether.core.history.store import AnswerWrite, TurnStart
+from aether.core.postgres.connection import PgConnection, Statement
+from aether.core.postgres.pool import PgPool
+from aether.testing.postgres_server import PostgresServer
+from tests.history_backends import PostgresBackend
+
+DEADLINE_S = 20
+
+
+def _statuses(url: str) -> dict[str, str]:
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT writer, status FROM messages WHERE role = 'assistant'"
+        ).fetchall()
+    return dict(rows)
+
+
+async def test_a_sweep_marks_only_the_answers_of_writers_whose_lease_expired(
+    postgres: PostgresBackend,
+) -> None:
+    alive, dead = postgres.store("node-a/w0"), postgres.store("node-b/w0")
+    for store in (alive, dead):
+        await store.open()
+        await store.begin_turn("me", f"c-{store.writer}", "t", f"r-{store.writer}", "hi")
+    # Both leases run: a third node starting now touches neither answer.
+    late = postgres.store("node-c/w0")
+    await late.open()
+    assert late.swept == 0
+    # node-b dies (no close: its lease stays until it runs out).
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        connection.execute(
+            "UPDATE writers SET expires_at = now() - interval '1 second' WHERE id = 'node-b/w0'"
+        )
+    assert await late.sweep() == 1
+    assert await late.sweep() == 0
+    for store in (alive, late):
+        await store.close()
+    assert _statuses(postgres.url) == {"node-a/w0": "streaming", "node-b/w0": "interrupted"}
+
+
+async def test_a_running_store_sweeps_a_dead_writers_answers_within_two_lease_periods(
+    postgres: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease_s = 0.5
+    dead = postgres.store("dead/w0", lease_s=lease_s)
+    await dead.open()
+    await dead.begin_turn("me", "c", "t", "r1", "hi")  # then it dies: it renews no more
+    survivor = postgres.store("alive/w0", lease_s=lease_s)
+    await survivor.open()
+    await survivor.begin_turn("me", "mine", "t", "r2", "hi")
+    swept = trio.Event()
+    sweep = survivor.sweep
+
+    async def sweep_and_tell() -> int:
+        count = await sweep()
+        if count:
+            swept.set()
+        return count
+
+    monkeypatch.setattr(survivor, "sweep", sweep_and_tell)
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(survivor.maintain)
+        with trio.fail_after(DEADLINE_S):
+            await swept.wait()
+        nursery.cancel_scope.cancel()
+    elapsed = trio.current_time() - started
+    await survivor.close()
+    assert _statuses(postgres.url) == {"dead/w0": "interrupted", "alive/w0": "streaming"}
+    # The survivor renewed its own lease all along, so its answer was never touched; the dead
+    # writer's was marked once its lease ran out, at the survivor's next sweep.
+    assert elapsed < 3 * lease_s
+
+
+async def test_nodes_starting_together_migrate_the_schema_once(
+    postgres: PostgresBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aether.core.history.postgres")
+    stores = [postgres.store(f"node-{index}/w0") for index in range(4)]
+    async with trio.open_nursery() as nursery:
+        for store in stores:
+            nursery.start_soon(store.open)
+    answers = [await store.begin_turn("me", store.writer, "t", "r", "hi") for store in stores]
+    for store in stores:
+        await store.close()
+    assert caplog.text.count("history schema migrated to version") == len(MIGRATIONS)
+    assert len(set(answers)) == 4
+    with psycopg.connect(postgres.url) as connection:
+        assert connection.execute("SELECT version FROM schema_version").fetchall() == [
+            (len(MIGRATIONS),)
+        ]
+
+
+async def test_a_newer_schema_is_refused(postgres: PostgresBackend) -> None:
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER)")
+        connection.execute("INSERT INTO schema_version VALUES (%s)", (len(MIGRATIONS) + 1,))
+    store = postgres.store()
+    with pytest.raises(StorageError, match="newer"):
+        await store.open()
+    await store.close()
+
+
+async def test_a_write_cut_short_is_not_stored_at_all(
+    postgres: PostgresBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch interrupted in flight (here: past its timeout, as a hung server would make it)
+    leaves nothing of itself, and the store works on."""
+    store = postgres.store()
+    await store.open()
+    await store.begin_turn("me", "held", "t", "r0", "hi")
+    monkeypatch.setattr(postgres_store, "OPERATION_TIMEOUT_S", 0.5)
+    batch = [
+        AnswerWrite(TurnStart("me", "new", "t", "r1", "first"), None, "", "streaming"),
+        AnswerWrite(TurnStart("me", "held", "t", "r2", "second"), None, "", "streaming"),
+    ]
+    # Another session holds the "held" conversation's row: the batch's second write waits.
+    with psycopg.connect(postgres.url) as holder:
+        holder.execute("SELECT * FROM conversations WHERE id = 'held' FOR UPDATE")
+        results = await store.write_answers(batch)
+    monkeypatch.setattr(postgres_store, "OPERATION_TIMEOUT_S", 5.0)
+    assert all(isinstance(result, StorageError) for result in results)
+    assert not await store.has_conversation("me", "new")  # the first write was undone too
+    assert [m.content for m in await store.messages("me", "held")] == ["hi", ""]
+    assert await store.begin_turn("me", "new", "t", "r3", "again") > 0
+    await store.close()
+
+
+async def test_a_restarted_server_costs_no_request_and_a_stopped_one_is_recovered_from(
+    postgres_cluster: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A server of its own: this test stops it.
+    server = PostgresServer()
+    await trio.to_thread.run_sync(server.start)
+    try:
+        url = server.url()
+        store = PostgresHistoryStore(url, "test/w0")
+        await store.open()
+        await store.begin_turn("me", "c", "t", "r1", "before")
+        # A restart ends every session: the pool's idle connections are stale, and dropped.
+        await trio.to_thread.run_sync(server.restart)
+        assert len(await store.messages("me", "c")) == 2
+        await trio.to_thread.run_sync(server.stop)
+        with pytest.raises(StorageError):
+            await store.begin_turn("me", "c", "t", "r2", "while down")
+        with pytest.raises(StorageError):
+            await store.messages("me", "c")
+        await trio.to_thread.run_sync(server.start)
+        await store.begin_turn("me", "c", "t", "r3", "after")
+        contents = [m.content for m in await store.messages("me", "c")]
+        await store.close()
+    finally:
+        await trio.to_thread.run_sync(server.close)
+    assert contents == ["before", "", "after", ""]
+    # One error line when it failed, one when it worked again; not one per request.
+    assert caplog.text.count("failed: OperationalError") == 1
+    assert caplog.text.count("works again") == 1
+
+
+async def test_a_cancelled_statement_closes_its_connection_and_the_pool_opens_another(
+    postgres: PostgresBackend,
+) -> None:
+    pool = PgPool(postgres.url, 2)
+    async with pool.connection() as connection:
+        first_pid = connection.backend_pid
+    with trio.move_on_after(0.2) as cancelled:
+        async with pool.connection() as connection:
+            await connection.execute("SELECT pg_sleep(30)")
+    assert cancelled.cancelled_caught
+    assert connection.broken
+    async with pool.connection() as connection:
+        assert await connection.execute("SELECT $1::text || '!'", ("ok",)) == [("ok!",)]
+        assert connection.backend_pid != first_pid
+    pool.close()
+    # The server ended the cancelled session: its sleep is not still running.
+    with psycopg.connect(postgres.url) as probe:
+        sleeping = probe.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)'"
+        ).fetchone()
+    assert sleeping == (0,)
+
+
+async def test_a_batch_of_statements_is_one_round_trip_and_stops_at_a_failure(
+    postgres: PostgresBackend,
+) -> None:
+    connection = await PgConnection.connect(postgres.url)
+    try:
+        outcomes = await connection.run(
+            [
+                Statement("SELECT $1::bigint + 1, $2::float8, $3::text", (41, 0.5, None)),
+                Statement("SELECT 1 / $1::int", (0,)),
+                Statement("SELECT 'never run'"),
+            ]
+        )
+        after = await connection.execute("SELECT 'still usable'")
+    finally:
+        connection.close()
+    assert outcomes[0] == [(42, 0.5, None)]
+    assert isinstance(outcomes[1], psycopg.errors.DivisionByZero)
+    assert type(outcomes[2]).__name__ == "PipelineAborted"
+    assert after == [("still usable",)]
