@@ -10,7 +10,14 @@ absolute figures and ratios against the baselines measured in the same run:
 - ``fastapi-uvicorn``: the same relay on FastAPI + uvicorn (``scripts/bench/fastapi_relay.py``);
 - ``direct``: this process reading the upstream itself (the limit of relaying);
 - ``aether-sse`` and ``fastapi-sse``: the first two again, chatting over server-sent events
-  (``POST /v1/chat/stream``) instead of the WebSocket (capacity and paced workloads).
+  (``POST /v1/chat/stream``) instead of the WebSocket (capacity and paced workloads);
+- ``aether-pg`` (not in the defaults): ``aether`` with its history in PostgreSQL
+  (``AETHER_DATABASE_URL``) instead of SQLite. The benchmark then starts one PostgreSQL server
+  for the run (``aether.testing.postgres_server``, fsync on, loopback only), gives each run of
+  the server a new database of its own (dropped after it), and stops PostgreSQL at the end.
+  Its server CPU figures add the CPU of PostgreSQL's processes (postmaster, the backends, the
+  background writers: all that ran meanwhile), as ``aether-Nw``'s add its workers'; ``db cpu
+  ms/chat`` is that part alone.
 
 Workloads:
 - ``capacity``: upstream delay 0, all streams at once: deltas/s, server CPU per delta, peak RSS,
@@ -43,10 +50,17 @@ every server alike.
     python scripts/bench_stream.py --workloads chat-cost
     python scripts/bench_stream.py --workloads stop --stop-streams 50,500 --repeat 5
     python scripts/bench_stream.py --workloads capacity,paced,stop --workers 2 --servers aether
+    python scripts/bench_stream.py --workloads capacity,paced,stop --servers aether,aether-pg
 
 ``--workers N`` adds ``aether-Nw`` (``python -m aether --workers N`` with a redis-server the
 benchmark starts) to the capacity, paced and stop workloads: server CPU sums the supervisor and
 its workers, and ``redis cmds/chat`` counts the commands Redis ran per chat.
+
+History writes: ``longest commit ms`` is the longest write batch of the run and ``commit p99 <=
+ms`` the upper bound of the ``aether_history_commit_seconds`` bucket holding the 99th percentile
+(bounds 0.2, 0.5, 1, 2, 5, 10, 25, 100, 500, 2500 ms), both from the server's /metrics. A batch
+is the time it held the event loop in SQLite, its round trip (BEGIN ... COMMIT in one pipeline)
+in PostgreSQL.
 
 Needs the ``bench`` extra (``pip install -e '.[bench]'``). The client runs in this process and
 shares the machine with the servers, so compare ratios, not absolute figures across machines.
@@ -59,6 +73,7 @@ jobs: [benchmarking]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -82,9 +97,11 @@ import h11
 import httpx
 import orjson
 import psutil
+import psycopg
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
+from aether.testing.postgres_server import PostgresServer
 from aether.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,8 +117,9 @@ SSE_WORKLOADS = ("capacity", "paced")
 WORKERS_WORKLOADS = ("capacity", "paced", "stop", "stop-rest")
 # Aether's own REST stop route: no baseline has one.
 AETHER_ONLY_WORKLOADS = ("stop-rest",)
-# Also measurable: Aether without conversation history (the cost of storing every answer).
-OPTIONAL_SERVERS = ("aether-no-history", "hypercorn-asgi")
+# Also measurable: Aether without conversation history (the cost of storing every answer), and
+# with it in PostgreSQL.
+OPTIONAL_SERVERS = ("aether-no-history", "aether-pg", "hypercorn-asgi")
 STREAM_WORKLOADS = ("capacity", "paced", "stop", "idle", "storm")
 # chat-cost: the servers measured by default, and the routes each of them answers.
 CHAT_COST_SERVERS = ("aether", "aether-no-history", "hypercorn-asgi", "fastapi-uvicorn")
@@ -109,6 +127,7 @@ AETHER_ROUTES = ("health", "chat", "chat-completions", "chat-stream", "ws-chat")
 CHAT_COST_ROUTES = {
     "aether": AETHER_ROUTES,
     "aether-no-history": AETHER_ROUTES,
+    "aether-pg": AETHER_ROUTES,
     "hypercorn-asgi": ("health", "chat"),
     "fastapi-uvicorn": ("health", "chat", "chat-stream", "ws-chat"),
 }
@@ -143,11 +162,40 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+# The PostgreSQL server ``aether-pg`` keeps its history in, started by ``main`` when measured.
+POSTGRES: PostgresServer | None = None
+
+
+def postgres_cpu_s() -> float:
+    """User and system CPU seconds of the benchmark's PostgreSQL so far: the postmaster, the
+    processes it runs now, and those it has reaped (the backends of closed connections)."""
+    assert POSTGRES is not None
+    pid = int((POSTGRES.directory / "data" / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    total = 0.0
+    for child in postmaster.children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # a backend that just ended
+            times = child.cpu_times()
+            total += times.user + times.system
+    own = postmaster.cpu_times()
+    return float(total + own.user + own.system + own.children_user + own.children_system)
+
+
+def drop_database(url: str) -> None:
+    """Drop one run's database (blocking): the next run's PostgreSQL is not busy with it."""
+    assert POSTGRES is not None
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(POSTGRES.url(), autocommit=True) as connection:
+        connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @dataclass
 class Process:
     name: str
     process: trio.Process
     port: int
+    # The PostgreSQL database of its own the server keeps its history in (``aether-pg``).
+    database: str | None = None
 
     @property
     def psutil(self) -> psutil.Process:
@@ -158,9 +206,15 @@ class Process:
         handle = self.psutil
         return [handle, *handle.children(recursive=True)]
 
+    def db_cpu_s(self) -> float:
+        """CPU seconds of the PostgreSQL server the history is in so far (0 without one)."""
+        return postgres_cpu_s() if self.database is not None else 0.0
+
     def cpu_s(self) -> float:
-        """User and system CPU seconds of the process and its children so far."""
-        return sum(t.user + t.system for t in (p.cpu_times() for p in self.tree()))
+        """User and system CPU seconds of the process and its children so far, and of its
+        PostgreSQL server's processes if it has one."""
+        own = sum(t.user + t.system for t in (p.cpu_times() for p in self.tree()))
+        return own + self.db_cpu_s()
 
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.tree())
@@ -174,6 +228,9 @@ class Process:
                 if self.process.returncode is None:
                     self.process.kill()
                     await self.process.wait()
+            if self.database is not None:
+                await trio.to_thread.run_sync(drop_database, self.database)
+                self.database = None
 
 
 async def wait_for_port(process: Process, timeout_s: float = 30) -> None:
@@ -196,7 +253,11 @@ async def start_process(name: str, argv: list[str], port: int, env: dict[str, st
         argv, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL
     )
     process = Process(name, child, port)
-    await wait_for_port(process)
+    try:
+        await wait_for_port(process)
+    except BaseException:
+        await process.stop()
+        raise
     return process
 
 
@@ -272,6 +333,22 @@ async def aether_metric(process: Process, name: str) -> float:
     return float(match.group(1)) if match else math.nan
 
 
+async def commit_quantile_bound(process: Process, q: float) -> float:
+    """The upper bound (seconds) of the ``aether_history_commit_seconds`` bucket that holds
+    the ``q`` quantile of the server's write batches; nan without any."""
+    async with httpx.AsyncClient() as client:
+        exposition = (await client.get(f"http://127.0.0.1:{process.port}/metrics")).text
+    pattern = r'^aether_history_commit_seconds_bucket\{le="([^"]+)"\} (\S+)$'
+    buckets = sorted(
+        (float(bound), float(count))
+        for bound, count in re.findall(pattern, exposition, re.MULTILINE)
+    )
+    if not buckets or buckets[-1][1] == 0:
+        return math.nan
+    wanted = math.ceil(q * buckets[-1][1])
+    return next(bound for bound, count in buckets if count >= wanted)
+
+
 async def redis_calls(process: Process | None) -> float | None:
     """The round trips to Redis the server's workers made so far (None when the server does
     not use Redis). Redis' own command count would also count the commands its scripts run."""
@@ -300,8 +377,10 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
     port = free_port()
     workers = workers_of(name)
     name = PROCESS_OF.get(name, name)
-    if name in ("aether", "aether-no-history") or workers > 1:
-        argv = [PY, "-m", "aether", "--port", str(port), "--log-level", log_level]
+    database = None
+    if name in ("aether", "aether-no-history", "aether-pg") or workers > 1:
+        argv = [PY, "-m", "aether", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--log-level", log_level]
         if upstream_url is None:
             argv += ["--provider", "echo"]
         else:
@@ -318,6 +397,10 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
             "AETHER_DB_PATH": str(DB_DIR / f"history-{port}.sqlite3"),
             "AETHER_HISTORY": "false" if name == "aether-no-history" else "true",
         }
+        if name == "aether-pg":
+            assert POSTGRES is not None
+            database = await trio.to_thread.run_sync(POSTGRES.create_database)
+            env["AETHER_DATABASE_URL"] = database
         if workers > 1:
             assert REDIS is not None
             argv += ["--workers", str(workers)]
@@ -333,14 +416,26 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
         env = {}
     elif name == "fastapi-uvicorn":
         argv = [PY, "-m", "uvicorn", "fastapi_relay:app", "--app-dir", "scripts/bench"]
-        argv += ["--port", str(port), "--log-level", "warning", "--no-access-log"]
+        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--log-level", "warning", "--no-access-log"]
         env = {"AETHER_BENCH_UPSTREAM": upstream_url} if upstream_url else {}
     else:
         raise ValueError(name)
-    process = await start_process(name, argv, port, env)
+    try:
+        process = await start_process(name, argv, port, env)
+    except BaseException:
+        if database is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(drop_database, database)
+        raise
+    process.database = database
     if workers > 1:
         process.name = f"aether-{workers}w"
-        await wait_for_workers(process, workers)
+        try:
+            await wait_for_workers(process, workers)
+        except BaseException:
+            await process.stop()
+            raise
     return process
 
 
@@ -657,6 +752,7 @@ async def measure(
                 url = f"http://127.0.0.1:{process.port}/v1/chat/stream"
         idle_rss = process.rss() if process else 0
         cpu_before = process.cpu_s() if process else None
+        db_cpu_before = process.db_cpu_s() if process else 0.0
         redis_before = await redis_calls(process)
         upstream_cpu_before = upstream.psutil.cpu_times()
         peak = [idle_rss]
@@ -669,15 +765,19 @@ async def measure(
                 await trio.sleep(STORM_TAIL_S)
             nursery.cancel_scope.cancel()
         cpu_s = 0.0
+        db_cpu_s = math.nan
         if process is not None and cpu_before is not None:
             cpu_s = process.cpu_s() - cpu_before
+            if process.database is not None:
+                db_cpu_s = process.db_cpu_s() - db_cpu_before
         redis_after = await redis_calls(process) if redis_before is not None else 0.0
-        longest_commit_s = longest_lock_wait_s = math.nan
+        longest_commit_s = longest_lock_wait_s = commit_p99_bound_s = math.nan
         if process is not None and server.startswith("aether"):
             name = "aether_history_commit_longest_seconds"
             longest_commit_s = await aether_metric(process, name)
             name = "aether_history_lock_wait_longest_seconds"
             longest_lock_wait_s = await aether_metric(process, name)
+            commit_p99_bound_s = await commit_quantile_bound(process, 0.99)
         up_after = upstream.psutil.cpu_times()
         upstream_cpu_s = (up_after.user - upstream_cpu_before.user) + (
             up_after.system - upstream_cpu_before.system
@@ -689,7 +789,9 @@ async def measure(
             await process.stop()
     summary = summarize(results, wall, cpu_s, upstream_cpu_s, peak[0], idle_rss, records)
     summary["server_cpu_ms_per_chat"] = cpu_s / streams * 1000
+    summary["db_cpu_ms_per_chat"] = db_cpu_s / streams * 1000
     summary["longest_commit_ms"] = longest_commit_s * 1000
+    summary["commit_p99_bound_ms"] = commit_p99_bound_s * 1000
     summary["longest_lock_wait_ms"] = longest_lock_wait_s * 1000
     summary["redis_cmds_per_chat"] = (
         (redis_after - redis_before) / streams if redis_before is not None else math.nan
@@ -902,8 +1004,9 @@ async def run_requests(
 async def measure_chat_cost(
     server: str, routes: tuple[str, ...], args: argparse.Namespace
 ) -> list[dict[str, Any]]:
-    """Server CPU per request of each route: psutil's CPU times of the server process before
-    and after ``--chat-cost-requests`` requests, after ``--chat-cost-warmup`` of them."""
+    """Server CPU per request of each route: psutil's CPU times of the server process (and of
+    its PostgreSQL server's, for ``aether-pg``) before and after ``--chat-cost-requests``
+    requests, after ``--chat-cost-warmup`` of them."""
     process = await start_server(server, None, args.aether_log_level)
     rows: list[dict[str, Any]] = []
     try:
@@ -917,13 +1020,15 @@ async def measure_chat_cost(
                     process.port, route, args.chat_cost_message, args.chat_cost_warmup, 1, "w"
                 )
                 before = handle.cpu_times()
+                db_before = process.db_cpu_s()
                 started = now()
                 tally = await run_requests(
                     process.port, route, args.chat_cost_message, count, connections, "m"
                 )
                 wall = now() - started
                 after = handle.cpu_times()
-            cpu_s = (after.user - before.user) + (after.system - before.system)
+                db_s = process.db_cpu_s() - db_before
+            cpu_s = (after.user - before.user) + (after.system - before.system) + db_s
             rows.append(
                 {
                     "workload": "chat-cost",
@@ -1089,8 +1194,10 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("deltas/s", "deltas_per_s", 0),
         ("cpu us/delta", "server_cpu_us_per_delta", 1),
         ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
+        ("db cpu ms/chat", "db_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("longest commit ms", "longest_commit_ms", 1),
+        ("commit p99 <= ms", "commit_p99_bound_ms", 1),
         ("longest lock wait ms", "longest_lock_wait_ms", 1),
         ("peak RSS MiB", "peak_rss_mib", 1),
         ("ttft p50 ms", "ttft_p50_ms", 1),
@@ -1108,8 +1215,10 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("gap added p99 ms", "gap_added_p99_ms", 1),
         ("server cpu %", "server_cpu_pct", 0),
         ("cpu ms/chat", "server_cpu_ms_per_chat", 2),
+        ("db cpu ms/chat", "db_cpu_ms_per_chat", 2),
         ("redis cmds/chat", "redis_cmds_per_chat", 2),
         ("longest commit ms", "longest_commit_ms", 1),
+        ("commit p99 <= ms", "commit_p99_bound_ms", 1),
         ("longest lock wait ms", "longest_lock_wait_ms", 1),
         ("RSS/stream KiB", "rss_per_stream_kib", 1),
         ("failed", "failed", 0),
@@ -1150,6 +1259,12 @@ RATIO_KEY = {
 }
 # The column rows are compared within (Aether's row against the others'): streams by default.
 GROUP_KEY = {"chat-cost": "route"}
+# Printed under a workload's table when the server has a row in it.
+SERVER_NOTES = {
+    "aether-pg": "aether-pg: history in PostgreSQL (fsync on); its server CPU figures include "
+    "PostgreSQL's processes (db cpu ms/chat: that part alone), its memory figures do not; a "
+    "commit is a write batch's round trip.",
+}
 
 
 def add_derived(rows: list[dict[str, Any]], paced_rate: float) -> None:
@@ -1217,24 +1332,34 @@ def render(rows: list[dict[str, Any]]) -> str:
             if aether and row[key] and not math.isnan(row[key]) and not math.isnan(aether[key]):
                 ratio = f"{aether[key] / row[key]:.2f}x"
             cells = [row["server"], str(row[group])]
-            cells += [fmt(row[name], digits) for _, name, digits in columns]
+            cells += [fmt(row.get(name, math.nan), digits) for _, name, digits in columns]
             lines.append("| " + " | ".join([*cells, ratio]) + " |")
+        present = {row["server"] for row in selected}
+        lines += [note for server, note in SERVER_NOTES.items() if server in present]
     return "\n".join(lines)
 
 
 async def main(args: argparse.Namespace) -> None:
-    global REDIS
+    global REDIS, POSTGRES
     servers = list(args.servers or SERVERS)
     if args.workers > 1:
         several = f"aether-{args.workers}w"
         where = servers.index("aether") + 1 if "aether" in servers else len(servers)
         servers.insert(where, several)
-    async with trio.open_nursery() as nursery:
-        if any(workers_of(server) > 1 for server in servers):
-            REDIS = RedisServer()
-            await nursery.start(REDIS.run)
-        await run_cases(args, servers)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            if any(workers_of(server) > 1 for server in servers):
+                REDIS = RedisServer()
+                await nursery.start(REDIS.run)
+            if "aether-pg" in servers:
+                POSTGRES = PostgresServer(fsync=True)
+                await trio.to_thread.run_sync(POSTGRES.start)
+            await run_cases(args, servers)
+            nursery.cancel_scope.cancel()
+    finally:
+        if POSTGRES is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(POSTGRES.close)
 
 
 async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import trio
 
+from aether.core.files import ARCHIVED_MANIFEST
 from aether.core.identity import ANONYMOUS
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from tests.helpers import (
@@ -20,6 +21,7 @@ from tests.helpers import (
     running_server,
     ws_client,
 )
+from tests.history_backends import HistoryBackend, PostgresBackend
 
 pytestmark = list(OI_MARKS)
 DEADLINE_S = 60
@@ -113,7 +115,9 @@ async def test_upload_limits_give_clear_errors_and_the_connection_lives_on(
     assert [(f.name, f.size) for f in listed] == [("a.txt", 3), ("b.txt", 2)]
 
 
-async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) -> None:
+async def test_files_belong_to_their_conversation_and_caller(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     """Conversation ids are per caller: Alice's "c1" and Bob's "c1" each hold their own files,
     over REST and the WebSocket, and neither caller sees the other's."""
     keys = "k-alice-0123456789,k-bob-0123456789"
@@ -121,7 +125,9 @@ async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) 
     bob = {"Authorization": "Bearer k-bob-0123456789"}
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(oi_settings(fake_llm, api_keys=keys)) as server,
+            running_server(
+                oi_settings(fake_llm, api_keys=keys, **history_backend.settings)
+            ) as server,
             httpx.AsyncClient(base_url=server.base_url) as rest,
         ):
             upload = await rest.post(
@@ -148,7 +154,11 @@ async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) 
             second = await rest.get("/v1/conversations/c1-2/files", headers=alice)
             deleted = await rest.delete("/v1/conversations/c1", headers=alice)
             files = server.state.engine.file_chat.files
-            left = sorted(p.read_bytes() for p in files.root.rglob("*") if p.is_file())
+            left = sorted(
+                p.read_bytes()
+                for p in files.root.rglob("*")
+                if p.is_file() and p.name != ARCHIVED_MANIFEST
+            )
             his_after = await rest.get("/v1/conversations/c1/files", headers=bob)
     assert upload.status_code == 201
     assert upload.json() == {
@@ -173,8 +183,8 @@ async def test_files_belong_to_their_conversation_and_caller(fake_llm: FakeLLM) 
     assert his_after.json()["files"] == his.json()["files"]
 
 
-async def test_rest_upload_limits(fake_llm: FakeLLM) -> None:
-    settings = oi_settings(fake_llm, max_file_bytes=1024)
+async def test_rest_upload_limits(fake_llm: FakeLLM, history_backend: HistoryBackend) -> None:
+    settings = oi_settings(fake_llm, max_file_bytes=1024, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
             running_server(settings) as server,
@@ -199,10 +209,14 @@ async def test_rest_upload_limits(fake_llm: FakeLLM) -> None:
     assert listed.status_code == 404  # nothing was stored, so no conversation was created
 
 
-async def test_a_multi_file_upload_is_all_or_nothing(fake_llm: FakeLLM) -> None:
+async def test_a_multi_file_upload_is_all_or_nothing(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
     """Too many files, a refused type, one file too large: each request fails whole, and the
     conversation's files are exactly as before (a file it would have replaced included)."""
-    settings = oi_settings(fake_llm, max_file_bytes=1024, max_files_per_conversation=3)
+    settings = oi_settings(
+        fake_llm, max_file_bytes=1024, max_files_per_conversation=3, **history_backend.settings
+    )
     failing = {
         "too_many_files": [("a.txt", b"new"), ("b.txt", b"new"), ("c.txt", b"new")],
         "file_type_not_allowed": [("keep.txt", b"replaced"), ("tool.exe", b"x")],
@@ -230,7 +244,11 @@ async def test_a_multi_file_upload_is_all_or_nothing(fake_llm: FakeLLM) -> None:
                 outcomes[code] = (refused.status_code, refused.json()["error"]["code"])
                 after[code] = (await rest.get(url)).json()
                 directory = files.directory(ANONYMOUS, f"c-{code}")
-                on_disk[code] = {p.name: p.read_bytes() for p in directory.iterdir()}
+                on_disk[code] = {
+                    p.name: p.read_bytes()
+                    for p in directory.iterdir()
+                    if p.name != ARCHIVED_MANIFEST
+                }
             new_conversation = await rest.post(
                 "/v1/conversations/c-new/files",
                 files=[("file", ("a.txt", b"a")), ("file", ("big.txt", b"x" * 2000))],
@@ -290,3 +308,62 @@ async def test_file_chat_needs_the_agentic_path() -> None:
     assert "agentic" in refused["message"]
     assert catalog["file_chat"]["available"] is False
     assert json.dumps(catalog["file_chat"]["reason"])
+
+
+async def test_a_file_uploaded_to_one_node_is_opened_by_a_turn_on_another(
+    fake_llm: FakeLLM, postgres: PostgresBackend
+) -> None:
+    """Two nodes share PostgreSQL, each with a disk of its own: a file sent to node A is in
+    the sandbox of a turn on node B; replaced on B, A's next turn reads the new version;
+    deleted with its conversation, a later conversation of the same id on A has no file."""
+    nodes = [oi_settings(fake_llm, **postgres.settings) for _ in range(2)]
+    code = "print(open('/workspace/cities.csv').read().splitlines()[1])\n"
+    listing = "import os; print([n for n in os.listdir('/workspace') if n[0] != '.'])\n"
+    fake_llm.script(
+        Behaviour(reply=("Reading it.\n", "```", "python\n", code, "```", "\n")),
+        Behaviour(reply="Done."),
+        Behaviour(reply=("Reading it.\n", "```", "python\n", code, "```", "\n")),
+        Behaviour(reply="Done."),
+        Behaviour(reply=("Listing.\n", "```", "python\n", listing, "```", "\n")),
+        Behaviour(reply="Done."),
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(nodes[0]) as a,
+            running_server(nodes[1]) as b,
+            httpx.AsyncClient(base_url=a.base_url) as rest_a,
+            httpx.AsyncClient(base_url=b.base_url) as rest_b,
+        ):
+            assert a.state.engine.file_chat.files.root != b.state.engine.file_chat.files.root
+            sent = await rest_a.post(
+                "/v1/conversations/c-shared/files", files=[("file", ("cities.csv", DATA))]
+            )
+            listed_on_b = await rest_b.get("/v1/conversations/c-shared/files")
+            async with ws_client(b.ws_url) as client:
+                on_b = await chat_approved(client, "r1", "c-shared")
+            replaced = await rest_b.post(
+                "/v1/conversations/c-shared/files",
+                files=[("file", ("cities.csv", b"city\nParis,2102650\n"))],
+            )
+            async with ws_client(a.ws_url) as client:
+                on_a = await chat_approved(client, "r2", "c-shared")
+            deleted = await rest_b.delete("/v1/conversations/c-shared")
+            async with ws_client(a.ws_url) as client:
+                after_delete = await chat_approved(client, "r3", "c-shared")
+    assert sent.status_code == replaced.status_code == 201
+    assert listed_on_b.json()["files"] == [{"name": "cities.csv", "size": len(DATA)}]
+    assert "Lyon,522250" in console_of(on_b)
+    assert "Paris,2102650" in console_of(on_a)
+    assert deleted.status_code == 204
+    assert "cities.csv" not in console_of(after_delete)
+    assert "[]" in console_of(after_delete)
+
+
+async def chat_approved(client: WSClient, request_id: str, conversation_id: str) -> list[Any]:
+    await client.send(
+        {"type": "chat", "id": request_id, "message": "go", "conversation_id": conversation_id}
+    )
+    await client.approve_when_asked(request_id)
+    messages = await client.finish(request_id)
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    return messages

@@ -35,6 +35,7 @@ jobs: [history_management, schema_migration, crash_recovery]
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -46,6 +47,7 @@ import psycopg
 import trio
 
 from aether.core.errors import StorageError, UnknownConversation
+from aether.core.files import ArchivedFile, FileArchive
 from aether.core.history.store import (
     AnswerWrite,
     Conversation,
@@ -96,6 +98,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE writers (
         id TEXT PRIMARY KEY,
         expires_at TIMESTAMPTZ NOT NULL
+    );
+    """,
+    # 2: uploaded files, so that any node can run a conversation's next agentic turn; they go
+    # with their conversation.
+    """
+    CREATE TABLE files (
+        owner TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        content BYTEA NOT NULL,
+        stored_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (owner, conversation_id, name),
+        FOREIGN KEY (owner, conversation_id)
+            REFERENCES conversations (owner, id) ON DELETE CASCADE
     );
     """,
 )
@@ -481,6 +499,58 @@ class PostgresHistoryStore:
         if self._on_commit is not None:
             self._on_commit(time.perf_counter() - started, 0.0)
         return [result if result is not None else StorageError("not stored") for result in results]
+
+    # -- files (FileArchive) ----------------------------------------------------------------
+
+    @property
+    def files_archive(self) -> FileArchive:
+        return self
+
+    async def put_files(
+        self, owner: str, conversation_id: str, files: Sequence[tuple[str, bytes]]
+    ) -> None:
+        now = time.time()
+        statements = [Statement("BEGIN")]
+        for name, content in files:
+            digest = hashlib.sha256(content).hexdigest()
+            statements.append(
+                Statement(
+                    "INSERT INTO files (owner, conversation_id, name, size, sha256, content, "
+                    "stored_at) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+                    "ON CONFLICT (owner, conversation_id, name) DO UPDATE SET "
+                    "size = excluded.size, sha256 = excluded.sha256, "
+                    "content = excluded.content, stored_at = excluded.stored_at",
+                    (owner, conversation_id, name, len(content), digest, content, now),
+                )
+            )
+        statements.append(Statement("COMMIT"))
+
+        async def run(connection: PgConnection) -> None:
+            outcomes = await connection.run(statements)
+            failure = next((o for o in outcomes if isinstance(o, psycopg.Error)), None)
+            if failure is not None:
+                await connection.execute("ROLLBACK")
+                raise failure
+
+        await self._call(run)
+
+    async def archived_files(self, owner: str, conversation_id: str) -> list[ArchivedFile]:
+        rows = await self._read(
+            "SELECT name, size, sha256 FROM files WHERE owner = $1 AND conversation_id = $2 "
+            "ORDER BY name",
+            owner,
+            conversation_id,
+        )
+        return [ArchivedFile(name, size, digest) for name, size, digest in rows]
+
+    async def file_content(self, owner: str, conversation_id: str, name: str) -> bytes | None:
+        rows = await self._read(
+            "SELECT content FROM files WHERE owner = $1 AND conversation_id = $2 AND name = $3",
+            owner,
+            conversation_id,
+            name,
+        )
+        return bytes(rows[0][0]) if rows else None
 
     async def rename_conversation(
         self, owner: str, conversation_id: str, title: str

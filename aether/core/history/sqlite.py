@@ -622,6 +622,11 @@ class SQLiteHistoryStore:
         else:
             log.info("history in %s, shared with the other workers", self.path)
 
+    @property
+    def files_archive(self) -> None:
+        """Uploaded files stay on this machine's disk."""
+        return None
+
     async def maintain(self) -> None:
         """Nothing to keep up: the WAL checkpointer is a thread of its own."""
 

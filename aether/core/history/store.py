@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from aether.core.errors import StorageError
+from aether.core.files import FileArchive
 
 MessageStatus = Literal["streaming", "complete", "stopped", "error", "interrupted"]
 
@@ -74,6 +75,11 @@ def storable(text: str) -> str:
 
 
 class HistoryStore(Protocol):
+    @property
+    def files_archive(self) -> FileArchive | None:
+        """Where uploaded files are kept for every node, if the store keeps them (PostgreSQL);
+        None: each node keeps its own on disk."""
+
     async def open(self) -> None:
         """Create or migrate the schema; mark answers left ``streaming`` as ``interrupted``
         (those whose writer is gone)."""

@@ -85,6 +85,7 @@ class RuntimeEngine:
             max_bytes=settings.max_file_bytes,
             max_files=settings.max_files_per_conversation,
             extensions=settings.file_types,
+            archive=history.files_archive if history is not None else None,
         )
         self.file_chat = FileChat(files, history, self._agentic_path_available)
 

@@ -126,7 +126,7 @@ class OIProvider:
     async def _turn(self, instance: Any, request: ChatRequest, send: ChunkSender) -> None:
         message = request.message
         if self._files is not None and request.conversation_id is not None:
-            stored = await self._files.stored(request.owner, request.conversation_id)
+            stored = await self._files.materialise(request.owner, request.conversation_id)
             directory = self._manager.files_directory(request.owner, request.conversation_id)
             message = describe_files(stored, message, directory)
         model_stream = _ModelStream()
