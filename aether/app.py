@@ -25,6 +25,7 @@ from aether.api.errors import http_error_fields
 from aether.api.middleware.auth import PUBLIC_PATHS, AuthMiddleware
 from aether.api.middleware.browser_guard import BrowserGuardMiddleware, BrowserPolicy
 from aether.api.middleware.error_handler import ErrorHandlerMiddleware
+from aether.api.middleware.forwarded import ForwardedMiddleware, proxy_networks
 from aether.api.middleware.rate_limiter import RateLimiter, RateLimitMiddleware, Tier
 from aether.api.middleware.response_end import ResponseEndMiddleware
 from aether.api.middleware.security import SecurityHeadersMiddleware
@@ -143,8 +144,9 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
 def middleware_stack(
     app: ASGIApp, keys: KeyRing, settings: Settings, metrics: Metrics, control: ControlPlane
 ) -> ASGIApp:
-    """Outermost first: the shielded response end, security headers, request ids and errors,
-    the browser guard (Host, Origin, cross-site), rate limits, authentication."""
+    """Outermost first: the client's address behind trusted proxies, the shielded response end,
+    security headers, request ids and errors, the browser guard (Host, Origin, cross-site), rate
+    limits, authentication."""
     public = PUBLIC_PATHS | PAGE_PATHS | ({"/metrics"} if settings.metrics_public else set())
     authenticated = AuthMiddleware(app, keys, frozenset(public), (PAGE_FILES_PREFIX,))
     limited = RateLimitMiddleware(
@@ -165,4 +167,7 @@ def middleware_stack(
             public_prefixes=(PAGE_FILES_PREFIX,),
         ),
     )
-    return ResponseEndMiddleware(SecurityHeadersMiddleware(ErrorHandlerMiddleware(guarded)))
+    outer = ResponseEndMiddleware(SecurityHeadersMiddleware(ErrorHandlerMiddleware(guarded)))
+    if not settings.trusted_proxies:
+        return outer
+    return ForwardedMiddleware(outer, proxy_networks(settings.trusted_proxies))

@@ -273,12 +273,18 @@ class Settings(BaseModel):
     rate_limit_max_clients: int = Field(
         10_000, ge=100, description="Most client IPs tracked at once (least recent forgotten)."
     )
+    trusted_proxies: tuple[str, ...] = Field(
+        (),
+        description="Reverse proxies (addresses or networks, comma-separated) whose "
+        "X-Forwarded-For names the client, for per-IP limits and logs.",
+    )
 
     @field_validator(
         "api_keys",
         "allowed_hosts",
         "allowed_origins",
         "rate_limit_exempt_ips",
+        "trusted_proxies",
         "file_types",
         mode="before",
     )
@@ -286,6 +292,18 @@ class Settings(BaseModel):
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an address or network like 10.0.0.0/8"
+                ) from None
         return value
 
     @field_validator("allowed_origins")

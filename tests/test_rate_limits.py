@@ -114,3 +114,50 @@ async def test_websocket_connections_per_ip_are_limited() -> None:
             async with ws_client(server.ws_url) as again:
                 assert again.hello["type"] == "hello"
     assert third == 429
+
+
+async def test_behind_a_trusted_proxy_each_forwarded_client_has_its_own_limit() -> None:
+    """127.0.0.1 plays the proxy: its X-Forwarded-For names the client, and each client is
+    limited on its own. 127.0.0.2 is not a proxy: the same header from it changes nothing."""
+    settings = make_settings(
+        provider="echo",
+        echo_token_delay_s=0,
+        rate_limit_chat_per_minute=1,
+        max_connections_per_ip=1,
+        trusted_proxies="127.0.0.1,10.0.0.0/8",
+    )
+    not_a_proxy = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+
+    def via(*hops: str) -> dict[str, str]:
+        return {"X-Forwarded-For": ", ".join(hops)}
+
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            httpx.AsyncClient(base_url=server.base_url) as proxy,
+            httpx.AsyncClient(base_url=server.base_url, transport=not_a_proxy) as client,
+        ):
+
+            async def chat(http: httpx.AsyncClient, headers: dict[str, str]) -> int:
+                answer = await http.post("/v1/chat", json={"message": "hi"}, headers=headers)
+                return answer.status_code
+
+            alice = [await chat(proxy, via("203.0.113.7")) for _ in range(2)]
+            # Bob's own header claims Alice's address; a second proxy (10.1.2.3) forwarded it.
+            bob = [
+                await chat(proxy, via("203.0.113.7", "198.51.100.9", "10.1.2.3")) for _ in range(2)
+            ]
+            spoofed = [await chat(client, via("192.0.2.1")) for _ in range(2)]
+            garbage = await chat(proxy, via("not-an-address"))
+            async with ws_client(server.ws_url, extra_headers=[("X-Forwarded-For", "192.0.2.50")]):
+                second_from_same = await websocket_handshake_status(
+                    server.ws_url, headers=[(b"x-forwarded-for", b"192.0.2.50")]
+                )
+                other_client = await websocket_handshake_status(
+                    server.ws_url, headers=[(b"x-forwarded-for", b"192.0.2.51")]
+                )
+    assert alice == [200, 429]
+    assert bob == [200, 429]
+    assert spoofed == [200, 429]  # limited as 127.0.0.2, whatever it says
+    assert garbage == 200  # counted as the proxy itself, whose bucket was untouched
+    assert (second_from_same, other_client) == (429, 101)
