@@ -669,6 +669,12 @@ class RedisControlPlane:
                 reply = await replies.receive()
                 error = reply.get("error")
                 if error is None:
+                    log.info(
+                        "control plane: %s of request %s done by worker %s",
+                        command["op"],
+                        request_id,
+                        reply.get("from", "?"),
+                    )
                     return
                 raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
             raise ControlPlaneUnavailable("the worker running that request did not answer")
@@ -703,7 +709,16 @@ class RedisControlPlane:
                 return
         except AetherError as exc:
             error = {"code": exc.code, "message": exc.message}
-        reply = orjson.dumps({"op": "reply", "call": message["call"], "error": error})
+        log.info(
+            "control plane: %s of request %s asked by worker %s%s",
+            op,
+            message["id"],
+            message["from"],
+            f": {error['code']}" if error else "",
+        )
+        reply = orjson.dumps(
+            {"op": "reply", "call": message["call"], "from": self.worker_id, "error": error}
+        )
         self._reply_soon(CHANNEL + str(message["from"]), reply)
 
     async def _answer_saved(self, message: dict[str, Any]) -> None:
