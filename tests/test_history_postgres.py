@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import httpx
 import psycopg
 import pytest
 import trio
@@ -16,9 +17,14 @@ from aether.core.history.postgres import MIGRATIONS, PostgresHistoryStore
 from aether.core.history.store import AnswerWrite, TurnStart
 from aether.core.postgres.connection import PgConnection, Statement
 from aether.core.postgres.pool import PgPool
-from aether.testing.postgres_server import PostgresServer
+from aether.testing.fake_llm import Behaviour, FakeLLM
+from aether.testing.postgres_server import PostgresServer, postgres_available
+from tests.helpers import http_settings, running_server, ws_client
 from tests.history_backends import PostgresBackend
 
+pytestmark = pytest.mark.skipif(
+    not postgres_available(), reason="PostgreSQL is not installed (scripts/test installs it)"
+)
 DEADLINE_S = 20
 
 
@@ -142,7 +148,7 @@ async def test_a_write_cut_short_is_not_stored_at_all(
 
 
 async def test_a_restarted_server_costs_no_request_and_a_stopped_one_is_recovered_from(
-    postgres_cluster: PostgresServer, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A server of its own: this test stops it.
     server = PostgresServer()
@@ -214,3 +220,35 @@ async def test_a_batch_of_statements_is_one_round_trip_and_stops_at_a_failure(
     assert isinstance(outcomes[1], psycopg.errors.DivisionByZero)
     assert type(outcomes[2]).__name__ == "PipelineAborted"
     assert after == [("still usable",)]
+
+
+async def test_a_server_whose_database_stops_answers_storage_error_then_recovers(
+    fake_llm: FakeLLM,
+) -> None:
+    server_db = PostgresServer()
+    await trio.to_thread.run_sync(server_db.start)
+    fake_llm.default = Behaviour(tokens=2)
+    try:
+        settings = http_settings(fake_llm, database_url=server_db.url())
+        with trio.fail_after(DEADLINE_S):
+            async with running_server(settings) as server, ws_client(server.ws_url) as client:
+                before = await client.chat("one", id="r1", conversation_id="c")
+                await trio.to_thread.run_sync(server_db.stop)
+                during = await client.chat("two", id="r2", conversation_id="c")
+                await client.send({"type": "ping"})
+                pong = await client.receive_control()
+                await trio.to_thread.run_sync(server_db.start)
+                after = await client.chat("three", id="r3", conversation_id="c")
+                async with httpx.AsyncClient(base_url=server.base_url) as rest:
+                    stored = await rest.get("/v1/chat/history", params={"conversation_id": "c"})
+    finally:
+        await trio.to_thread.run_sync(server_db.close)
+    assert before[-1]["type"] == after[-1]["type"] == "completion"
+    assert (during[-1]["type"], during[-1]["code"]) == ("error", "storage_error")
+    assert pong["type"] == "pong"
+    assert [m["content"] for m in stored.json()["messages"]] == [
+        "one",
+        "tok0 tok1 ",
+        "three",
+        "tok0 tok1 ",
+    ]
