@@ -24,6 +24,7 @@ from tests.helpers import (
     running_server,
     ws_client,
 )
+from tests.history_backends import PostgresBackend
 
 pytestmark = list(OI_MARKS)
 DEADLINE_S = 60
@@ -539,3 +540,35 @@ async def test_two_callers_conversations_of_the_same_id_have_separate_interprete
                     outputs = await client.finish(key)
     assert "4711" not in console_of(outputs)  # Bob's turn: a fresh interpreter
     assert "NameError" in console_of(outputs)
+
+
+async def test_an_interpreter_follows_turns_taken_on_another_node(
+    fake_llm: FakeLLM, postgres: PostgresBackend
+) -> None:
+    """Two nodes share the history: a conversation's turns go where its requests land. The
+    interpreter kept on node A learns of the turn taken on B before its next turn; and when
+    the conversation is deleted on B and begun anew, A's interpreter is not reused."""
+    fake_llm.default = Behaviour(reply="ok.")
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm, **postgres.settings)) as a,
+            running_server(oi_settings(fake_llm, **postgres.settings)) as b,
+            ws_client(a.ws_url) as on_a,
+            ws_client(b.ws_url) as on_b,
+            httpx.AsyncClient(base_url=b.base_url) as rest_b,
+        ):
+            await on_a.chat("remember: blue", id="t1", conversation_id="k")
+            await on_b.chat("remember: red", id="t2", conversation_id="k")
+            await on_a.chat("which colours?", id="t3", conversation_id="k")
+            deleted = await rest_b.delete("/v1/conversations/k")
+            await on_a.chat("anything?", id="t4", conversation_id="k")
+            created_on_a = interpreters_of(a).created
+
+    def told(index: int) -> str:
+        return " ".join(str(m["content"]) for m in fake_llm.streams[index].request["messages"])
+
+    assert "remember: blue" in told(2)
+    assert "remember: red" in told(2)
+    assert deleted.status_code == 204
+    assert "remember" not in told(3)
+    assert created_on_a == 2

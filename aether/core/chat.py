@@ -30,6 +30,9 @@ class ChatRequest:
     conversation_id: str | None = None
     # Earlier turns of the conversation, oldest first: (role, content) pairs.
     history: tuple[tuple[str, str], ...] = ()
+    # The request ids of the stored turns ``history`` holds, oldest first, when it comes from
+    # the history store (None: the transport's, or none). Any worker may have run them.
+    history_turns: tuple[str, ...] | None = None
 
 
 def block_start(role: str = "assistant", type_: str = "message") -> Chunk:

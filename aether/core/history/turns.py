@@ -60,7 +60,10 @@ class TurnHistory:
         # Stored context, if any; else whatever context the transport gave (OpenAI clients
         # send the whole conversation with every request).
         history = tuple((m.role, m.content) for m in context) if context else request.history
-        request = replace(request, conversation_id=conversation_id, history=history)
+        turns = tuple(dict.fromkeys(m.request_id for m in context if m.request_id is not None))
+        request = replace(
+            request, conversation_id=conversation_id, history=history, history_turns=turns
+        )
         title = request.message[:TITLE_CHARS]
         start = TurnStart(request.owner, conversation_id, title, request.id, request.message)
         recorder = TurnRecorder(self.writer, start)

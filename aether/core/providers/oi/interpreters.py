@@ -57,6 +57,15 @@ def agentic_path_enabled(settings: Settings) -> bool:
 Key = tuple[str, str]  # (owner, conversation id)
 
 
+def _messages(history: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
+    """Stored turns as an interpreter's conversation."""
+    return [
+        {"role": role, "type": "message", "content": content}
+        for role, content in history
+        if role in ("user", "assistant")
+    ]
+
+
 class InterpreterManager:
     def __init__(
         self, settings: Settings, files: ConversationFiles, sandbox: Sandbox | None
@@ -70,6 +79,8 @@ class InterpreterManager:
         self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
         # Deleted conversations whose interpreter a turn was using: closed when that turn ends.
         self._forgotten: set[Key] = set()
+        # The stored turns (request ids) each interpreter has run or was made from.
+        self._known: dict[Key, set[str]] = {}
         self.created = 0  # interpreters made so far
 
     @property
@@ -101,10 +112,23 @@ class InterpreterManager:
 
     @asynccontextmanager
     async def turn(
-        self, owner: str, conversation_id: str, history: tuple[tuple[str, str], ...] = ()
+        self,
+        owner: str,
+        conversation_id: str,
+        history: tuple[tuple[str, str], ...] = (),
+        history_turns: tuple[str, ...] | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[Any]:
-        """The conversation's interpreter, for one turn: created on first use (from the
-        conversation's stored ``history``, after a restart or once an idle one was closed).
+        """The conversation's interpreter, for one turn (``request_id``): created on first use
+        (from the conversation's stored ``history``, after a restart or once an idle one was
+        closed).
+
+        With several workers or nodes, a conversation's turns may run anywhere: an interpreter
+        kept here may have missed some. ``history_turns`` (the stored turns' request ids) tells:
+        if it names a turn this interpreter neither ran nor was made from, its conversation is
+        taken again from the stored history (its kernel, and what the code left in it, stay); if
+        it shares no turn with what the interpreter knows, the conversation was deleted and
+        begun anew elsewhere, and the interpreter is replaced.
 
         An interpreter is not safe for two turns at once, so a conversation's turns take it one
         at a time: a turn that starts while another runs waits (cancellably) for it to end."""
@@ -112,7 +136,14 @@ class InterpreterManager:
         lock = self._turns.setdefault(key, trio.Lock())
         try:
             async with lock:
-                yield await self._get_or_create(key, history)
+                if history_turns is not None:
+                    await self._follow_history(key, history, history_turns)
+                instance = await self._get_or_create(key, history)
+                if history_turns is not None:
+                    self._known.setdefault(key, set()).update(history_turns)
+                if request_id is not None:
+                    self._known.setdefault(key, set()).add(request_id)
+                yield instance
         finally:
             if not lock.locked():
                 del self._turns[key]
@@ -130,7 +161,23 @@ class InterpreterManager:
         else:
             await self._close_now(key)
 
+    async def _follow_history(
+        self, key: Key, history: tuple[tuple[str, str], ...], turns: tuple[str, ...]
+    ) -> None:
+        """Bring a kept interpreter in line with the stored conversation (see ``turn``)."""
+        instance = self._instances.get(key)
+        if instance is None:
+            return
+        known = self._known.get(key, set())
+        if known and not known.intersection(turns):
+            log.info("conversation %s was begun anew elsewhere: a new interpreter", key[1])
+            await self._close_now(key)
+        elif not known.issuperset(turns):
+            log.info("conversation %s had turns elsewhere: its messages are reloaded", key[1])
+            instance.messages = _messages(history)
+
     async def _close_now(self, key: Key) -> None:
+        self._known.pop(key, None)
         instance = self._instances.pop(key, None)
         if instance is not None:
             with trio.CancelScope(shield=True):
@@ -148,17 +195,14 @@ class InterpreterManager:
         cls = await self._interpreter_class()
         created: Any = await trio.to_thread.run_sync(self._create, cls, key)
         self.created += 1
-        created.messages = [
-            {"role": role, "type": "message", "content": content}
-            for role, content in history
-            if role in ("user", "assistant")
-        ]
+        created.messages = _messages(history)
         self._instances[key] = created
         # Close the least recently used beyond the cap, but never one a turn is using: the cap
         # is then exceeded until those turns end and a later creation closes them.
         idle = [other for other in self._instances if not self._in_use(other)]
         for other in idle[: max(0, len(self._instances) - self._max)]:
             if other != key:
+                self._known.pop(other, None)
                 await trio.to_thread.run_sync(self._close, other, self._instances.pop(other))
         return created
 

@@ -120,7 +120,13 @@ class OIProvider:
 
     async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
         conversation_id = request.conversation_id or request.id
-        async with self._manager.turn(request.owner, conversation_id, request.history) as instance:
+        async with self._manager.turn(
+            request.owner,
+            conversation_id,
+            request.history,
+            request.history_turns,
+            request.id,
+        ) as instance:
             await self._turn(instance, request, send)
 
     async def _turn(self, instance: Any, request: ChatRequest, send: ChunkSender) -> None:
