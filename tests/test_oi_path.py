@@ -9,10 +9,12 @@ import httpx
 import pytest
 import trio
 
+from aether.core.control.redis_plane import RedisControlPlane
 from aether.core.identity import ANONYMOUS
 from aether.core.providers.oi.interpreters import InterpreterManager
 from aether.core.providers.oi.provider import OIProvider
 from aether.testing.fake_llm import Behaviour, FakeLLM
+from aether.testing.redis_server import RedisServer
 from tests.helpers import (
     OI_MARKS,
     RunningServer,
@@ -20,6 +22,7 @@ from tests.helpers import (
     console_of,
     content_of,
     make_settings,
+    needs_redis,
     oi_settings,
     running_server,
     ws_client,
@@ -542,17 +545,20 @@ async def test_two_callers_conversations_of_the_same_id_have_separate_interprete
     assert "NameError" in console_of(outputs)
 
 
+@needs_redis
 async def test_an_interpreter_follows_turns_taken_on_another_node(
-    fake_llm: FakeLLM, postgres: PostgresBackend
+    fake_llm: FakeLLM, postgres: PostgresBackend, redis: RedisServer
 ) -> None:
-    """Two nodes share the history: a conversation's turns go where its requests land. The
-    interpreter kept on node A learns of the turn taken on B before its next turn; and when
-    the conversation is deleted on B and begun anew, A's interpreter is not reused."""
+    """Two nodes share the history and Redis: a conversation's turns go where its requests
+    land. The interpreter kept on node A learns of the turn taken on B before its next turn;
+    and when the conversation is deleted on B, A's interpreter goes too (B tells every worker),
+    so the conversation begun anew under that id starts afresh."""
     fake_llm.default = Behaviour(reply="ok.")
+    settings = oi_settings(fake_llm, redis_url=redis.url, **postgres.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(oi_settings(fake_llm, **postgres.settings)) as a,
-            running_server(oi_settings(fake_llm, **postgres.settings)) as b,
+            running_server(settings) as a,
+            running_server(settings) as b,
             ws_client(a.ws_url) as on_a,
             ws_client(b.ws_url) as on_b,
             httpx.AsyncClient(base_url=b.base_url) as rest_b,
@@ -561,6 +567,10 @@ async def test_an_interpreter_follows_turns_taken_on_another_node(
             await on_b.chat("remember: red", id="t2", conversation_id="k")
             await on_a.chat("which colours?", id="t3", conversation_id="k")
             deleted = await rest_b.delete("/v1/conversations/k")
+            plane = a.state.engine.control
+            assert isinstance(plane, RedisControlPlane)
+            await plane.wait_forgotten(ANONYMOUS, "k")
+            open_on_a = interpreters_of(a).open_count
             await on_a.chat("anything?", id="t4", conversation_id="k")
             created_on_a = interpreters_of(a).created
 
@@ -570,5 +580,6 @@ async def test_an_interpreter_follows_turns_taken_on_another_node(
     assert "remember: blue" in told(2)
     assert "remember: red" in told(2)
     assert deleted.status_code == 204
+    assert open_on_a == 0
     assert "remember" not in told(3)
     assert created_on_a == 2

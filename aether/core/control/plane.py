@@ -49,6 +49,10 @@ class WorkerCommands(Protocol):
         """Return once the conversation's last turn that told its client its terminal is saved
         (at once if none waits for its save here)."""
 
+    async def forget_local(self, owner: str, conversation_id: str) -> None:
+        """The conversation was deleted on another worker: drop what this one keeps of it (its
+        interpreter, its copy of the files)."""
+
 
 class ControlPlane(Protocol):
     @property
@@ -96,6 +100,11 @@ class ControlPlane(Protocol):
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
         """Stop a request this worker does not run. Raises UnknownRequest when no worker runs
         it, ControlPlaneUnavailable when the plane cannot tell."""
+
+    def conversation_deleted(self, owner: str, conversation_id: str) -> None:
+        """Tell every other worker that the conversation was deleted (``forget_local``). Never
+        blocks; a worker that misses it (Redis down) keeps an interpreter that the next turn's
+        stored history corrects."""
 
     async def approve_elsewhere(
         self, request_id: str, owner: str, confirmation_id: str, approved: bool
@@ -150,6 +159,9 @@ class LocalControlPlane:
 
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
         raise UnknownRequest(f"no running request with id {request_id!r}")
+
+    def conversation_deleted(self, owner: str, conversation_id: str) -> None:
+        pass
 
     async def approve_elsewhere(
         self, request_id: str, owner: str, confirmation_id: str, approved: bool

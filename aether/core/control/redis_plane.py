@@ -42,6 +42,7 @@ jobs: [worker_coordination, message_routing, limit_checking]
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -77,6 +78,8 @@ CONNECTIONS_KEY = PREFIX + "connections:"
 TURN_KEY = PREFIX + "turn:"
 NO_KEY = PREFIX + "none"
 CHANNEL = PREFIX + "control:"
+# What every worker listens to besides its own channel: news for all (a deleted conversation).
+EVERY_WORKER = CHANNEL + "*all"
 
 # How long a routed stop or approval waits for the owner worker's answer.
 REPLY_TIMEOUT_S = 2.0
@@ -280,6 +283,9 @@ class RedisControlPlane:
         self._calls: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._reachable = False
         self._subscribed = False
+        # The latest conversations other workers deleted and this one dropped.
+        self._forgotten: collections.deque[tuple[str, str]] = collections.deque(maxlen=64)
+        self._forgotten_changed = trio.Event()
         self._subscription_changed = trio.Event()
         self._listening = trio.CancelScope()
         self._listening_done = trio.Event()
@@ -366,12 +372,12 @@ class RedisControlPlane:
             self._listening_done.set()
 
     async def _listen(self) -> None:
-        channel = CHANNEL + self.worker_id
+        channels = [CHANNEL + self.worker_id, EVERY_WORKER]
         delay = SUBSCRIBE_RETRY_MIN_S
         while True:
             try:
                 async with self._client.pubsub(
-                    channels=[channel], ignore_subscribe_messages=True, retry_policy=None
+                    channels=channels, ignore_subscribe_messages=True, retry_policy=None
                 ) as subscription:
                     self._subscribed = True
                     self._subscription_changed.set()
@@ -617,6 +623,22 @@ class RedisControlPlane:
             {"op": "approve", "confirmation_id": confirmation_id, "approved": approved},
         )
 
+    async def _forget(self, key: tuple[str, str]) -> None:
+        assert self._commands is not None
+        await self._commands.forget_local(*key)
+        self._forgotten.append(key)
+        self._forgotten_changed.set()
+        self._forgotten_changed = trio.Event()
+
+    async def wait_forgotten(self, owner: str, conversation_id: str) -> None:
+        """Wait until this worker has dropped a conversation another deleted (tests)."""
+        while (owner, conversation_id) not in self._forgotten:
+            await self._forgotten_changed.wait()
+
+    def conversation_deleted(self, owner: str, conversation_id: str) -> None:
+        news = {"op": "forget", "from": self.worker_id, "owner": owner}
+        self._reply_soon(EVERY_WORKER, orjson.dumps({**news, "conversation": conversation_id}))
+
     async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
         call, replies = self._open_call()
         message = orjson.dumps(
@@ -692,6 +714,11 @@ class RedisControlPlane:
         assert self._nursery is not None
         if op == "saved":
             self._nursery.start_soon(self._answer_saved, message)
+            return
+        if op == "forget":
+            if message["from"] != self.worker_id:
+                key = (str(message["owner"]), str(message["conversation"]))
+                self._nursery.start_soon(self._forget, key)
             return
         error: dict[str, str] | None = None
         try:

@@ -141,7 +141,13 @@ class RuntimeEngine:
 
     async def forget_conversation(self, owner: str, conversation_id: str) -> None:
         """A conversation was deleted from the history: its interpreter (which remembers it)
-        and its files go too. Raises what deleting the files raises (an AetherError)."""
+        and its files go too, here and on every other worker. Raises what deleting the files
+        raises (an AetherError)."""
+        self.control.conversation_deleted(owner, conversation_id)
+        await self.forget_local(owner, conversation_id)
+
+    async def forget_local(self, owner: str, conversation_id: str) -> None:
+        """Drop what this worker keeps of a deleted conversation."""
         if self._streamer is not None:
             await self._streamer.forget_conversation(owner, conversation_id)
         await self.file_chat.delete_conversation(owner, conversation_id)

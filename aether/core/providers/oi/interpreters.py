@@ -127,8 +127,8 @@ class InterpreterManager:
         kept here may have missed some. ``history_turns`` (the stored turns' request ids) tells:
         if it names a turn this interpreter neither ran nor was made from, its conversation is
         taken again from the stored history (its kernel, and what the code left in it, stay); if
-        it shares no turn with what the interpreter knows, the conversation was deleted and
-        begun anew elsewhere, and the interpreter is replaced.
+        it names turns but none this interpreter knows, the conversation was deleted and begun
+        anew elsewhere (a notice this worker missed), and the interpreter is replaced.
 
         An interpreter is not safe for two turns at once, so a conversation's turns take it one
         at a time: a turn that starts while another runs waits (cancellably) for it to end."""
@@ -169,7 +169,9 @@ class InterpreterManager:
         if instance is None:
             return
         known = self._known.get(key, set())
-        if known and not known.intersection(turns):
+        # No stored turn at all says nothing: this turn's context may have been read before a
+        # turn running here was stored.
+        if turns and known and not known.intersection(turns):
             log.info("conversation %s was begun anew elsewhere: a new interpreter", key[1])
             await self._close_now(key)
         elif not known.issuperset(turns):
