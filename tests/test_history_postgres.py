@@ -15,6 +15,7 @@ from aether.core.errors import StorageError
 from aether.core.history import postgres as postgres_store
 from aether.core.history.postgres import MIGRATIONS, PostgresHistoryStore
 from aether.core.history.store import AnswerWrite, TurnStart
+from aether.core.postgres.batching import ReadBatcher
 from aether.core.postgres.connection import PgConnection, Statement
 from aether.core.postgres.pool import PgPool
 from aether.testing.fake_llm import Behaviour, FakeLLM
@@ -252,3 +253,31 @@ async def test_a_server_whose_database_stops_answers_storage_error_then_recovers
         "three",
         "tok0 tok1 ",
     ]
+
+
+async def test_reads_of_one_round_share_a_round_trip_and_fail_alone(
+    postgres: PostgresBackend,
+) -> None:
+    pool = PgPool(postgres.url, 4)
+    batcher = ReadBatcher(pool, leaders=2, timeout_s=5.0)
+    outcomes: dict[int, object] = {}
+
+    async def read(index: int) -> None:
+        sql = "SELECT 1 / $1::int" if index == 7 else "SELECT $1::int * 2"
+        (outcome,) = await batcher.run([Statement(sql, (0 if index == 7 else index,))])
+        outcomes[index] = outcome
+
+    async def read_then_give_up(scope: trio.CancelScope) -> None:
+        with scope:
+            await batcher.run([Statement("SELECT pg_sleep(0.2)")])
+
+    given_up = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        for index in range(300):
+            nursery.start_soon(read, index)
+        nursery.start_soon(read_then_give_up, given_up)
+        given_up.cancel()  # before its round: withdrawn, never sent
+    pool.close()
+    assert batcher.batches == 1  # every read of the round in one pipeline
+    assert isinstance(outcomes.pop(7), psycopg.errors.DivisionByZero)
+    assert outcomes == {index: [(index * 2,)] for index in range(300) if index != 7}

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -56,6 +56,7 @@ from aether.core.history.store import (
     TurnStart,
     storable,
 )
+from aether.core.postgres.batching import ReadBatcher
 from aether.core.postgres.connection import PgConnection, Row, Statement
 from aether.core.postgres.pool import PgPool
 
@@ -270,6 +271,9 @@ class PostgresHistoryStore:
         self.writer = writer
         self.lease_s = lease_s
         self._pool = PgPool(url, pool_size)
+        # Half the connections at most for batched reads: the answer writer and the lease
+        # always find one.
+        self._batcher = ReadBatcher(self._pool, max(1, pool_size // 2), OPERATION_TIMEOUT_S)
         # Told how long each write batch took (round trip included) and 0 for the lock wait
         # (PostgreSQL's row locks are not a file lock), in seconds.
         self._on_commit = on_commit
@@ -290,10 +294,13 @@ class PostgresHistoryStore:
         except (psycopg.Error, OSError, trio.TooSlowError) as exc:
             self._failed(exc)
             raise StorageError("the history store failed; the answer was not stored") from exc
+        self._worked()
+        return result
+
+    def _worked(self) -> None:
         if self._failing:
             self._failing = False
             log.warning("history database %s works again", self._shown_url)
-        return result
 
     def _failed(self, exc: BaseException) -> None:
         if not self._failing:
@@ -306,11 +313,34 @@ class PostgresHistoryStore:
     def _shown_url(self) -> str:
         return shown_url(self.url)
 
-    async def _read(self, sql: str, *params: object) -> list[Row]:
+    async def _execute(self, sql: str, *params: object) -> list[Row]:
+        """One statement on a connection of its own (a write, a lease)."""
+
         async def run(connection: PgConnection) -> list[Row]:
             return await connection.execute(sql, params)
 
         return await self._call(run)
+
+    async def _reads(self, *statements: Statement) -> list[list[Row]]:
+        """Reads, in a round trip shared with the other reads of this round; each one's rows.
+        Raises StorageError."""
+        try:
+            outcomes = await self._batcher.run(statements)
+        except (psycopg.Error, OSError, trio.TooSlowError) as exc:
+            self._failed(exc)
+            raise StorageError("the history store failed") from exc
+        rows: list[list[Row]] = []
+        for outcome in outcomes:
+            if isinstance(outcome, psycopg.Error):
+                self._failed(outcome)
+                raise StorageError("the history store failed") from outcome
+            rows.append(outcome)
+        self._worked()
+        return rows
+
+    async def _read(self, sql: str, *params: object) -> list[Row]:
+        (rows,) = await self._reads(Statement(sql, params))
+        return rows
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -340,7 +370,7 @@ class PostgresHistoryStore:
                 pass  # logged; the next round tries again
 
     async def _renew_lease(self) -> None:
-        await self._read(_RENEW, self.writer, self.lease_s)
+        await self._execute(_RENEW, self.writer, self.lease_s)
         self._lease_renewed.set()
 
     async def sweep(self) -> int:
@@ -365,7 +395,7 @@ class PostgresHistoryStore:
             trio.move_on_after(OPERATION_TIMEOUT_S),
             contextlib.suppress(StorageError),
         ):
-            await self._read("DELETE FROM writers WHERE id = $1", self.writer)
+            await self._execute("DELETE FROM writers WHERE id = $1", self.writer)
         self._pool.close()
 
     # -- reads ------------------------------------------------------------------------------
@@ -400,26 +430,17 @@ class PostgresHistoryStore:
         return [_conversation(row) for row in rows]
 
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
-        async def run(connection: PgConnection) -> list[Any]:
-            return await connection.run(
-                [
-                    Statement(
-                        "SELECT 1 FROM conversations WHERE owner = $1 AND id = $2",
-                        (owner, conversation_id),
-                    ),
-                    Statement(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = $1 "
-                        "AND conversation_id = $2 ORDER BY id",
-                        (owner, conversation_id),
-                    ),
-                ]
-            )
-
-        found, rows = await self._call(run)
-        for outcome in (found, rows):
-            if isinstance(outcome, psycopg.Error):
-                self._failed(outcome)
-                raise StorageError("the history store failed") from outcome
+        found, rows = await self._reads(
+            Statement(
+                "SELECT 1 FROM conversations WHERE owner = $1 AND id = $2",
+                (owner, conversation_id),
+            ),
+            Statement(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = $1 "
+                "AND conversation_id = $2 ORDER BY id",
+                (owner, conversation_id),
+            ),
+        )
         if not found:
             raise UnknownConversation(f"no conversation with id {conversation_id!r}")
         return [_message(row) for row in rows]
@@ -427,7 +448,7 @@ class PostgresHistoryStore:
     # -- writes -----------------------------------------------------------------------------
 
     async def claim_conversation(self, owner: str, conversation_id: str, title: str) -> None:
-        await self._read(_CLAIM, owner, conversation_id, storable(title), time.time())
+        await self._execute(_CLAIM, owner, conversation_id, storable(title), time.time())
 
     async def begin_turn(
         self, owner: str, conversation_id: str, title: str, request_id: str, user_text: str
@@ -555,7 +576,7 @@ class PostgresHistoryStore:
     async def rename_conversation(
         self, owner: str, conversation_id: str, title: str
     ) -> Conversation | None:
-        rows = await self._read(
+        rows = await self._execute(
             f"UPDATE conversations SET title = $1 WHERE owner = $2 AND id = $3 "
             f"RETURNING {_CONVERSATION_COLUMNS}",
             storable(title),
@@ -565,7 +586,7 @@ class PostgresHistoryStore:
         return _conversation(rows[0]) if rows else None
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
-        rows = await self._read(
+        rows = await self._execute(
             "DELETE FROM conversations WHERE owner = $1 AND id = $2 RETURNING 1",
             owner,
             conversation_id,

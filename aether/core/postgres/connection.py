@@ -154,30 +154,40 @@ class PgConnection:
     async def run(self, statements: Sequence[Statement]) -> list[list[Row] | psycopg.Error]:
         """Send every statement in one round trip; for each, its rows or its error. After a
         failed statement, the rest of the batch is ``PipelineAborted`` (not run)."""
+        (outcomes,) = await self.run_groups([statements])
+        return outcomes
+
+    async def run_groups(
+        self, groups: Sequence[Sequence[Statement]]
+    ) -> list[list[list[Row] | psycopg.Error]]:
+        """``run`` for several batches at once, in one round trip: a failure aborts only the
+        rest of its own group (each group ends with a sync point). Statements outside an
+        explicit transaction run in one implicit transaction per group."""
         if self.broken:
             raise psycopg.OperationalError("the connection is closed")
         pgconn = self._pgconn
         try:
             pgconn.enter_pipeline_mode()
             transformer = Transformer()
-            for statement in statements:
-                values = transformer.dump_sequence(
-                    statement.params, [PyFormat.AUTO] * len(statement.params)
-                )
-                pgconn.send_query_params(
-                    statement.sql.encode(),
-                    values,
-                    param_types=transformer.types,
-                    param_formats=transformer.formats,
-                    result_format=pq.Format.BINARY,
-                )
-            pgconn.pipeline_sync()
-            results = await self._communicate(len(statements))
+            for group in groups:
+                for statement in group:
+                    values = transformer.dump_sequence(
+                        statement.params, [PyFormat.AUTO] * len(statement.params)
+                    )
+                    pgconn.send_query_params(
+                        statement.sql.encode(),
+                        values,
+                        param_types=transformer.types,
+                        param_formats=transformer.formats,
+                        result_format=pq.Format.BINARY,
+                    )
+                pgconn.pipeline_sync()
+            results = await self._communicate([len(group) for group in groups])
             pgconn.exit_pipeline_mode()
         except BaseException:
             await self._abandon()
             raise
-        return [self._outcome(result, transformer) for result in results]
+        return [[self._outcome(result, transformer) for result in group] for group in results]
 
     async def _abandon(self) -> None:
         """Interrupted with statements in flight: ask the server to cancel them, then close.
@@ -206,10 +216,12 @@ class PgConnection:
                     log.debug("PostgreSQL cancel request failed: %r", exc)
         self.close()
 
-    async def _communicate(self, expected: int) -> list[pq.abc.PGresult]:
-        """Flush the batch and collect each statement's result, until the sync's."""
+    async def _communicate(self, expected: list[int]) -> list[list[pq.abc.PGresult]]:
+        """Flush the groups and collect each statement's result, group by group, until the
+        last group's sync."""
         pgconn = self._pgconn
         fileno = pgconn.socket
+        groups: list[list[pq.abc.PGresult]] = []
         results: list[pq.abc.PGresult] = []
         flushed = False
         while True:
@@ -224,11 +236,15 @@ class PgConnection:
                 if result is None:
                     continue  # the end of one statement's results
                 if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                    if len(results) != expected:
+                    if len(results) != expected[len(groups)]:
                         raise psycopg.InterfaceError(
-                            f"{len(results)} results for {expected} statements"
+                            f"{len(results)} results for {expected[len(groups)]} statements"
                         )
-                    return results
+                    groups.append(results)
+                    results = []
+                    if len(groups) == len(expected):
+                        return groups
+                    continue
                 lost = pgconn.status == pq.ConnStatus.BAD
                 if result.status == pq.ExecStatus.FATAL_ERROR and lost:
                     raise psycopg.errors.error_from_result(result, encoding=self._encoding)
