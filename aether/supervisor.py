@@ -45,6 +45,7 @@ from hypercorn.utils import repr_socket_addr
 from prometheus_client import multiprocess
 
 from aether.config import Settings
+from aether.core.history.choice import writer_name
 from aether.core.history.sqlite import mark_interrupted
 from aether.core.metrics import MULTIPROCESS_DIR_VARIABLE
 from aether.main import ShutdownSignals
@@ -164,13 +165,19 @@ class Supervisor:
                 young_deaths, delay = 0, self.restart_delay_s
 
     async def _interrupt_answers(self, worker_id: str) -> None:
-        # PostgreSQL's answers are marked by lease expiry (every node sweeps), not here.
-        if not self._settings.history or self._settings.database_url is not None:
+        settings = self._settings
+        if not settings.history:
             return
         try:
-            count = await trio.to_thread.run_sync(
-                mark_interrupted, self._settings.db_path, worker_id
-            )
+            if settings.database_url is not None:
+                # At once, rather than when its lease runs out (any node's sweep would).
+                from aether.core.history.postgres import interrupt_writer
+
+                count = await interrupt_writer(
+                    settings.database_url, writer_name(settings, worker_id)
+                )
+            else:
+                count = await trio.to_thread.run_sync(mark_interrupted, settings.db_path, worker_id)
         except Exception:  # the history's own trouble: log it, keep supervising
             log.exception("could not mark worker %s's answers interrupted", worker_id)
             return

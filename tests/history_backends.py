@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,14 @@ class SQLiteBackend:
     def environment(self) -> dict[str, str]:
         return {"AETHER_DB_PATH": str(self.path)}
 
+    def answer_statuses(self) -> dict[str, str]:
+        """Each stored answer's status, by request id."""
+        with contextlib.closing(sqlite3.connect(self.path)) as connection:
+            rows = connection.execute(
+                "SELECT request_id, status FROM messages WHERE role = 'assistant'"
+            ).fetchall()
+        return dict(rows)
+
 
 class PostgresBackend:
     name = "postgresql"
@@ -50,6 +60,14 @@ class PostgresBackend:
     @property
     def environment(self) -> dict[str, str]:
         return {"AETHER_DATABASE_URL": self.url}
+
+    def answer_statuses(self) -> dict[str, str]:
+        """Each stored answer's status, by request id."""
+        with psycopg.connect(self.url) as connection:
+            rows = connection.execute(
+                "SELECT request_id, status FROM messages WHERE role = 'assistant'"
+            ).fetchall()
+        return dict(rows)
 
     def expire_leases(self) -> None:
         """Every writer's lease ends now, as if its period had passed since its last renewal."""

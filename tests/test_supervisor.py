@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 from contextlib import AsyncExitStack
@@ -29,6 +28,7 @@ from tests.helpers import (
     needs_redis,
     ws_client,
 )
+from tests.history_backends import HistoryBackend
 
 pytestmark = needs_redis
 
@@ -77,15 +77,17 @@ def test_several_workers_without_redis_refuse_to_start_with_one_line() -> None:
 
 
 async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
-    redis: RedisServer,
+    redis: RedisServer, history_backend: HistoryBackend
 ) -> None:
+    """The supervisor marks the dead worker's answers at once: in SQLite by its worker id, in
+    PostgreSQL by its writer name (before its lease would run out)."""
     env = aether_env(
         AETHER_WORKERS="2",
         AETHER_REDIS_URL=redis.url,
         AETHER_ECHO_TOKEN_DELAY_S="0.02",
-        AETHER_WORKER_LEASE_S="2",
+        AETHER_WORKER_LEASE_S="30",
+        **history_backend.environment,
     )
-    db_path = env["AETHER_DB_PATH"]
     with trio.fail_after(60):
         async with aether_process(env) as server, AsyncExitStack() as clients:
             await server.wait_for_log(rb"serving on", count=2)
@@ -119,11 +121,7 @@ async def test_a_killed_worker_is_replaced_and_only_its_answers_are_interrupted(
             assert await server.process.wait() == 0
     log = server.log.decode()
     assert re.search(rf"worker {victim} \(pid \d+\) ended by itself \(signal SIGKILL\)", log)
-    statuses = dict(
-        sqlite3.connect(db_path).execute(
-            "SELECT request_id, status FROM messages WHERE role = 'assistant'"
-        )
-    )
+    statuses = history_backend.answer_statuses()
     for request_id, (worker, _) in chats.items():
         assert statuses[request_id] == ("interrupted" if worker == victim else "stopped")
 

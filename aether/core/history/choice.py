@@ -24,6 +24,13 @@ def generated_node_id() -> str:
     return f"{host[:48] or 'node'}-{secrets.token_hex(3)}"
 
 
+def writer_name(settings: Settings, worker_id: str | None) -> str:
+    """The name a process writes its answers to PostgreSQL under: its node's and its own.
+    Unique to the process's life (worker ids are, else a random part): a restarted process must
+    not inherit its predecessor's lease."""
+    return f"{settings.node_id or generated_node_id()}/{worker_id or secrets.token_hex(4)}"
+
+
 def history_store_for(
     settings: Settings, metrics: Metrics, worker_id: str | None = None
 ) -> HistoryStore | None:
@@ -35,12 +42,9 @@ def history_store_for(
         return SQLiteHistoryStore(settings.db_path, worker_id, metrics.observe_commit)
     from aether.core.history.postgres import PostgresHistoryStore
 
-    # Unique to this process's life: a restarted process must not inherit a lease.
-    node = settings.node_id or generated_node_id()
-    writer = f"{node}/{worker_id or secrets.token_hex(4)}"
     return PostgresHistoryStore(
         settings.database_url,
-        writer,
+        writer_name(settings, worker_id),
         lease_s=settings.worker_lease_s,
         pool_size=settings.database_pool_size,
         on_commit=metrics.observe_commit,

@@ -209,6 +209,29 @@ def described(exc: BaseException | list[Row]) -> str:
     return repr(exc)
 
 
+async def interrupt_writer(url: str, writer: str) -> int:
+    """A writer known to be dead (its supervisor saw it die): mark its answers left streaming
+    ``interrupted`` now, rather than when its lease runs out, and end its lease. How many."""
+    connection = await PgConnection.connect(url)
+    try:
+        with trio.fail_after(OPERATION_TIMEOUT_S):
+            marked, _ = await connection.run(
+                [
+                    Statement(
+                        "UPDATE messages SET status = 'interrupted' "
+                        "WHERE status = 'streaming' AND writer = $1 RETURNING id",
+                        (writer,),
+                    ),
+                    Statement("DELETE FROM writers WHERE id = $1", (writer,)),
+                ]
+            )
+    finally:
+        connection.close()
+    if isinstance(marked, psycopg.Error):
+        raise marked
+    return len(marked)
+
+
 def _conversation(row: Row) -> Conversation:
     return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
 
