@@ -303,7 +303,6 @@ class PostgresHistoryStore:
         self._failing = False
         self.write_batches = 0
         self.swept = 0  # answers this store has marked interrupted
-        self._lease_renewed = trio.Event()
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -394,7 +393,6 @@ class PostgresHistoryStore:
 
     async def _renew_lease(self) -> None:
         await self._execute(_RENEW, self.writer, self.lease_s)
-        self._lease_renewed.set()
 
     async def sweep(self) -> int:
         """Mark the answers of writers whose lease has expired ``interrupted``; how many."""
