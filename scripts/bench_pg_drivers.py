@@ -72,6 +72,7 @@ import psycopg
 import psycopg.errors
 import trio
 
+from aether.core.history.postgres import MIGRATIONS
 from aether.core.postgres.connection import PgConnection, Statement
 from aether.testing.postgres_server import PostgresServer
 
@@ -85,33 +86,7 @@ else:
     ASYNCPG_MISSING = ""
 
 # The history tables, as Aether's PostgreSQL store makes them (schema version 1).
-SCHEMA = """
-CREATE TABLE conversations (
-    owner TEXT NOT NULL,
-    id TEXT NOT NULL,
-    title TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (owner, id)
-);
-CREATE INDEX conversations_by_owner ON conversations (owner, updated_at DESC);
-CREATE TABLE messages (
-    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    owner TEXT NOT NULL,
-    conversation_id TEXT NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
-    content TEXT NOT NULL,
-    status TEXT NOT NULL
-        CHECK (status IN ('streaming', 'complete', 'stopped', 'error', 'interrupted')),
-    request_id TEXT,
-    error_code TEXT,
-    created_at DOUBLE PRECISION NOT NULL,
-    writer TEXT,
-    FOREIGN KEY (owner, conversation_id) REFERENCES conversations (owner, id) ON DELETE CASCADE
-);
-CREATE INDEX messages_by_conversation ON messages (owner, conversation_id, id);
-CREATE INDEX messages_streaming ON messages (writer) WHERE status = 'streaming';
-"""
+SCHEMA = MIGRATIONS[0]
 CLAIM = (
     "INSERT INTO conversations (owner, id, title, created_at, updated_at) "
     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (owner, id) DO UPDATE SET "

@@ -49,11 +49,15 @@ import trio
 from aether.core.errors import StorageError, UnknownConversation
 from aether.core.files import ArchivedFile, FileArchive
 from aether.core.history.store import (
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
     AnswerWrite,
     Conversation,
     MessageStatus,
     StoredMessage,
     TurnStart,
+    conversation_from_row,
+    message_from_row,
     storable,
 )
 from aether.core.postgres.batching import ReadBatcher
@@ -119,8 +123,6 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, created_at, error_code"
-_CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
 
 _CLAIM = (
     "INSERT INTO conversations (owner, id, title, created_at, updated_at) "
@@ -230,23 +232,6 @@ async def interrupt_writer(url: str, writer: str) -> int:
     if isinstance(marked, psycopg.Error):
         raise marked
     return len(marked)
-
-
-def _conversation(row: Row) -> Conversation:
-    return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
-
-
-def _message(row: Row) -> StoredMessage:
-    return StoredMessage(
-        id=row[0],
-        conversation_id=row[1],
-        role=row[2],
-        content=row[3],
-        status=row[4],
-        request_id=row[5],
-        created_at=row[6],
-        error_code=row[7],
-    )
 
 
 def _statements(write: AnswerWrite, writer: str, now: float) -> list[Statement]:
@@ -429,26 +414,26 @@ class PostgresHistoryStore:
 
     async def context(self, owner: str, conversation_id: str, limit: int) -> list[StoredMessage]:
         rows = await self._read(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = $1 AND conversation_id = $2 "
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE owner = $1 AND conversation_id = $2 "
             "AND content != '' AND status IN ('complete', 'stopped', 'interrupted') "
             "ORDER BY id DESC LIMIT $3",
             owner,
             conversation_id,
             limit,
         )
-        return [_message(row) for row in reversed(rows)]
+        return [message_from_row(row) for row in reversed(rows)]
 
     async def list_conversations(
         self, owner: str, limit: int, before: float | None
     ) -> list[Conversation]:
         rows = await self._read(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE owner = $1 "
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner = $1 "
             "AND updated_at < $2 ORDER BY updated_at DESC, id LIMIT $3",
             owner,
             before if before is not None else math.inf,
             limit,
         )
-        return [_conversation(row) for row in rows]
+        return [conversation_from_row(row) for row in rows]
 
     async def messages(self, owner: str, conversation_id: str) -> list[StoredMessage]:
         found, rows = await self._reads(
@@ -457,14 +442,14 @@ class PostgresHistoryStore:
                 (owner, conversation_id),
             ),
             Statement(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = $1 "
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE owner = $1 "
                 "AND conversation_id = $2 ORDER BY id",
                 (owner, conversation_id),
             ),
         )
         if not found:
             raise UnknownConversation(f"no conversation with id {conversation_id!r}")
-        return [_message(row) for row in rows]
+        return [message_from_row(row) for row in rows]
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -599,12 +584,12 @@ class PostgresHistoryStore:
     ) -> Conversation | None:
         rows = await self._execute(
             f"UPDATE conversations SET title = $1 WHERE owner = $2 AND id = $3 "
-            f"RETURNING {_CONVERSATION_COLUMNS}",
+            f"RETURNING {CONVERSATION_COLUMNS}",
             storable(title),
             owner,
             conversation_id,
         )
-        return _conversation(rows[0]) if rows else None
+        return conversation_from_row(rows[0]) if rows else None
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         rows = await self._execute(

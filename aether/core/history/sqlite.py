@@ -50,11 +50,15 @@ import trio
 
 from aether.core.errors import StorageError, UnknownConversation
 from aether.core.history.store import (
+    CONVERSATION_COLUMNS,
+    MESSAGE_COLUMNS,
     AnswerWrite,
     Conversation,
     MessageStatus,
     StoredMessage,
     TurnStart,
+    conversation_from_row,
+    message_from_row,
     storable,
 )
 
@@ -283,27 +287,6 @@ def _write_answer(writer: str | None, write: AnswerWrite, db: sqlite3.Connection
     assert write.message_id is not None
     _save_answer(db, write.message_id, write.content, write.status, write.error_code)
     return write.message_id
-
-
-def _conversation(row: sqlite3.Row | tuple[Any, ...]) -> Conversation:
-    return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
-
-
-def _message(row: sqlite3.Row | tuple[Any, ...]) -> StoredMessage:
-    return StoredMessage(
-        id=row[0],
-        conversation_id=row[1],
-        role=row[2],
-        content=row[3],
-        status=row[4],
-        request_id=row[5],
-        created_at=row[6],
-        error_code=row[7],
-    )
-
-
-_MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, created_at, error_code"
-_CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
 
 
 def prepare_database(path: Path) -> None:
@@ -660,12 +643,12 @@ class SQLiteHistoryStore:
         def run() -> list[StoredMessage]:
             rows = _read(
                 self._r(),
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
                 "AND content != '' AND status IN ('complete', 'stopped', 'interrupted') "
                 "ORDER BY id DESC LIMIT ?",
                 (owner, conversation_id, limit),
             )
-            return [_message(row) for row in reversed(rows)]
+            return [message_from_row(row) for row in reversed(rows)]
 
         return await self._run(run)
 
@@ -709,13 +692,13 @@ class SQLiteHistoryStore:
             rows = (
                 self._r()
                 .execute(
-                    f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE owner = ? "
+                    f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE owner = ? "
                     "AND updated_at < ? ORDER BY updated_at DESC, id LIMIT ?",
                     (owner, before if before is not None else float("inf"), limit),
                 )
                 .fetchall()
             )
-            return [_conversation(row) for row in rows]
+            return [conversation_from_row(row) for row in rows]
 
         return await self._run(run)
 
@@ -731,11 +714,11 @@ class SQLiteHistoryStore:
                 raise UnknownConversation(f"no conversation with id {conversation_id!r}")
             rows = _read(
                 db,
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE owner = ? AND conversation_id = ? "
                 "ORDER BY id",
                 (owner, conversation_id),
             )
-            return [_message(row) for row in rows]
+            return [message_from_row(row) for row in rows]
 
         return await self._run(run)
 
@@ -745,10 +728,10 @@ class SQLiteHistoryStore:
         def run(db: sqlite3.Connection) -> Conversation | None:
             rows = db.execute(
                 f"UPDATE conversations SET title = ? WHERE owner = ? AND id = ? "
-                f"RETURNING {_CONVERSATION_COLUMNS}",
+                f"RETURNING {CONVERSATION_COLUMNS}",
                 (storable(title), owner, conversation_id),
             ).fetchall()  # consumed whole: a statement left running would block the commit
-            return _conversation(rows[0]) if rows else None
+            return conversation_from_row(rows[0]) if rows else None
 
         return await self._write(run)
 

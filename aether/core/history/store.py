@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from aether.core.errors import StorageError
 from aether.core.files import FileArchive
@@ -133,6 +133,28 @@ class HistoryStore(Protocol):
     ) -> Conversation | None:
         """Give the owner's conversation a new title (its ``updated_at`` stays: a rename is not
         activity); the conversation as stored, or None if the owner has none of that id."""
+
+
+# The columns both stores select, in the order the row functions below read them.
+MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, created_at, error_code"
+CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
+
+
+def conversation_from_row(row: Sequence[Any]) -> Conversation:
+    return Conversation(id=row[0], owner=row[1], title=row[2], created_at=row[3], updated_at=row[4])
+
+
+def message_from_row(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        id=row[0],
+        conversation_id=row[1],
+        role=row[2],
+        content=row[3],
+        status=row[4],
+        request_id=row[5],
+        created_at=row[6],
+        error_code=row[7],
+    )
 
 
 def message_json(message: StoredMessage) -> dict[str, object]:
