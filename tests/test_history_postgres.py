@@ -5,6 +5,7 @@ migrations by several nodes at once, a restarted or stopped server, and writes c
 from __future__ import annotations
 
 import logging
+import os
 
 import httpx
 import psycopg
@@ -281,3 +282,29 @@ async def test_reads_of_one_round_share_a_round_trip_and_fail_alone(
     assert batcher.batches == 1  # every read of the round in one pipeline
     assert isinstance(outcomes.pop(7), psycopg.errors.DivisionByZero)
     assert outcomes == {index: [(index * 2,)] for index in range(300) if index != 7}
+
+
+async def test_the_pool_checks_idle_connections_past_descriptor_1024(
+    postgres: PostgresBackend,
+) -> None:
+    """A loaded server holds thousands of sockets: a connection's descriptor may be past 1024,
+    where select() cannot look (it raised ValueError and every history call failed)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1100:
+        pytest.skip("the descriptor limit is below 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    filler = [os.dup(2) for _ in range(1030)]  # descriptors held, so the next ones are high
+    try:
+        pool = PgPool(postgres.url, 2)
+        async with pool.connection() as connection:
+            assert connection.fileno > 1024
+        async with pool.connection() as again:  # the idle one, checked and lent again
+            assert again is connection
+            assert await again.execute("SELECT 1") == [(1,)]
+        pool.close()
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

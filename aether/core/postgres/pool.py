@@ -23,8 +23,11 @@ from aether.core.postgres.connection import PgConnection
 
 
 def _stale(connection: PgConnection) -> bool:
-    readable, _, _ = select.select([connection.fileno], [], [], 0)
-    return bool(readable)
+    """Whether the server has spoken (or hung up) on an idle connection. poll, not select: a
+    busy server's descriptors are past select's limit of 1024."""
+    poller = select.poll()
+    poller.register(connection.fileno, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class PgPool:
