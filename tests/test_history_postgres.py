@@ -91,8 +91,9 @@ async def test_a_running_store_sweeps_a_dead_writers_answers_within_two_lease_pe
     await survivor.close()
     assert _statuses(postgres.url) == {"dead/w0": "interrupted", "alive/w0": "streaming"}
     # The survivor renewed its own lease all along, so its answer was never touched; the dead
-    # writer's was marked once its lease ran out, at the survivor's next sweep.
-    assert elapsed < 3 * lease_s
+    # writer's was marked once its lease ran out, at the survivor's next sweep: within two lease
+    # periods (and a second for a loaded machine's scheduling).
+    assert elapsed < 2 * lease_s + 1.0
 
 
 async def test_nodes_starting_together_migrate_the_schema_once(
