@@ -309,3 +309,36 @@ async def test_the_pool_checks_idle_connections_past_descriptor_1024(
         for descriptor in filler:
             os.close(descriptor)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class _StepsOf(trio.abc.Instrument):
+    """Counts the scheduling steps of one task: a step more is a scheduling round it spent."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_a_free_connection_is_lent_without_a_scheduling_round(
+    postgres: PostgresBackend,
+) -> None:
+    """On a saturated loop a scheduling round lasts tens of milliseconds: the answer writer
+    must not spend one to borrow an idle connection."""
+    pool = PgPool(postgres.url, 2)
+    async with pool.connection():
+        pass  # opened, and back in the pool
+    counter = _StepsOf(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with pool.connection() as connection:
+            rounds_spent = counter.steps
+            assert await connection.execute("SELECT 1") == [(1,)]
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    pool.close()
+    assert rounds_spent == 0
+    assert pool.opened == 1
