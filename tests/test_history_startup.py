@@ -9,12 +9,15 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
 from aether.core.errors import StorageError
 from aether.core.history import sqlite as sqlite_store
 from aether.core.history.sqlite import MIGRATIONS, prepare_database
+from aether.testing.redis_server import free_port
+from tests.history_backends import PostgresBackend
 
 DEADLINE_S = 30
 
@@ -129,3 +132,36 @@ def test_a_new_database_appears_whole_or_not_at_all(
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(len(MIGRATIONS),)]
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_a_postgresql_database_that_cannot_be_used_stops_the_server_with_one_line(
+    postgres: PostgresBackend,
+) -> None:
+    """Unreachable, or of a newer schema: one line naming the database, its password left
+    out, exit status 1."""
+    with psycopg.connect(postgres.url, autocommit=True) as connection:
+        connection.execute("CREATE TABLE schema_version (version INTEGER)")
+        connection.execute("INSERT INTO schema_version VALUES (99)")
+    port = free_port()  # nothing listens there
+    cases = {
+        f"postgresql://aether:sekret@127.0.0.1:{port}/aether": "Connection refused",
+        postgres.url: "newer than this Aether",
+    }
+    for url, problem in cases.items():
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+        env["AETHER_DATABASE_URL"] = url
+        with trio.fail_after(DEADLINE_S):
+            result = await trio.run_process(
+                [sys.executable, "-m", "aether", "--port", "0"],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert stderr.splitlines() == [stderr.rstrip("\n")], stderr  # one line
+        assert stderr.startswith("aether: history database postgresql://aether"), stderr
+        assert problem in stderr
+        assert "sekret" not in stderr
+        assert "Traceback" not in stderr

@@ -198,7 +198,8 @@ async def prepare_schema(url: str) -> None:
             finally:
                 connection.close()
     except (psycopg.Error, OSError) as exc:
-        raise StorageError(f"history database {shown}: {exc}") from exc
+        # libpq's messages run over several lines (a hint after the error): one line here.
+        raise StorageError(f"history database {shown}: {' '.join(str(exc).split())}") from exc
     except trio.TooSlowError as exc:
         raise StorageError(f"history database {shown} did not answer in time") from exc
 
