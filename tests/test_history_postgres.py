@@ -14,7 +14,7 @@ import trio
 
 from aether.core.errors import StorageError
 from aether.core.history import postgres as postgres_store
-from aether.core.history.postgres import MIGRATIONS, PostgresHistoryStore
+from aether.core.history.postgres import MIGRATIONS, PostgresHistoryStore, shown_url
 from aether.core.history.store import AnswerWrite, TurnStart
 from aether.core.postgres.batching import ReadBatcher
 from aether.core.postgres.connection import PgConnection, Statement
@@ -342,3 +342,15 @@ async def test_a_free_connection_is_lent_without_a_scheduling_round(
     pool.close()
     assert rounds_spent == 0
     assert pool.opened == 1
+
+
+def test_logs_name_the_database_without_its_password() -> None:
+    assert shown_url("postgresql://aether:s3cret@db.example:5433/aether?sslmode=require") == (
+        "postgresql://aether:***@db.example:5433/aether?sslmode=require"
+    )
+    assert shown_url("postgresql:///aether?host=/run/postgresql&password=s3cret") == (
+        "postgresql:///aether?host=%2Frun%2Fpostgresql&password=***"
+    )
+    assert (
+        shown_url("postgresql://aether@127.0.0.1/aether") == "postgresql://aether@127.0.0.1/aether"
+    )

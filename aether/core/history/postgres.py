@@ -41,7 +41,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 import trio
@@ -152,13 +152,18 @@ _FORGET_EXPIRED = "DELETE FROM writers WHERE expires_at < now() - make_interval(
 
 
 def shown_url(url: str) -> str:
-    """The database URL without its password, for the logs."""
+    """The database URL without its password (in the user part or the query), for logs."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
+    shown = url
+    if parts.password is not None:
+        shown = shown.replace(f":{parts.password}@", ":***@", 1)
+    if "password" in dict(parse_qsl(parts.query)):
+        query = [
+            (name, "***" if name == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        shown = shown.split("?", 1)[0] + "?" + urlencode(query, safe="*")
+    return shown
 
 
 async def migrate(connection: PgConnection, shown: str) -> None:
