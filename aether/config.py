@@ -148,6 +148,22 @@ class Settings(BaseModel):
     max_requests_per_connection: int = Field(
         16, ge=1, description="Most chats running at once on one WebSocket."
     )
+    resume_grace_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="How long a WebSocket chat whose client vanished keeps running, for the "
+        "client to come back and resume it (0: stop it at once).",
+    )
+    resume_retention_s: float = Field(
+        300.0, ge=0, le=86400, description="How long a finished chat can still be resumed."
+    )
+    resume_log_max_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="What a resumable chat keeps of its messages; a resume from before that "
+        "gets the text so far as one snapshot message.",
+    )
     max_messages_per_second: int = Field(
         20, ge=1, description="WebSocket messages a client may send per second (burst: 2 s)."
     )

@@ -372,7 +372,9 @@ async def wait_for_workers(process: Process, workers: int) -> None:
     raise RuntimeError(f"{process.name}: {workers} workers not ready")
 
 
-async def start_server(name: str, upstream_url: str | None, log_level: str = "WARNING") -> Process:
+async def start_server(
+    name: str, upstream_url: str | None, log_level: str = "WARNING", resume_grace_s: float = 10.0
+) -> Process:
     """Start a server under test; Aether without ``upstream_url`` serves its echo model."""
     port = free_port()
     workers = workers_of(name)
@@ -396,6 +398,7 @@ async def start_server(name: str, upstream_url: str | None, log_level: str = "WA
             "AETHER_ECHO_TOKEN_DELAY_S": "0",
             "AETHER_DB_PATH": str(DB_DIR / f"history-{port}.sqlite3"),
             "AETHER_HISTORY": "false" if name == "aether-no-history" else "true",
+            "AETHER_RESUME_GRACE_S": str(resume_grace_s),
         }
         if name == "aether-pg":
             assert POSTGRES is not None
@@ -500,9 +503,12 @@ class Workload:
                 result.sent_at = now()
                 await ws.send_message(json.dumps({"type": "chat", "id": tag, "message": tag}))
                 await self._read(ws, tag, result, nursery)
-        except ConnectionClosed as exc:
-            result.error = f"closed: {exc.reason}"
-        except Vanish:
+        # Raised inside the connection's nursery, they come in an exception group.
+        except* ConnectionClosed as group:
+            closed = group.exceptions[0]
+            assert isinstance(closed, ConnectionClosed)
+            result.error = f"closed: {closed.reason}"
+        except* Vanish:
             result.terminal = "vanished"
         return result
 
@@ -741,7 +747,11 @@ async def measure(
     stop_over_rest: bool = False,
 ) -> dict[str, Any]:
     upstream_url = f"http://127.0.0.1:{upstream.port}/v1"
-    process = None if server == "direct" else await start_server(server, upstream_url, log_level)
+    # A vanished client's chats are measured stopping at once (the storm), as the baselines do.
+    grace_s = 0.0 if workload.vanish_after_tokens is not None else 10.0
+    process = (
+        None if server == "direct" else await start_server(server, upstream_url, log_level, grace_s)
+    )
     if stop_over_rest and process is not None:
         workload.stop_url = f"http://127.0.0.1:{process.port}"
     try:

@@ -96,6 +96,8 @@ def make_settings(**overrides: Any) -> Settings:
         "log_level": "DEBUG",
         "db_path": str(db_path),
         "files_dir": str(db_path.with_name(db_path.stem + "-files")),
+        # A vanished client's chats stop at once, unless a test is about resuming them.
+        "resume_grace_s": 0,
     }
     base.update(overrides)
     return load_settings(environ={}, overrides=base)
@@ -442,6 +444,7 @@ def aether_env(**extra: str) -> dict[str, str]:
     ``extra``: what a ``python -m aether`` under test runs with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
     env["AETHER_DB_PATH"] = str(fresh_db_path())
+    env["AETHER_RESUME_GRACE_S"] = "0"  # as make_settings: a vanished client's chats stop
     env.update(extra)
     return env
 

@@ -57,6 +57,15 @@ class StopMessage(_Message):
     id: RequestId
 
 
+class ResumeMessage(_Message):
+    """Re-attach to a running (or recently finished) request: every message after
+    ``after_seq``, then the live stream."""
+
+    type: Literal["resume"]
+    id: RequestId
+    after_seq: int = Field(ge=-1)
+
+
 class ApproveMessage(_Message):
     """Answers the code ``confirmation`` named by ``confirmation_id`` (version 2)."""
 
@@ -85,7 +94,13 @@ class FileMessage(_Message):
 
 
 ClientMessage = Annotated[
-    ChatMessage | StopMessage | ApproveMessage | PingMessage | HistoryMessage | FileMessage,
+    ChatMessage
+    | StopMessage
+    | ApproveMessage
+    | PingMessage
+    | HistoryMessage
+    | FileMessage
+    | ResumeMessage,
     Field(discriminator="type"),
 ]
 _client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)

@@ -41,6 +41,7 @@ from aether.protocol.messages import (
     HistoryMessage,
     PingMessage,
     ProtocolError,
+    ResumeMessage,
     StopMessage,
     error_message,
     new_request_id,
@@ -70,6 +71,11 @@ class MessageHandler:
         # One slot per chat running on this connection; each running chat holds its slot.
         self._chat_slots = trio.CapacityLimiter(settings.max_requests_per_connection)
         self._running: set[_RunningChat] = set()
+        # A client that vanishes may come back for its chats (resume): they then run on for
+        # the grace, outside this connection's nursery.
+        self._resumable = settings.resume_grace_s > 0
+        # The resumable chats streaming to this connection (started or resumed here).
+        self._attached: dict[str, ChatTurn] = {}
         self.files = FileReceiver(engine.file_chat, client.owner)
 
     def _reply(self, message: dict[str, object]) -> None:
@@ -118,6 +124,8 @@ class MessageHandler:
             self._reply(pong_message())
         elif isinstance(message, ApproveMessage):
             self._approve(message)
+        elif isinstance(message, ResumeMessage):
+            self._resume(message)
         elif isinstance(message, HistoryMessage):
             await self._history(message)
         elif isinstance(message, FileMessage):
@@ -186,13 +194,26 @@ class MessageHandler:
             )
             return
         try:
-            turn = await self._engine.admit(chat.request, self._client.outbox)
+            turn = await self._engine.admit(
+                chat.request, self._client.outbox, resumable=self._resumable
+            )
         except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
             self._chat_slots.release_on_behalf_of(chat)
             self._reply_error(exc.code, exc.message, {"type": "chat", "id": chat.request.id})
             return
         self._running.add(chat)
-        self._nursery.start_soon(self._run_chat, chat, turn)
+        if self._resumable:
+            self._attached[chat.request.id] = turn
+
+            def ended() -> None:
+                self._running.discard(chat)
+                self._chat_slots.release_on_behalf_of(chat)
+                if self._attached.get(chat.request.id) is turn:
+                    del self._attached[chat.request.id]
+
+            self._engine.run_resumable(turn, ended)
+        else:
+            self._nursery.start_soon(self._run_chat, chat, turn)
 
     async def _run_chat(self, chat: _RunningChat, turn: ChatTurn) -> None:
         """Run one admitted chat, holding its slot."""
@@ -240,9 +261,29 @@ class MessageHandler:
         except (UnknownRequest, StaleConfirmation, ControlPlaneUnavailable) as exc:
             self._reply_error(exc.code, exc.message, ref)
 
+    def _resume(self, message: ResumeMessage) -> None:
+        try:
+            turn = self._engine.resume(
+                message.id, self._client.owner, message.after_seq, self._client.outbox
+            )
+        except UnknownRequest as exc:
+            self._reply_error(exc.code, exc.message, {"type": "resume", "id": message.id})
+            return
+        for request_id, held in list(self._attached.items()):
+            if held.relay.finished and not held.outlet.sends_to(self._client.outbox):
+                del self._attached[request_id]
+        self._attached[message.id] = turn
+
     def stop_all(self) -> None:
-        """The client left: stop its chats with reason ``disconnect``."""
+        """The client left: its resumable chats run on for the grace (detached), the others
+        are stopped with reason ``disconnect``."""
+        outbox = self._client.outbox
+        for turn in self._attached.values():
+            if turn.outlet.sends_to(outbox):
+                turn.outlet.detach()
         for chat in list(self._running):
+            if chat.request.id in self._attached:
+                continue
             with contextlib.suppress(UnknownRequest):
                 self._engine.stop_generation(chat.request.id, self._client.owner, "disconnect")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 
@@ -45,6 +46,7 @@ from aether.core.providers.base import Provider
 from aether.core.runtime.file_chat import FileChat
 from aether.core.runtime.model_paths import open_model_paths
 from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.outlet import RequestOutlet
 from aether.core.runtime.request import RequestRecord, RequestTracker
 from aether.core.runtime.streaming import ChatStreamer
 from aether.core.runtime.turn import ChatTurn, TurnServices
@@ -77,6 +79,8 @@ class RuntimeEngine:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._draining = False
+        # Chats a client may resume, running or recently ended: (owner, request id) -> turn.
+        self._resumable: dict[tuple[str, str], ChatTurn] = {}
         self._turn_history = (
             TurnHistory(history, settings.history_context_messages) if history is not None else None
         )
@@ -267,11 +271,17 @@ class RuntimeEngine:
         task_status.started(turn.record)
         return await turn.run()
 
-    async def admit(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
+    async def admit(
+        self, request: ChatRequest, outbox: Outbox, *, resumable: bool = False
+    ) -> ChatTurn:
         """Register a chat as live and return its turn, which the caller must run (``await
         turn.run()``) in a task of its choosing, so a transport refuses a chat without starting
         a task for it. With one worker this never yields. Raises DuplicateRequest,
         TooManyRequests, ShuttingDown.
+
+        ``resumable``: the chat keeps its messages and, when its client goes, runs on for the
+        resume grace (``resume``); the caller must then run the turn where the client's going
+        does not cancel it (``run_resumable``).
         """
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
@@ -294,7 +304,63 @@ class RuntimeEngine:
         except BaseException:
             self.control.release(request.owner, request.id, conversation_id)
             raise
-        return ChatTurn(self._turn_services(), request, outbox, provider, record, unsaved_on)
+        key = (request.owner, request.id)
+        outlet = RequestOutlet(
+            request.id,
+            outbox,
+            keep=resumable,
+            max_bytes=self.settings.resume_log_max_bytes,
+            on_detach=(lambda: self._start_grace(key)) if resumable else None,
+        )
+        turn = ChatTurn(self._turn_services(), request, outlet, provider, record, unsaved_on)
+        if resumable:
+            self._resumable[key] = turn
+        return turn
+
+    def run_resumable(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
+        """Run a resumable chat in the engine's nursery (its client's going does not end it);
+        ``on_end`` is called when it has ended. Kept for ``resume_retention_s`` after."""
+        if self._nursery is None:
+            raise RuntimeError("the engine is not started")
+        self._nursery.start_soon(self._run_then_retain, turn, on_end)
+
+    async def _run_then_retain(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
+        key = (turn.request.owner, turn.request.id)
+        try:
+            await turn.run()
+        finally:
+            on_end()
+        # Replayable to its terminal for a while; then forgotten (unless a new chat took the id).
+        await trio.sleep(self.settings.resume_retention_s)
+        if self._resumable.get(key) is turn:
+            del self._resumable[key]
+
+    def _start_grace(self, key: tuple[str, str]) -> None:
+        """A resumable chat's client is gone: stop it after the grace unless one comes back."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._grace, key)
+
+    async def _grace(self, key: tuple[str, str]) -> None:
+        turn = self._resumable.get(key)
+        if turn is None or turn.relay.finished:
+            return
+        outlet = turn.outlet
+        with trio.move_on_after(self.settings.resume_grace_s):
+            while not outlet.attached:
+                await outlet.attached_changed.wait()
+            return
+        log.info("request %s: no client came back in %.0f s", key[1], self.settings.resume_grace_s)
+        with contextlib.suppress(UnknownRequest):
+            self.tracker.cancel_request(key[1], key[0], "disconnect")
+
+    def resume(self, request_id: str, owner: str, after_seq: int, outbox: Outbox) -> ChatTurn:
+        """Send a resumable chat's messages after ``after_seq`` to ``outbox``, then its live
+        stream. Raises UnknownRequest for an id the caller has no resumable chat of."""
+        turn = self._resumable.get((owner, request_id))
+        if turn is None:
+            raise UnknownRequest(f"no resumable request with id {request_id!r}")
+        turn.outlet.attach(outbox, after_seq)
+        return turn
 
     def _turn_services(self) -> TurnServices:
         if self._services is None:

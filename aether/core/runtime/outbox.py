@@ -26,6 +26,7 @@ jobs: [backpressure, message_coalescing]
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 import trio
 from trio_util import AsyncBool
@@ -41,7 +42,7 @@ MAX_PARTS = 64
 class OutboxEntry:
     """One queued message. ``parts`` collects coalesced content until the writer takes it."""
 
-    __slots__ = ("control", "message", "parts", "size", "taken")
+    __slots__ = ("control", "message", "parts", "queued_in", "size", "taken")
 
     def __init__(self, message: Chunk, size: int, *, control: bool = False) -> None:
         self.message = message
@@ -49,6 +50,8 @@ class OutboxEntry:
         self.size = size
         self.taken = False
         self.control = control
+        # The outbox holding it until its writer takes it.
+        self.queued_in: Outbox | None = None
 
 
 class Outbox:
@@ -93,6 +96,7 @@ class Outbox:
             raise trio.BrokenResourceError("the client's writer has stopped")
 
     def _append(self, entry: OutboxEntry) -> None:
+        entry.queued_in = self
         self._entries.append(entry)
         self._bytes += entry.size
         self._readable.unpark_all()
@@ -103,6 +107,37 @@ class Outbox:
         entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES)
         self._append(entry)
         return entry
+
+    def put_entry(self, entry: OutboxEntry) -> None:
+        """Queue a numbered message made elsewhere (a request's outlet); as ``put_nowait``."""
+        if not self._closed:
+            self._append(entry)
+
+    def put_entries(self, entries: list[OutboxEntry]) -> None:
+        """Queue messages now, whatever the budget (a terminal, a resume's replay)."""
+        if self._closed:
+            return
+        for entry in entries:
+            self._append(entry)
+
+    def holds(self, entry: OutboxEntry) -> bool:
+        """Whether ``entry`` waits here for the writer."""
+        return entry.queued_in is self and not entry.taken
+
+    def forget(self, entries: Iterable[OutboxEntry]) -> None:
+        """Take back entries not sent yet (their request moved to another client)."""
+        leaving = {id(entry) for entry in entries if self.holds(entry)}
+        if not leaving:
+            return
+        kept: deque[OutboxEntry] = deque()
+        for entry in self._entries:
+            if id(entry) in leaving:
+                entry.queued_in = None
+                self._bytes -= entry.size
+            else:
+                kept.append(entry)
+        self._entries = kept
+        self._room.unpark_all()
 
     def extend_nowait(self, entry: OutboxEntry, content: str) -> bool:
         """Append ``content`` to an unsent delta; False if the writer has already taken it."""
@@ -179,6 +214,8 @@ class Outbox:
     def close(self) -> None:
         """No more messages will be read: wake everyone waiting, drop what comes later."""
         self._closed = True
+        for entry in self._entries:
+            entry.queued_in = None  # never sent: a request's outlet may hand it to another
         self._entries.clear()
         self._bytes = 0
         self._readable.unpark_all()

@@ -19,6 +19,7 @@ import trio
 
 from aether.core.chat import Chunk
 from aether.core.runtime.outbox import Outbox, OutboxEntry
+from aether.core.runtime.outlet import RequestOutlet
 
 BlockKey = tuple[str, str, str | None]
 
@@ -39,7 +40,10 @@ class StreamRelay:
     )
 
     def __init__(
-        self, request_id: str, outbox: Outbox, transcript: list[str] | None = None
+        self,
+        request_id: str,
+        outbox: Outbox | RequestOutlet,
+        transcript: list[str] | None = None,
     ) -> None:
         self.request_id = request_id
         # When given, receives the text of every assistant message delta (for history).

@@ -40,7 +40,7 @@ from aether.core.history.store import MessageStatus
 from aether.core.history.turns import TurnHistory
 from aether.core.metrics import Metrics
 from aether.core.providers.base import Provider
-from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.outlet import RequestOutlet
 from aether.core.runtime.relay import StreamRelay
 from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
 from aether.core.runtime.streaming import ChatStreamer
@@ -74,7 +74,7 @@ class ChatTurn:
         self,
         services: TurnServices,
         request: ChatRequest,
-        outbox: Outbox,
+        outlet: RequestOutlet,
         provider: Provider | PathUnavailable,
         record: RequestRecord,
         unsaved_on: str | None = None,
@@ -84,7 +84,8 @@ class ChatTurn:
         self._unsaved_on = unsaved_on
         self.request = request
         self.record = record
-        self.relay = StreamRelay(request.id, outbox)
+        self.outlet = outlet
+        self.relay = StreamRelay(request.id, outlet)
         self._provider = provider
         self._recorder: TurnRecorder | None = None
         # What the terminal will say unless the turn completes or fails first.
