@@ -1,8 +1,11 @@
 """MessageHandler: turns a client's frames into engine calls and protocol answers.
 
-Chats start as tasks in the connection's nursery (each with its own scope, inside
-``RuntimeEngine.run_chat``); ``stop`` cancels one of them through the engine. The handler never
-waits on the client's socket: everything it answers is queued in the client's outbox.
+Chats run with their own scope (``ChatTurn``); ``stop`` cancels one of them through the engine.
+With a resume grace (``resume_grace_s`` > 0) they run in the engine's nursery, so that the
+client's going does not end them: its chats are detached (``stop_all``) and run on until a
+``resume`` on another connection takes them or the grace ends; without one they run in the
+connection's nursery and stop with it. The handler never waits on the client's socket:
+everything it answers is queued in the client's outbox.
 
 @.architecture
 role: WebSocket message handler
