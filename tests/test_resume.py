@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import assert_stream_invariants, make_settings
 from tests.memory_ws import MemoryServer, MemoryWebSocket
@@ -164,3 +166,57 @@ async def test_a_resume_from_before_what_was_kept_gets_the_text_as_a_snapshot(
     text += "".join(m["content"] for m in rest if m["type"] == "message" and "content" in m)
     assert text.split() == words
     assert rest[-1]["type"] == "completion"
+
+
+TERMINALS = {"completion", "stopped", "error"}
+
+
+async def next_of(ws: MemoryWebSocket, request_id: str) -> dict[str, Any]:
+    while True:
+        message = await ws.receive()
+        if message.get("id") == request_id:
+            return message
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    connections=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=8), st.integers(min_value=0, max_value=3)),
+        max_size=4,
+    )
+)
+async def test_a_client_dropped_at_any_points_ends_with_the_whole_stream(
+    connections: list[tuple[int, int]],
+) -> None:
+    """Each connection reads some messages, then drops; the client comes back resuming after
+    the last seq it kept, or after an earlier one (it forgot some: it then drops what it has
+    past that seq). What it keeps in the end is the whole stream, each message once."""
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    async with trio.open_nursery() as nursery:
+        settings_ = make_settings(provider="echo", echo_token_delay_s=0.001, resume_grace_s=GRACE_S)
+        server = MemoryServer(settings_, nursery)
+        await server.start()
+        ws = await server.connect()
+        await ws.send({"type": "chat", "id": "r1", "message": text})
+        kept: list[dict[str, Any]] = []
+        for reads, forget in connections:
+            for _ in range(reads):
+                if kept and kept[-1]["type"] in TERMINALS:
+                    break
+                kept.append(await next_of(ws, "r1"))
+            await ws.disconnect()
+            after_seq = (kept[-1]["seq"] if kept else -1) - forget
+            after_seq = max(after_seq, -1)
+            kept = [m for m in kept if m["seq"] <= after_seq]
+            ws = await server.connect()
+            await ws.send({"type": "resume", "id": "r1", "after_seq": after_seq})
+        while not kept or kept[-1]["type"] not in TERMINALS:
+            kept.append(await next_of(ws, "r1"))
+        whole_ws = await server.connect()
+        await whole_ws.send({"type": "chat", "id": "whole", "message": text})
+        whole = await whole_ws.finish("whole")
+        nursery.cancel_scope.cancel()
+    assert assert_stream_invariants(kept)["type"] == "completion"
+    assert as_read(kept) == as_read(whole)
