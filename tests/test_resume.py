@@ -220,3 +220,31 @@ async def test_a_client_dropped_at_any_points_ends_with_the_whole_stream(
         nursery.cancel_scope.cancel()
     assert assert_stream_invariants(kept)["type"] == "completion"
     assert as_read(kept) == as_read(whole)
+
+
+async def test_a_finished_chat_is_forgotten_after_the_retention(
+    autojump_clock: Any, nursery: trio.Nursery
+) -> None:
+    settings = make_settings(
+        provider="echo", echo_token_delay_s=0.1, resume_grace_s=GRACE_S, resume_retention_s=60
+    )
+    server = MemoryServer(settings, nursery)
+    await server.start()
+    ws = await connected(server)
+    for request_id in ("early", "late"):
+        await ws.send({"type": "chat", "id": request_id, "message": "one two"})
+        await ws.finish(request_id)
+        await trio.sleep(30)
+    await trio.sleep(1)  # "early" ended 61 s ago, "late" 31 s ago
+    await ws.send({"type": "resume", "id": "early", "after_seq": 0})
+    await ws.send({"type": "resume", "id": "late", "after_seq": 0})
+    refused = await ws.receive()
+    while refused.get("id") == "late" or refused["type"] == "keepalive":
+        refused = await ws.receive()
+    replayed = await ws.finish("late")
+    assert (refused["code"], refused["ref"]) == (
+        "unknown_request",
+        {"type": "resume", "id": "early"},
+    )
+    assert replayed[-1]["type"] == "completion"
+    assert len(server.engine.resumable) == 1

@@ -35,6 +35,7 @@ from aether.core.errors import (
 )
 from aether.core.history.store import message_json
 from aether.core.runtime.engine import RuntimeEngine
+from aether.core.runtime.outlet import RequestOutlet
 from aether.core.runtime.turn import ChatTurn
 from aether.core.token_bucket import TokenBucket
 from aether.protocol.messages import (
@@ -78,7 +79,7 @@ class MessageHandler:
         # the grace, outside this connection's nursery.
         self._resumable = settings.resume_grace_s > 0
         # The resumable chats streaming to this connection (started or resumed here).
-        self._attached: dict[str, ChatTurn] = {}
+        self._attached: dict[str, RequestOutlet] = {}
         self.files = FileReceiver(engine.file_chat, client.owner)
 
     def _reply(self, message: dict[str, object]) -> None:
@@ -206,12 +207,12 @@ class MessageHandler:
             return
         self._running.add(chat)
         if self._resumable:
-            self._attached[chat.request.id] = turn
+            self._attached[chat.request.id] = turn.outlet
 
             def ended() -> None:
                 self._running.discard(chat)
                 self._chat_slots.release_on_behalf_of(chat)
-                if self._attached.get(chat.request.id) is turn:
+                if self._attached.get(chat.request.id) is turn.outlet:
                     del self._attached[chat.request.id]
 
             self._engine.run_resumable(turn, ended)
@@ -266,24 +267,24 @@ class MessageHandler:
 
     def _resume(self, message: ResumeMessage) -> None:
         try:
-            turn = self._engine.resume(
-                message.id, self._client.owner, message.after_seq, self._client.outbox
+            outlet = self._engine.resumable.resume(
+                self._client.owner, message.id, message.after_seq, self._client.outbox
             )
         except UnknownRequest as exc:
             self._reply_error(exc.code, exc.message, {"type": "resume", "id": message.id})
             return
         for request_id, held in list(self._attached.items()):
-            if held.relay.finished and not held.outlet.sends_to(self._client.outbox):
+            if held.finished and not held.sends_to(self._client.outbox):
                 del self._attached[request_id]
-        self._attached[message.id] = turn
+        self._attached[message.id] = outlet
 
     def stop_all(self) -> None:
         """The client left: its resumable chats run on for the grace (detached), the others
         are stopped with reason ``disconnect``."""
         outbox = self._client.outbox
-        for turn in self._attached.values():
-            if turn.outlet.sends_to(outbox):
-                turn.outlet.detach()
+        for outlet in self._attached.values():
+            if outlet.sends_to(outbox):
+                outlet.detach()
         for chat in list(self._running):
             if chat.request.id in self._attached:
                 continue

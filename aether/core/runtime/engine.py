@@ -48,6 +48,7 @@ from aether.core.runtime.model_paths import open_model_paths
 from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.outlet import RequestOutlet
 from aether.core.runtime.request import RequestRecord, RequestTracker
+from aether.core.runtime.resumable import ResumableChats
 from aether.core.runtime.streaming import ChatStreamer
 from aether.core.runtime.turn import ChatTurn, TurnServices
 
@@ -79,8 +80,10 @@ class RuntimeEngine:
         self._nursery: trio.Nursery | None = None
         self._stopped = trio.Event()
         self._draining = False
-        # Chats a client may resume, running or recently ended: (owner, request id) -> turn.
-        self._resumable: dict[tuple[str, str], ChatTurn] = {}
+        # Chats a client may come back for (resume), running or recently ended.
+        self.resumable = ResumableChats(
+            settings.resume_grace_s, settings.resume_retention_s, self._stop_vanished
+        )
         self._turn_history = (
             TurnHistory(history, settings.history_context_messages) if history is not None else None
         )
@@ -201,6 +204,7 @@ class RuntimeEngine:
         try:
             async with model_paths as streamer, trio.open_nursery() as nursery:
                 await nursery.start(self.control.run, self)
+                await nursery.start(self.resumable.run)
                 self._streamer = streamer
                 self._nursery = nursery
                 log.info("engine started; default path: %s", streamer.default_path)
@@ -310,57 +314,29 @@ class RuntimeEngine:
             outbox,
             keep=resumable,
             max_bytes=self.settings.resume_log_max_bytes,
-            on_detach=(lambda: self._start_grace(key)) if resumable else None,
+            on_detach=(lambda: self.resumable.detached(key)) if resumable else None,
         )
-        turn = ChatTurn(self._turn_services(), request, outlet, provider, record, unsaved_on)
         if resumable:
-            self._resumable[key] = turn
-        return turn
+            self.resumable.add(key, outlet)
+        return ChatTurn(self._turn_services(), request, outlet, provider, record, unsaved_on)
 
     def run_resumable(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
         """Run a resumable chat in the engine's nursery (its client's going does not end it);
-        ``on_end`` is called when it has ended. Kept for ``resume_retention_s`` after."""
+        ``on_end`` is called when it has ended. Replayable for ``resume_retention_s`` after."""
         if self._nursery is None:
             raise RuntimeError("the engine is not started")
-        self._nursery.start_soon(self._run_then_retain, turn, on_end)
+        self._nursery.start_soon(self._run_resumable, turn, on_end)
 
-    async def _run_then_retain(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
-        key = (turn.request.owner, turn.request.id)
+    async def _run_resumable(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
         try:
             await turn.run()
         finally:
             on_end()
-        # Replayable to its terminal for a while; then forgotten (unless a new chat took the id).
-        await trio.sleep(self.settings.resume_retention_s)
-        if self._resumable.get(key) is turn:
-            del self._resumable[key]
+            self.resumable.ended((turn.request.owner, turn.request.id), turn.outlet)
 
-    def _start_grace(self, key: tuple[str, str]) -> None:
-        """A resumable chat's client is gone: stop it after the grace unless one comes back."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self._grace, key)
-
-    async def _grace(self, key: tuple[str, str]) -> None:
-        turn = self._resumable.get(key)
-        if turn is None or turn.relay.finished:
-            return
-        outlet = turn.outlet
-        with trio.move_on_after(self.settings.resume_grace_s):
-            while not outlet.attached:
-                await outlet.attached_changed.wait()
-            return
-        log.info("request %s: no client came back in %.0f s", key[1], self.settings.resume_grace_s)
+    def _stop_vanished(self, owner: str, request_id: str) -> None:
         with contextlib.suppress(UnknownRequest):
-            self.tracker.cancel_request(key[1], key[0], "disconnect")
-
-    def resume(self, request_id: str, owner: str, after_seq: int, outbox: Outbox) -> ChatTurn:
-        """Send a resumable chat's messages after ``after_seq`` to ``outbox``, then its live
-        stream. Raises UnknownRequest for an id the caller has no resumable chat of."""
-        turn = self._resumable.get((owner, request_id))
-        if turn is None:
-            raise UnknownRequest(f"no resumable request with id {request_id!r}")
-        turn.outlet.attach(outbox, after_seq)
-        return turn
+            self.tracker.cancel_request(request_id, owner, "disconnect")
 
     def _turn_services(self) -> TurnServices:
         if self._services is None:

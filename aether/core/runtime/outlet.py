@@ -61,6 +61,7 @@ class RequestOutlet:
         self._dropped_text: list[str] = []
         self._dropped_through = -1  # the seq of the last entry dropped from the log
         self._on_detach = on_detach
+        self.finished = False  # the terminal was queued
         self.attached_changed = trio.Event()
 
     @property
@@ -132,6 +133,8 @@ class RequestOutlet:
             self._record(entry)
         if self._target is not None:
             self._target.put_entries(entries)
+        self.finished = True
+        self._changed()
 
     def _record(self, entry: OutboxEntry) -> None:
         if not self.keep:
