@@ -53,6 +53,18 @@ class OutboxEntry:
         # The outbox holding it until its writer takes it.
         self.queued_in: Outbox | None = None
 
+    def extend(self, content: str) -> None:
+        """Append ``content`` to the message (coalescing), joined when the writer takes it."""
+        parts = self.parts
+        if parts is None:
+            self.parts = [content]
+        else:
+            parts.append(content)
+            if len(parts) >= MAX_PARTS:
+                # Many small strings cost far more than their length: fold them now and then.
+                self.parts = ["".join(parts)]
+        self.size += len(content)
+
 
 class Outbox:
     def __init__(self, max_bytes: float, *, max_control_messages: int = 256) -> None:
@@ -143,15 +155,7 @@ class Outbox:
         """Append ``content`` to an unsent delta; False if the writer has already taken it."""
         if entry.taken:
             return False
-        parts = entry.parts
-        if parts is None:
-            entry.parts = [content]
-        else:
-            parts.append(content)
-            if len(parts) >= MAX_PARTS:
-                # Many small strings cost far more than their length: fold them now and then.
-                entry.parts = ["".join(parts)]
-        entry.size += len(content)
+        entry.extend(content)
         self._bytes += len(content)
         self.messages_coalesced += 1
         return True

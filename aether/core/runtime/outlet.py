@@ -119,8 +119,7 @@ class RequestOutlet:
         if target is not None and target.holds(entry):
             extended = target.extend_nowait(entry, content)
         else:
-            entry.parts = [content] if entry.parts is None else [*entry.parts, content]
-            entry.size += len(content)
+            entry.extend(content)  # waiting for a client: merged, as for a slow one
             extended = True
         if extended and self.keep:
             self._bytes += len(content)
