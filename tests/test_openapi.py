@@ -31,6 +31,7 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/chat",
         "/v1/chat/stream",
         "/v1/chat/{request_id}/stop",
+        "/v1/chat/{request_id}/events",
         "/v1/chat/{request_id}/approve",
         "/v1/chat/completions",
         "/v1/models",
@@ -46,6 +47,9 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
     assert {"400", "401", "409", "413", "429", "500", "502", "504"} <= set(chat["responses"])
     stream = paths["/v1/chat/stream"]["post"]["responses"]["200"]["content"]
     assert list(stream) == ["text/event-stream"]
+    events = paths["/v1/chat/{request_id}/events"]["get"]
+    assert list(events["responses"]["200"]["content"]) == ["text/event-stream"]
+    assert {"204", "400", "404"} <= set(events["responses"])
     assert paths["/health"]["get"]["security"] == []
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 

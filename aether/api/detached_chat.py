@@ -1,12 +1,20 @@
 """DetachedChat: a chat whose response body is read after its handler returned (SSE, OpenAI
-streaming), and the one lifetime both such routes share.
+streaming), and the one lifetime such routes share.
 
 The chat runs in the engine's nursery (``RuntimeEngine.start_detached_chat``), because Quart
 iterates a streaming body after the handler returned. The body reads the chat's messages with
-``next_batch`` and calls ``close`` in its ``finally``: when the body ends before the chat did (its
-client went away and Quart closed the body), the chat is stopped with reason ``disconnect``;
-either way the outbox is closed. A chat nobody started reading is stopped by the engine's own
-watchdog.
+``next_batch`` and calls ``close`` in its ``finally``. Either way the outbox is closed; when the
+body ends before the chat did (its client went away and Quart closed the body):
+
+- a chat that cannot be resumed (the OpenAI-compatible stream, or no resume grace) is stopped
+  with reason ``disconnect``;
+- a resumable one (``POST /v1/chat/stream`` with a resume grace, or a stream resumed with
+  ``GET /v1/chat/<id>/events``) is detached from this body: it runs on for the grace, for a
+  client that comes back.
+
+A resumable stream's body ends after the request's terminal, or after word that another
+connection took the request over (``ends_attachment``). A chat nobody started reading is
+stopped (or detached) by the engine's own watchdog.
 
 @.architecture
 role: detached chat lifetime
@@ -23,43 +31,73 @@ import trio
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.outlet import Attachment, ends_attachment
 from aether.core.runtime.request import RequestRecord
 
 log = logging.getLogger(__name__)
 
 
 class DetachedChat:
-    def __init__(self, engine: RuntimeEngine, record: RequestRecord, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        engine: RuntimeEngine,
+        request_id: str,
+        outbox: Outbox,
+        *,
+        record: RequestRecord | None = None,
+        attachment: Attachment | None = None,
+    ) -> None:
+        """``record``: the chat, stopped when its reader leaves early; ``attachment``: the
+        resumable chat's attachment to ``outbox``, detached instead."""
         self._engine = engine
-        self.record = record
+        self.request_id = request_id
         self._outbox = outbox
+        self._record = record
+        self._attachment = attachment
         self._drained = False
 
     @classmethod
     async def start(
         cls, engine: RuntimeEngine, request: ChatRequest, outbox_max_bytes: int
     ) -> DetachedChat:
-        """Start the chat. Raises what the engine refuses a chat with (DuplicateRequest,
-        TooManyRequests, ShuttingDown)."""
+        """Start the chat, resumable if the engine keeps chats for a resume. Raises what the
+        engine refuses a chat with (DuplicateRequest, TooManyRequests, ShuttingDown)."""
         outbox = Outbox(outbox_max_bytes)
+        if engine.resumes:
+            turn = await engine.start_resumable_stream(request, outbox)
+            return cls(engine, request.id, outbox, attachment=turn.outlet)
         record = await engine.start_detached_chat(request, outbox)
-        return cls(engine, record, outbox)
+        return cls(engine, request.id, outbox, record=record)
 
     async def next_batch(self, idle_s: float = math.inf) -> list[Chunk] | None:
         """The chat's next messages; an empty list after ``idle_s`` with none (a heartbeat is
-        due); None once the chat ended and everything was read. The wait's scope closes before
-        the body yields, so nothing is suspended inside it."""
+        due); None once the chat ended (or, resumable, went to another connection) and
+        everything was read. The wait's scope closes before the body yields, so nothing is
+        suspended inside it."""
+        if self._drained:
+            return None
         with trio.move_on_after(idle_s):
             try:
-                return await self._outbox.get_batch()
+                batch = await self._outbox.get_batch()
             except trio.EndOfChannel:
                 self._drained = True
                 return None
+            if self._attachment is not None and any(
+                ends_attachment(message, self.request_id) for message in batch
+            ):
+                self._drained = True
+            return batch
         return []
 
     def close(self) -> None:
-        """The body ended: stop the chat if its client left before the chat's end."""
-        if not self._drained and self.record.state == "running":
-            log.info("request %s: streaming client went away", self.record.id)
-            self._engine.stop_generation(self.record.id, self.record.owner, "disconnect")
+        """The body ended: if its client left before the chat's end, stop the chat, or detach
+        it (resumable: it runs on for the resume grace)."""
+        if not self._drained:
+            attachment, record = self._attachment, self._record
+            if attachment is not None and attachment.sends_to(self._outbox):
+                log.info("request %s: streaming client went away", self.request_id)
+                attachment.detach()
+            elif record is not None and record.state == "running":
+                log.info("request %s: streaming client went away", self.request_id)
+                self._engine.stop_generation(record.id, record.owner, "disconnect")
         self._outbox.close()

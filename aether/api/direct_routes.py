@@ -17,7 +17,8 @@ Sits inside the middleware stack (security headers, request ids, browser guard, 
 authentication all apply, as for ``/ws``).
 
 Cancellation: a client that disconnects while its chat runs cancels the chat (reason
-``disconnect``), as Quart's handling did. Aether's server says so through the scope's
+``disconnect``), as Quart's handling did; an event stream's chat with a resume grace is
+detached instead (it runs on for the grace). Aether's server says so through the scope's
 ``DISCONNECT_SIGNAL`` extension, so no task per request watches ``receive`` for it.
 
 @.architecture
@@ -153,6 +154,7 @@ class DirectRoutes:
                 chat,
                 COMPLETION_STREAM_HEADERS,
                 lambda events: completion_chunks(events, model),
+                resumable=False,
             )
         request_id = scope.get(REQUEST_ID_KEY)
         return self._json(scope, answer_completion(self._state.engine, chat, model, request_id))
@@ -167,6 +169,7 @@ class DirectRoutes:
             self._chat_request(scope, fields),
             SSE_HEADERS,
             lambda events: sse_body(events, heartbeat_s),
+            resumable=self._state.engine.resumes,
         )
 
     def _events(
@@ -175,9 +178,13 @@ class DirectRoutes:
         chat: ChatRequest,
         headers: Headers,
         encode: Callable[[DetachedChat], AsyncGenerator[bytes, None]],
+        *,
+        resumable: bool,
     ) -> Responder:
         async def respond(receive: Receive, send: Send) -> None:
-            await self._stream_events(scope, chat, headers, encode, receive, send)
+            await self._stream_events(
+                scope, chat, headers, encode, receive, send, resumable=resumable
+            )
 
         return respond
 
@@ -205,27 +212,37 @@ class DirectRoutes:
         encode: Callable[[DetachedChat], AsyncGenerator[bytes, None]],
         receive: Receive,
         send: Send,
+        *,
+        resumable: bool,
     ) -> None:
         """The chat as server-sent events, as ``encode`` makes them (``sse_body`` or
-        ``completion_chunks``, as Quart's views send them). The chat runs beside the writing, in
-        this request's nursery: no detached task, no watchdog for a reader that never came. A
-        client that leaves stops it (reason ``disconnect``)."""
+        ``completion_chunks``, as Quart's views send them). A chat that cannot be resumed runs
+        beside the writing, in this request's nursery (no detached task, no watchdog for a
+        reader that never came), and a client that leaves stops it (reason ``disconnect``); a
+        resumable one runs in the engine's nursery, and a client that leaves detaches it."""
         engine, settings = self._state.engine, self._state.settings
         outbox = Outbox(settings.outbox_max_bytes)
         try:
-            turn = await engine.admit(chat, outbox)
+            turn = await engine.admit(chat, outbox, resumable=resumable)
         except REFUSED as exc:
             await _send_json(send, *_refusal(scope, exc))
             return
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        events = DetachedChat(engine, turn.record, outbox)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_run_turn, turn, outbox)
+            if resumable:
+                engine.run_resumable(turn)
+                events = DetachedChat(engine, chat.id, outbox, attachment=turn.outlet)
+            else:
+                nursery.start_soon(_run_turn, turn, outbox)
+                events = DetachedChat(engine, chat.id, outbox, record=turn.record)
             _on_disconnect(scope, receive, nursery)
-            async with aclosing(encode(events)) as parts:
-                async for part in parts:
-                    await send({"type": "http.response.body", "body": part, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                async with aclosing(encode(events)) as parts:
+                    async for part in parts:
+                        await send({"type": "http.response.body", "body": part, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finally:
+                events.close()  # (the body closes it too, once it has begun)
             nursery.cancel_scope.cancel()  # the turn has ended: only the watch is left
 
 

@@ -35,8 +35,11 @@ def single(args: MultiDict[str, str], name: str) -> str | None:
 
 def integer(args: MultiDict[str, str], name: str, default: int) -> int:
     value = single(args, name)
-    if value is None:
-        return default
+    return default if value is None else integer_value(value, name)
+
+
+def integer_value(value: str, name: str) -> int:
+    """``value`` as an integer, strictly (a header's, too). Raises InvalidQuery."""
     if not _INTEGER.fullmatch(value):
         raise InvalidQuery(f"{name} must be an integer")
     return int(value)

@@ -158,6 +158,15 @@ class HistoryQuery(BaseModel):
     conversation_id: str = Field(min_length=1)
 
 
+class EventsQuery(BaseModel):
+    after_seq: int | None = Field(
+        None,
+        ge=-1,
+        description="The last `seq` the client received (-1: none); the `Last-Event-ID` "
+        "header, which a browser's EventSource sends by itself, takes precedence.",
+    )
+
+
 class NoContent(BaseModel):
     """Done; no body."""
 

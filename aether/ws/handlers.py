@@ -35,7 +35,7 @@ from aether.core.errors import (
 )
 from aether.core.history.store import message_json
 from aether.core.runtime.engine import RuntimeEngine
-from aether.core.runtime.outlet import RequestOutlet
+from aether.core.runtime.outlet import Attachment
 from aether.core.runtime.turn import ChatTurn
 from aether.core.token_bucket import TokenBucket
 from aether.protocol.messages import (
@@ -79,7 +79,7 @@ class MessageHandler:
         # the grace, outside this connection's nursery.
         self._resumable = settings.resume_grace_s > 0
         # The resumable chats streaming to this connection (started or resumed here).
-        self._attached: dict[str, RequestOutlet] = {}
+        self._attached: dict[str, Attachment] = {}
         self.files = FileReceiver(engine.file_chat, client.owner)
 
     def _reply(self, message: dict[str, object]) -> None:
@@ -267,16 +267,20 @@ class MessageHandler:
 
     def _resume(self, message: ResumeMessage) -> None:
         try:
-            outlet = self._engine.resumable.resume(
+            attachment = self._engine.resume_local(
                 self._client.owner, message.id, message.after_seq, self._client.outbox
             )
         except UnknownRequest as exc:
             self._reply_error(exc.code, exc.message, {"type": "resume", "id": message.id})
             return
-        for request_id, held in list(self._attached.items()):
+        self._attach(message.id, attachment)
+
+    def _attach(self, request_id: str, attachment: Attachment | None) -> None:
+        for held_id, held in list(self._attached.items()):
             if held.finished and not held.sends_to(self._client.outbox):
-                del self._attached[request_id]
-        self._attached[message.id] = outlet
+                del self._attached[held_id]
+        if attachment is not None:
+            self._attached[request_id] = attachment
 
     def stop_all(self) -> None:
         """The client left: its resumable chats run on for the grace (detached), the others

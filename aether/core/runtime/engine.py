@@ -46,7 +46,7 @@ from aether.core.providers.base import Provider
 from aether.core.runtime.file_chat import FileChat
 from aether.core.runtime.model_paths import open_model_paths
 from aether.core.runtime.outbox import Outbox
-from aether.core.runtime.outlet import RequestOutlet
+from aether.core.runtime.outlet import Attachment, RequestOutlet
 from aether.core.runtime.request import RequestRecord, RequestTracker
 from aether.core.runtime.resumable import ResumableChats
 from aether.core.runtime.streaming import ChatStreamer
@@ -320,18 +320,40 @@ class RuntimeEngine:
             self.resumable.add(key, outlet)
         return ChatTurn(self._turn_services(), request, outlet, provider, record, unsaved_on)
 
-    def run_resumable(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
+    @property
+    def resumes(self) -> bool:
+        """Whether a streaming chat whose client went away runs on for a resume (a grace)."""
+        return self.settings.resume_grace_s > 0
+
+    async def resume(
+        self, owner: str, request_id: str, after_seq: int, outbox: Outbox
+    ) -> Attachment | None:
+        """Send a resumable chat's messages after ``after_seq`` to ``outbox``, then its live
+        stream; a client attached elsewhere is told it was taken over. None: the chat has
+        ended and the client has it all (nothing is sent). Raises UnknownRequest for an id
+        the caller has no resumable chat of."""
+        await trio.lowlevel.checkpoint()
+        return self.resume_local(owner, request_id, after_seq, outbox)
+
+    def resume_local(
+        self, owner: str, request_id: str, after_seq: int, outbox: Outbox
+    ) -> Attachment | None:
+        """``resume``, for a chat this worker keeps. Raises UnknownRequest."""
+        return self.resumable.resume(owner, request_id, after_seq, outbox)
+
+    def run_resumable(self, turn: ChatTurn, on_end: Callable[[], None] | None = None) -> None:
         """Run a resumable chat in the engine's nursery (its client's going does not end it);
         ``on_end`` is called when it has ended. Replayable for ``resume_retention_s`` after."""
         if self._nursery is None:
             raise RuntimeError("the engine is not started")
         self._nursery.start_soon(self._run_resumable, turn, on_end)
 
-    async def _run_resumable(self, turn: ChatTurn, on_end: Callable[[], None]) -> None:
+    async def _run_resumable(self, turn: ChatTurn, on_end: Callable[[], None] | None) -> None:
         try:
             await turn.run()
         finally:
-            on_end()
+            if on_end is not None:
+                on_end()
             self.resumable.ended((turn.request.owner, turn.request.id), turn.outlet)
 
     def _stop_vanished(self, owner: str, request_id: str) -> None:
@@ -348,6 +370,33 @@ class RuntimeEngine:
                 metrics=self.metrics,
             )
         return self._services
+
+    async def start_resumable_stream(self, request: ChatRequest, outbox: Outbox) -> ChatTurn:
+        """Start a resumable chat streaming into ``outbox``, for a transport whose handler
+        returns before the body is read (SSE). A reader that never comes detaches it (the
+        resume grace starts)."""
+        if self._nursery is None:
+            raise RuntimeError("the engine is not started")
+        turn = await self.admit(request, outbox, resumable=True)
+        self.run_resumable(turn)
+        self.detach_if_unread(turn.outlet, outbox)
+        return turn
+
+    def detach_if_unread(self, attachment: Attachment, outbox: Outbox) -> None:
+        """Detach a resumable chat from ``outbox`` if no reader starts reading it (its client
+        left before the transport began the response): the resume grace then starts."""
+        if self._nursery is None:
+            raise RuntimeError("the engine is not started")
+        self._nursery.start_soon(self._detach_if_unread, attachment, outbox)
+
+    @staticmethod
+    async def _detach_if_unread(attachment: Attachment, outbox: Outbox) -> None:
+        with trio.move_on_after(READER_ATTACH_TIMEOUT_S):
+            await outbox.reader_attached.wait()
+            return
+        if attachment.sends_to(outbox):
+            log.info("a resumed stream got no reader: detached")
+            attachment.detach()
 
     async def start_detached_chat(self, request: ChatRequest, outbox: Outbox) -> RequestRecord:
         """Run a chat in the engine's nursery, for a transport whose handler must return first

@@ -26,11 +26,31 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from aether.core.chat import Chunk
 from aether.core.runtime.outbox import MESSAGE_OVERHEAD_BYTES, Outbox, OutboxEntry
+
+TERMINAL_TYPES = frozenset({"completion", "stopped", "error"})
+# The error a client attached to a request gets when another connection resumed it.
+RESUMED_ELSEWHERE = "resumed_elsewhere"
+
+
+def ends_attachment(message: Chunk, request_id: str) -> bool:
+    """Whether ``message`` is the last a client attached to ``request_id`` gets from it: the
+    request's terminal, or word that another connection took the request over."""
+    if message.get("role") != "server":
+        return False
+    if message.get("id") == request_id:
+        return message.get("type") in TERMINAL_TYPES
+    ref = message.get("ref")
+    return (
+        message.get("code") == RESUMED_ELSEWHERE
+        and isinstance(ref, dict)
+        and ref.get("id") == request_id
+    )
 
 
 def _content(entry: OutboxEntry) -> Chunk:
@@ -39,6 +59,21 @@ def _content(entry: OutboxEntry) -> Chunk:
     if entry.parts is not None and not entry.taken:
         message["content"] = "".join([str(message.get("content", "")), *entry.parts])
     return message
+
+
+class Attachment(Protocol):
+    """A client's hold on a resumable request's stream (``RuntimeEngine.resume``): the
+    request's outlet on this worker, or a stream routed from the worker that runs it."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the request's terminal was sent (to whichever client was attached)."""
+
+    def sends_to(self, outbox: Outbox) -> bool:
+        """Whether the request's messages go to ``outbox``."""
+
+    def detach(self) -> None:
+        """The client is gone: the request runs on for the resume grace."""
 
 
 class RequestOutlet:
@@ -166,7 +201,7 @@ class RequestOutlet:
                     "role": "server",
                     "type": "error",
                     "id": None,
-                    "code": "resumed_elsewhere",
+                    "code": RESUMED_ELSEWHERE,
                     "message": "another connection resumed this request: its stream goes there",
                     "ref": {"type": "resume", "id": self.request_id},
                 }

@@ -85,11 +85,16 @@ class ResumableChats:
         log.info("request %s: no client came back in %.0f s", key[1], self._grace_s)
         self._stop(*key)
 
-    def resume(self, owner: str, request_id: str, after_seq: int, outbox: Outbox) -> RequestOutlet:
+    def resume(
+        self, owner: str, request_id: str, after_seq: int, outbox: Outbox
+    ) -> RequestOutlet | None:
         """Send the chat's messages after ``after_seq`` to ``outbox``, then its live stream.
+        None: the chat has ended and ``after_seq`` is its terminal's (nothing to send).
         Raises UnknownRequest for an id the caller has no resumable chat of."""
         outlet = self._outlets.get((owner, request_id))
         if outlet is None:
             raise UnknownRequest(f"no resumable request with id {request_id!r}")
+        if outlet.finished and after_seq >= outlet.last_seq:
+            return None
         outlet.attach(outbox, after_seq)
         return outlet

@@ -5,7 +5,9 @@
 - ``POST /v1/chat/stream`` runs the chat in the engine's nursery and streams the same JSON
   messages as the WebSocket, one ``data:`` line each with ``id: <seq>``. The body generator
   holds no nursery or cancel scope across its ``yield``; when the client goes away, Quart closes
-  the generator and its ``finally`` stops the chat. The stream has no response timeout.
+  the generator and its ``finally`` stops the chat, or, with a resume grace, detaches it (it
+  runs on for a client that comes back). The stream has no response timeout.
+- ``GET /v1/chat/<id>/events`` resumes a streaming chat after the last event the client got.
 - ``POST /v1/chat/<id>/stop`` stops one of the caller's running chats.
 
 @.architecture
@@ -21,20 +23,23 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 from quart_schema import document
 
+from aether.api import query
 from aether.api.dependencies import app_state, caller_identity
 from aether.api.detached_chat import DetachedChat
 from aether.api.errors import error_response, status_for
 from aether.api.json_body import read_json_body
-from aether.api.responses import json_response
+from aether.api.responses import json_error, json_response
 from aether.api.schemas import (
     ApprovalAccepted,
     ApproveBody,
     ChatAnswer,
     ChatEventStream,
     ChatOrError,
+    EventsQuery,
+    NoContent,
     StopAccepted,
     errors,
 )
@@ -163,7 +168,10 @@ async def run_to_end(
 
 
 def _sse_event(message: Chunk) -> bytes:
-    return b"id: %d\ndata: %s\n\n" % (message["seq"], orjson.dumps(message))
+    seq = message.get("seq")
+    if seq is None:  # not a stream message (a takeover notice): the last event id stands
+        return b"data: %s\n\n" % orjson.dumps(message)
+    return b"id: %d\ndata: %s\n\n" % (seq, orjson.dumps(message))
 
 
 SSE_HEARTBEAT = b": keepalive\n\n"
@@ -206,6 +214,53 @@ async def chat_stream() -> Response:
     # Quart's RESPONSE_TIMEOUT (60 s by default) would cut long answers.
     response.timeout = None
     return response
+
+
+@blueprint.get("/v1/chat/<request_id>/events")
+@document(
+    querystring=EventsQuery,
+    responses={200: (ChatEventStream, None), 204: (NoContent, None), **errors(400, 404, 503)},
+)
+async def chat_events(request_id: str) -> Response:
+    """Resume a chat's event stream (``POST /v1/chat/stream``'s, or a WebSocket chat's) after
+    a lost connection: every message after the last one the client received, then the live
+    stream to its terminal. 204 when the chat has ended and the client has it all (an
+    EventSource then stops reconnecting)."""
+    after_seq = _after_seq()
+    if isinstance(after_seq, Response):
+        return after_seq
+    state = app_state()
+    outbox = Outbox(state.settings.outbox_max_bytes)
+    try:
+        attachment = await state.engine.resume(caller_identity(), request_id, after_seq, outbox)
+    except (UnknownRequest, ControlPlaneUnavailable) as exc:
+        return error_response(exc)
+    if attachment is None:
+        return Response(b"", status=204)
+    state.engine.detach_if_unread(attachment, outbox)
+    chat = DetachedChat(state.engine, request_id, outbox, attachment=attachment)
+    response = Response(
+        sse_body(chat, state.settings.sse_heartbeat_s),
+        headers={name.decode(): value.decode() for name, value in SSE_HEADERS},
+    )
+    response.timeout = None
+    return response
+
+
+def _after_seq() -> int | Response:
+    """Where the client's stream stopped: ``Last-Event-ID`` (what an EventSource sends when
+    it reconnects), else ``?after_seq=``, else before the first message."""
+    try:
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:
+            after_seq = query.integer_value(last_event_id, "Last-Event-ID")
+        else:
+            after_seq = query.integer(request.args, "after_seq", -1)
+    except query.InvalidQuery as exc:
+        return json_error(400, "invalid_request", str(exc))
+    if after_seq < -1:
+        return json_error(400, "invalid_request", "the last seq received is -1 or more")
+    return after_seq
 
 
 @blueprint.post("/v1/chat/<request_id>/stop")

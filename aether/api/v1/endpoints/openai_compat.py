@@ -185,20 +185,20 @@ COMPLETION_STREAM_HEADERS = [
 
 async def completion_chunks(chat: DetachedChat, model: str) -> AsyncGenerator[bytes, None]:
     created = int(time.time())
-    record = chat.record
+    request_id = chat.request_id
     try:
-        yield _chunk(record.id, model, created, {"role": "assistant", "content": ""}, None)
+        yield _chunk(request_id, model, created, {"role": "assistant", "content": ""}, None)
         while (batch := await chat.next_batch()) is not None:
             parts: list[bytes] = []
             for message in batch:
                 content = _content(message)
                 if content:
-                    parts.append(_chunk(record.id, model, created, {"content": content}, None))
+                    parts.append(_chunk(request_id, model, created, {"content": content}, None))
                 elif message.get("type") == "error" and message.get("id") is not None:
                     error = {"message": message["message"], "type": message["code"]}
                     parts.append(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
                 elif message.get("type") in ("completion", "stopped"):
-                    parts.append(_chunk(record.id, model, created, {}, "stop"))
+                    parts.append(_chunk(request_id, model, created, {}, "stop"))
             if parts:
                 yield b"".join(parts)
         yield b"data: [DONE]\n\n"
