@@ -31,8 +31,9 @@ import trio
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
-from aether.core.runtime.outlet import Attachment, ends_attachment
+from aether.core.runtime.outlet import Attachment
 from aether.core.runtime.request import RequestRecord
+from aether.core.runtime.resumed_streams import AttachedStream
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ class DetachedChat:
         self.request_id = request_id
         self._outbox = outbox
         self._record = record
-        self._attachment = attachment
+        self._resumed = (
+            AttachedStream(request_id, outbox, attachment) if attachment is not None else None
+        )
         self._drained = False
 
     @classmethod
@@ -74,30 +77,26 @@ class DetachedChat:
         due); None once the chat ended (or, resumable, went to another connection) and
         everything was read. The wait's scope closes before the body yields, so nothing is
         suspended inside it."""
-        if self._drained:
-            return None
+        if self._resumed is not None:
+            return await self._resumed.next_batch(idle_s)
         with trio.move_on_after(idle_s):
             try:
-                batch = await self._outbox.get_batch()
+                return await self._outbox.get_batch()
             except trio.EndOfChannel:
                 self._drained = True
                 return None
-            if self._attachment is not None and any(
-                ends_attachment(message, self.request_id) for message in batch
-            ):
-                self._drained = True
-            return batch
         return []
 
     def close(self) -> None:
         """The body ended: if its client left before the chat's end, stop the chat, or detach
         it (resumable: it runs on for the resume grace)."""
-        if not self._drained:
-            attachment, record = self._attachment, self._record
-            if attachment is not None and attachment.sends_to(self._outbox):
+        if self._resumed is not None:
+            if not self._resumed.ended:
                 log.info("request %s: streaming client went away", self.request_id)
-                attachment.detach()
-            elif record is not None and record.state == "running":
-                log.info("request %s: streaming client went away", self.request_id)
-                self._engine.stop_generation(record.id, record.owner, "disconnect")
+            self._resumed.close()
+            return
+        record = self._record
+        if not self._drained and record is not None and record.state == "running":
+            log.info("request %s: streaming client went away", self.request_id)
+            self._engine.stop_generation(record.id, record.owner, "disconnect")
         self._outbox.close()

@@ -18,6 +18,11 @@ Chunk = dict[str, Any]
 PathName = Literal["auto", "echo", "http", "oi"]
 StopReason = Literal["stop", "disconnect", "shutdown"]
 
+# The errors that end a client's attachment to a resumable request: another connection resumed
+# it; the stream forwarded from the worker that runs it broke off (the client resumes again).
+RESUMED_ELSEWHERE = "resumed_elsewhere"
+RESUME_INTERRUPTED = "resume_interrupted"
+
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:

@@ -271,7 +271,23 @@ class MessageHandler:
                 self._client.owner, message.id, message.after_seq, self._client.outbox
             )
         except UnknownRequest as exc:
+            if self._engine.shared:  # another worker's, perhaps: asked beside the reading
+                self._nursery.start_soon(self._resume_elsewhere, message)
+            else:
+                self._reply_error(exc.code, exc.message, {"type": "resume", "id": message.id})
+            return
+        self._attach(message.id, attachment)
+
+    async def _resume_elsewhere(self, message: ResumeMessage) -> None:
+        try:
+            attachment = await self._engine.resume(
+                self._client.owner, message.id, message.after_seq, self._client.outbox
+            )
+        except (UnknownRequest, ControlPlaneUnavailable) as exc:
             self._reply_error(exc.code, exc.message, {"type": "resume", "id": message.id})
+            return
+        if self._client.outbox.closed and attachment is not None:
+            attachment.detach()  # the client left meanwhile
             return
         self._attach(message.id, attachment)
 

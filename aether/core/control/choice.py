@@ -28,4 +28,5 @@ def control_plane_for(
         settings.workers,
         worker_id,
         metrics.control_plane_commands,
+        settings.resume_retention_s,
     )

@@ -9,8 +9,9 @@ tracker is the whole truth, nothing else to run. ``RedisControlPlane``
 
 The engine calls ``admit`` before a chat is registered in its tracker and ``release`` once it
 ended; a stop or an approval for an id its tracker does not hold goes to ``stop_elsewhere`` /
-``approve_elsewhere``. A plane that routes to another worker calls that worker's
-``WorkerCommands`` (its engine).
+``approve_elsewhere``, and a resume of a chat it does not keep to ``resume_elsewhere`` (the owner
+forwards the stream: a ``StreamSource`` there, a ``StreamSink`` here). A plane that routes to
+another worker calls that worker's ``WorkerCommands`` (its engine).
 
 @.architecture
 role: control plane contract
@@ -24,11 +25,46 @@ from typing import Protocol
 
 import trio
 
-from aether.core.chat import StopReason
+from aether.core.chat import Chunk, StopReason
 from aether.core.errors import TooManyRequests, UnknownRequest
 
 # A rate limit's answer: allowed, whole tokens left, seconds until the next token.
 RateVerdict = tuple[bool, int, float]
+
+
+class StreamSource(Protocol):
+    """A resumable request's stream as this worker forwards it to a client on another."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the batch that ends the stream for this client was handed out."""
+
+    async def next_batch(self, idle_s: float) -> list[Chunk] | None:
+        """The next messages; [] after ``idle_s`` with none; None once ended."""
+
+    def close(self) -> None:
+        """The client is gone (or the forwarding ended): the request runs on detached."""
+
+
+class StreamSink(Protocol):
+    """Where a stream forwarded from another worker goes: the resuming client's outbox."""
+
+    def put(self, messages: list[Chunk]) -> bool:
+        """Queue the messages for the client; False (nothing queued) once it is gone."""
+
+    async def wait_for_room(self) -> None:
+        """Wait until the client has read enough. Raises trio.BrokenResourceError once it is
+        gone."""
+
+    def end(self, notice: Chunk | None) -> None:
+        """Nothing more comes; ``notice``: what the client is told about why."""
+
+
+class RoutedStream(Protocol):
+    """The asking worker's hold on a stream another worker forwards to it."""
+
+    def detach(self) -> None:
+        """The client is gone: the owner stops forwarding, its request runs on detached."""
 
 
 class WorkerCommands(Protocol):
@@ -44,6 +80,11 @@ class WorkerCommands(Protocol):
 
     def live_requests(self) -> list[tuple[str, str]]:
         """The (owner, request id) of every chat this worker runs."""
+
+    def resume_stream(self, owner: str, request_id: str, after_seq: int) -> StreamSource | None:
+        """A resumable chat of this worker, from after ``after_seq``, for a client on another
+        worker (a client attached to it is told it was taken over). None: the chat ended and
+        nothing is left after ``after_seq``. Raises UnknownRequest."""
 
     async def wait_saved(self, owner: str, conversation_id: str) -> None:
         """Return once the conversation's last turn that told its client its terminal is saved
@@ -76,9 +117,17 @@ class ControlPlane(Protocol):
         DuplicateRequest when a worker runs that id. Returns the other worker whose turn of
         the conversation may not be saved yet (``await_saved`` waits for it), or None."""
 
-    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
+    def release(
+        self,
+        owner: str,
+        request_id: str,
+        conversation_id: str | None = None,
+        *,
+        retained: bool = False,
+    ) -> None:
         """The chat ended, its answer saved (or it was never registered after ``admit``).
-        Never blocks."""
+        ``retained``: this worker keeps it for a resume, for the resume retention. Never
+        blocks."""
 
     async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
         """Wait until ``worker`` has saved its turn of the conversation, if that turn told its
@@ -112,6 +161,13 @@ class ControlPlane(Protocol):
         """Answer another worker's code confirmation. Raises as ``approve_local`` does, and
         ControlPlaneUnavailable."""
 
+    async def resume_elsewhere(
+        self, request_id: str, owner: str, after_seq: int, sink: StreamSink
+    ) -> RoutedStream | None:
+        """Resume a chat another worker runs or keeps: it forwards the messages after
+        ``after_seq`` and then the live stream into ``sink``. None: the chat ended and nothing
+        is left. Raises UnknownRequest when no worker keeps it, ControlPlaneUnavailable."""
+
 
 class LocalControlPlane:
     """One worker: its tracker knows every live request (``live_count_for``: how many chats
@@ -142,7 +198,14 @@ class LocalControlPlane:
             raise TooManyRequests(f"at most {limit} chats may run at once for one caller")
         return None
 
-    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
+    def release(
+        self,
+        owner: str,
+        request_id: str,
+        conversation_id: str | None = None,
+        *,
+        retained: bool = False,
+    ) -> None:
         pass
 
     async def await_saved(self, worker: str, owner: str, conversation_id: str) -> None:
@@ -167,3 +230,8 @@ class LocalControlPlane:
         self, request_id: str, owner: str, confirmation_id: str, approved: bool
     ) -> None:
         raise UnknownRequest(f"no running request with id {request_id!r}")
+
+    async def resume_elsewhere(
+        self, request_id: str, owner: str, after_seq: int, sink: StreamSink
+    ) -> RoutedStream | None:
+        raise UnknownRequest(f"no resumable request with id {request_id!r}")

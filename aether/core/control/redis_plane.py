@@ -15,6 +15,8 @@ What lives in Redis (``aether:`` keys; one Redis database per Aether server):
   admitted while another live worker's marker stands asks that worker (``await_saved``) to
   answer once its turn is saved, if the turn already told its client its terminal: the client
   may have sent the follow-up on seeing it, and the final save comes after the terminal.
+- ``aether:resumable:<owner>:<request id>``: the worker that keeps an ended resumable chat
+  (for a resume), set by its release, expiring with the resume retention.
 - ``aether:rate:<tier>:<ip>`` and ``aether:connections:<ip>``: the per-IP token buckets (kept
   on Redis' clock, ``TAKE_TOKEN``) and connection counts (worker id -> its count, ``CONNECT``),
   so the limits are the server's.
@@ -23,6 +25,10 @@ What lives in Redis (``aether:`` keys; one Redis database per Aether server):
   (``ROUTE``); the owner answers on the asker's channel. No owner, or a dead one: the id is
   unknown (404); no answer within ``REPLY_TIMEOUT_S``, or Redis unreachable:
   ControlPlaneUnavailable (503).
+
+A resume that lands on a worker that does not keep the chat is routed the same way (the live
+hash, else the retention key) and the owner forwards the stream over the asker's channel, one
+batch in flight (``core/control/resume_routing.py``).
 
 Faults: a delta never touches Redis, so running streams never notice it. While Redis is
 unreachable, the limits fall back to this worker's share (limit / workers; logged once), stops
@@ -57,7 +63,8 @@ import trio
 from prometheus_client import Counter
 
 from aether.core.chat import StopReason
-from aether.core.control.plane import RateVerdict, WorkerCommands
+from aether.core.control.plane import RateVerdict, RoutedStream, StreamSink, WorkerCommands
+from aether.core.control.resume_routing import IncomingStream, OutgoingStream
 from aether.core.errors import (
     AetherError,
     ControlPlaneUnavailable,
@@ -76,6 +83,8 @@ LIVE_KEY = PREFIX + "live:"
 RATE_KEY = PREFIX + "rate:"
 CONNECTIONS_KEY = PREFIX + "connections:"
 TURN_KEY = PREFIX + "turn:"
+# aether:resumable:<owner>:<request id>: the worker that keeps an ended chat for a resume.
+RESUMABLE_KEY = PREFIX + "resumable:"
 NO_KEY = PREFIX + "none"
 CHANNEL = PREFIX + "control:"
 # What every worker listens to besides its own channel: news for all (a deleted conversation).
@@ -97,18 +106,23 @@ SUBSCRIBE_RETRY_MAX_S = 2.0
 CONNECT_TIMEOUT_S = 1.0
 COMMAND_TIMEOUT_S = 2.0
 
-# Releases, in ADMIT and RELEASE: per released chat, two keys (its caller's live hash, its
-# conversation's turn marker or NO_KEY) and one argument (its request id), from KEYS[first]
-# and ARGV[first_arg]. A marker is deleted only if it still names that chat.
+# Releases, in ADMIT and RELEASE: per released chat, three keys (its caller's live hash, its
+# conversation's turn marker or NO_KEY, its retention key) and two arguments (its request id,
+# how long this worker keeps it for a resume in ms, or 0), from KEYS[first] and
+# ARGV[first_arg]. A marker is deleted only if it still names that chat.
 RELEASE_LOOP = """
 local function release(wid, first, first_arg)
   local n = 0
-  for i = first, #KEYS, 2 do
-    local rid = ARGV[first_arg + n]
+  for i = first, #KEYS, 3 do
+    local rid = ARGV[first_arg + 2 * n]
+    local retained_ms = tonumber(ARGV[first_arg + 2 * n + 1])
     n = n + 1
     redis.call('HDEL', KEYS[i], rid)
     if redis.call('GET', KEYS[i + 1]) == wid .. '|' .. rid then
       redis.call('DEL', KEYS[i + 1])
+    end
+    if retained_ms > 0 then
+      redis.call('SET', KEYS[i + 2], wid, 'PX', retained_ms)
     end
   end
   return n
@@ -158,11 +172,15 @@ return {'ok'}
 """
 )
 
-# KEYS[1]: the caller's live hash. ARGV: request id, this worker's id, the message.
-# Returns 1 once the owner worker has the message; 0 when no live worker runs the id; -1 when
-# its worker lives but does not listen (its subscription is reconnecting).
+# KEYS[1]: the caller's live hash; KEYS[2]: the chat's retention key (a resume), or NO_KEY.
+# ARGV: request id, this worker's id, the message. Returns 1 once the owner worker has the
+# message; 0 when no live worker runs (or keeps) the id; -1 when its worker lives but does not
+# listen (its subscription is reconnecting).
 ROUTE = """
 local holder = redis.call('HGET', KEYS[1], ARGV[1])
+if not holder and KEYS[2] ~= 'aether:none' then
+  holder = redis.call('GET', KEYS[2])
+end
 if not holder or holder == ARGV[2] then
   return 0
 end
@@ -258,10 +276,13 @@ class RedisControlPlane:
         workers_hint: int,
         worker_id: str | None = None,
         commands: Counter | None = None,
+        retention_s: float = 0.0,
     ) -> None:
         self.url = url
         self.worker_id = worker_id or new_worker_id()
         self.lease_s = lease_s
+        # How long an ended resumable chat stays replayable (where it is, kept in Redis).
+        self.retention_s = retention_s
         # This worker's share of a limit while Redis is unreachable.
         self._workers_hint = max(1, workers_hint)
         self._client: coredis.Redis[str] = coredis.Redis.from_url(
@@ -281,6 +302,9 @@ class RedisControlPlane:
         self._releases: list[_Release] = []
         self._release_due = trio.Event()
         self._calls: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+        # Resumes routed here from other workers' clients (by call), and from here to others.
+        self._incoming: dict[str, IncomingStream] = {}
+        self._outgoing: dict[str, OutgoingStream] = {}
         self._reachable = False
         self._subscribed = False
         # The latest conversations other workers deleted and this one dropped.
@@ -524,13 +548,21 @@ class RedisControlPlane:
         self._local_by_owner[owner] = self._local_by_owner.get(owner, 0) + 1
         return str(verdict[1]) if len(verdict) > 1 else None
 
-    def release(self, owner: str, request_id: str, conversation_id: str | None = None) -> None:
+    def release(
+        self,
+        owner: str,
+        request_id: str,
+        conversation_id: str | None = None,
+        *,
+        retained: bool = False,
+    ) -> None:
         count = self._local_by_owner.get(owner, 0) - 1
         if count > 0:
             self._local_by_owner[owner] = count
         else:
             self._local_by_owner.pop(owner, None)
-        self._releases.append(_Release(owner, request_id, conversation_id))
+        retained_ms = int(self.retention_s * 1000) if retained else 0
+        self._releases.append(_Release(owner, request_id, conversation_id, retained_ms))
         self._release_due.set()
 
     async def take_token(self, bucket: str, limit: int, window_s: float) -> RateVerdict:
@@ -623,6 +655,92 @@ class RedisControlPlane:
             {"op": "approve", "confirmation_id": confirmation_id, "approved": approved},
         )
 
+    async def resume_elsewhere(
+        self, request_id: str, owner: str, after_seq: int, sink: StreamSink
+    ) -> RoutedStream | None:
+        call, replies = self._open_call()
+        incoming = IncomingStream(
+            call, request_id, sink, self._tell, self._incoming_done, self.lease_s
+        )
+        self._incoming[call] = incoming
+        message = orjson.dumps(
+            {
+                "op": "resume",
+                "call": call,
+                "from": self.worker_id,
+                "owner": owner,
+                "id": request_id,
+                "after_seq": after_seq,
+            }
+        )
+        keys = [LIVE_KEY + owner, _retention_key(owner, request_id)]
+        answered = False
+        try:
+            received = await self._send(
+                self._route(keys=keys, args=[request_id, self.worker_id, message])
+            )
+            if received == 0:
+                raise UnknownRequest(f"no resumable request with id {request_id!r}")
+            if received < 0:
+                raise ControlPlaneUnavailable("the worker running that request cannot be reached")
+            with trio.move_on_after(REPLY_TIMEOUT_S):
+                reply = await replies.receive()
+                error = reply.get("error")
+                if error is not None:
+                    raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
+                answered = True
+                if reply.get("exhausted"):
+                    return None
+                incoming.owner_worker = str(reply["from"])
+                log.info(
+                    "control plane: resume of request %s forwarded by worker %s",
+                    request_id,
+                    reply["from"],
+                )
+                assert self._nursery is not None
+                self._nursery.start_soon(incoming.keep)
+                return incoming
+            raise ControlPlaneUnavailable("the worker running that request did not answer")
+        finally:
+            del self._calls[call]
+            if not answered or incoming.done:
+                self._incoming.pop(call, None)
+
+    def _incoming_done(self, call: str) -> None:
+        self._incoming.pop(call, None)
+
+    def _tell(self, worker: str, message: dict[str, Any]) -> None:
+        self._reply_soon(CHANNEL + worker, orjson.dumps(message))
+
+    async def _publish(self, channel: str, message: bytes) -> int:
+        return int(await self._send(self._client.publish(channel, message)))
+
+    async def _serve_resume(self, message: dict[str, Any]) -> None:
+        """Forward one of this worker's chats to the client that resumed it on another."""
+        assert self._commands is not None
+        call, asker = str(message["call"]), str(message["from"])
+        reply: dict[str, Any] = {"op": "reply", "call": call, "from": self.worker_id}
+        try:
+            source = self._commands.resume_stream(
+                str(message["owner"]), str(message["id"]), int(message["after_seq"])
+            )
+        except AetherError as exc:
+            reply["error"] = {"code": exc.code, "message": exc.message}
+            await self._publish_reply(CHANNEL + asker, orjson.dumps(reply))
+            return
+        log.info("control plane: resume of request %s asked by worker %s", message["id"], asker)
+        if source is None:
+            reply.update(error=None, exhausted=True)
+            await self._publish_reply(CHANNEL + asker, orjson.dumps(reply))
+            return
+        reply["error"] = None
+        outgoing = OutgoingStream(call, source, CHANNEL + asker, self.worker_id)
+        self._outgoing[call] = outgoing
+        try:
+            await outgoing.forward(self._publish, orjson.dumps(reply), self.lease_s / 3)
+        finally:
+            del self._outgoing[call]
+
     async def _forget(self, key: tuple[str, str]) -> None:
         assert self._commands is not None
         await self._commands.forget_local(*key)
@@ -681,7 +799,9 @@ class RedisControlPlane:
         )
         try:
             received = await self._send(
-                self._route(keys=[LIVE_KEY + owner], args=[request_id, self.worker_id, message])
+                self._route(
+                    keys=[LIVE_KEY + owner, NO_KEY], args=[request_id, self.worker_id, message]
+                )
             )
             if received == 0:
                 raise UnknownRequest(f"no running request with id {request_id!r}")
@@ -719,6 +839,24 @@ class RedisControlPlane:
             if message["from"] != self.worker_id:
                 key = (str(message["owner"]), str(message["conversation"]))
                 self._nursery.start_soon(self._forget, key)
+            return
+        if op == "resume":
+            self._nursery.start_soon(self._serve_resume, message)
+            return
+        if op in ("stream", "probe"):
+            incoming = self._incoming.get(message["call"])
+            if incoming is not None:
+                incoming.receive(message)
+            else:  # its client left: the owner stops forwarding
+                self._tell(str(message["from"]), {"op": "detach", "call": message["call"]})
+            return
+        if op in ("ack", "detach"):
+            outgoing = self._outgoing.get(message["call"])
+            if outgoing is not None:
+                if op == "ack":
+                    outgoing.acked()
+                else:
+                    outgoing.scope.cancel()
             return
         error: dict[str, str] | None = None
         try:
@@ -768,16 +906,23 @@ class _Release:
     owner: str
     request_id: str
     conversation_id: str | None
+    retained_ms: int
 
 
 def _released(keys: list[str], releases: list[_Release]) -> tuple[list[str], list[str | int]]:
-    """``keys`` followed by the releases' keys (two each), and the releases' arguments."""
+    """``keys`` followed by the releases' keys (three each), and the releases' arguments
+    (two each)."""
     args: list[str | int] = []
     for release in releases:
         marker = release.conversation_id
         keys += [
             LIVE_KEY + release.owner,
             TURN_KEY + release.owner + ":" + marker if marker else NO_KEY,
+            _retention_key(release.owner, release.request_id),
         ]
-        args.append(release.request_id)
+        args += [release.request_id, release.retained_ms]
     return keys, args
+
+
+def _retention_key(owner: str, request_id: str) -> str:
+    return RESUMABLE_KEY + owner + ":" + request_id

@@ -30,7 +30,7 @@ import trio
 
 from aether.config import Settings
 from aether.core.chat import ChatRequest, StopReason
-from aether.core.control.plane import ControlPlane, LocalControlPlane
+from aether.core.control.plane import ControlPlane, LocalControlPlane, StreamSource
 from aether.core.errors import (
     PathUnavailable,
     ShuttingDown,
@@ -49,6 +49,7 @@ from aether.core.runtime.outbox import Outbox
 from aether.core.runtime.outlet import Attachment, RequestOutlet
 from aether.core.runtime.request import RequestRecord, RequestTracker
 from aether.core.runtime.resumable import ResumableChats
+from aether.core.runtime.resumed_streams import AttachedStream, RemoteAttachment
 from aether.core.runtime.streaming import ChatStreamer
 from aether.core.runtime.turn import ChatTurn, TurnServices
 
@@ -332,14 +333,32 @@ class RuntimeEngine:
         stream; a client attached elsewhere is told it was taken over. None: the chat has
         ended and the client has it all (nothing is sent). Raises UnknownRequest for an id
         the caller has no resumable chat of."""
-        await trio.lowlevel.checkpoint()
-        return self.resume_local(owner, request_id, after_seq, outbox)
+        try:
+            attachment = self.resume_local(owner, request_id, after_seq, outbox)
+        except UnknownRequest:
+            if not self.control.shared:
+                raise
+        else:
+            await trio.lowlevel.checkpoint()
+            return attachment
+        remote = RemoteAttachment(request_id, outbox)
+        routed = await self.control.resume_elsewhere(request_id, owner, after_seq, remote)
+        if routed is None:
+            return None
+        remote.routed = routed
+        return remote
 
     def resume_local(
         self, owner: str, request_id: str, after_seq: int, outbox: Outbox
     ) -> Attachment | None:
         """``resume``, for a chat this worker keeps. Raises UnknownRequest."""
         return self.resumable.resume(owner, request_id, after_seq, outbox)
+
+    def resume_stream(self, owner: str, request_id: str, after_seq: int) -> StreamSource | None:
+        """A chat of this worker resumed by a client on another (``WorkerCommands``)."""
+        outbox = Outbox(self.settings.outbox_max_bytes)
+        attachment = self.resume_local(owner, request_id, after_seq, outbox)
+        return None if attachment is None else AttachedStream(request_id, outbox, attachment)
 
     def run_resumable(self, turn: ChatTurn, on_end: Callable[[], None] | None = None) -> None:
         """Run a resumable chat in the engine's nursery (its client's going does not end it);

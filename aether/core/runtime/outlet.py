@@ -30,12 +30,10 @@ from typing import Protocol
 
 import trio
 
-from aether.core.chat import Chunk
+from aether.core.chat import RESUME_INTERRUPTED, RESUMED_ELSEWHERE, Chunk
 from aether.core.runtime.outbox import MESSAGE_OVERHEAD_BYTES, Outbox, OutboxEntry
 
 TERMINAL_TYPES = frozenset({"completion", "stopped", "error"})
-# The error a client attached to a request gets when another connection resumed it.
-RESUMED_ELSEWHERE = "resumed_elsewhere"
 
 
 def ends_attachment(message: Chunk, request_id: str) -> bool:
@@ -47,7 +45,7 @@ def ends_attachment(message: Chunk, request_id: str) -> bool:
         return message.get("type") in TERMINAL_TYPES
     ref = message.get("ref")
     return (
-        message.get("code") == RESUMED_ELSEWHERE
+        message.get("code") in (RESUMED_ELSEWHERE, RESUME_INTERRUPTED)
         and isinstance(ref, dict)
         and ref.get("id") == request_id
     )

@@ -192,7 +192,9 @@ class ChatTurn:
             await recorder.finish(ANSWER_STATUS[record.state], error_code)
             history.release(recorder)
         self._services.tracker.end_request(record, record.state)
-        self._services.control.release(record.owner, record.id, self.request.conversation_id)
+        self._services.control.release(
+            record.owner, record.id, self.request.conversation_id, retained=self.outlet.keep
+        )
         self._observe()
 
     def _observe(self) -> None:
