@@ -86,7 +86,7 @@ def routed(
 
 async def test_one_batch_is_in_flight_until_the_client_has_room(autojump_clock: Any) -> None:
     wire = Wire()
-    owner, held, client, _sink, incoming, outgoing = routed(wire, client_budget=100)
+    owner, _held, client, _sink, incoming, outgoing = routed(wire, client_budget=100)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outgoing.forward, wire.publish, b'{"op": "reply"}', PROBE_S)
         nursery.start_soon(incoming.keep)
