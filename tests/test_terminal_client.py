@@ -162,3 +162,34 @@ async def test_a_server_that_goes_away_while_the_client_waits_is_noticed() -> No
             code = await process.wait()
     assert code == 75, seen
     assert b"the server closed the connection (1001 server shutting down): bye" in seen
+
+
+async def test_an_answer_cut_by_a_lost_connection_is_resumed_whole(fake_llm: FakeLLM) -> None:
+    numbered = "".join(f"w{index:03d} " for index in range(150))
+    fake_llm.script(Behaviour(reply=numbered, piece_chars=5, delay_s=0.01))
+    settings = make_settings(
+        provider="http", llm_base_url=fake_llm.base_url, llm_model="fake-model", resume_grace_s=10
+    )
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "aether", "chat", "--url", server.ws_url, "count"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=client_env(),
+            )
+            assert process.stdout is not None
+            assert process.stderr is not None
+            printed = b""
+            while b"w020" not in printed:
+                printed += await process.stdout.receive_some(4096)
+            # Every WebSocket dropped mid-answer, as a restart or a network would.
+            server.hub.close_all(1012, "restarting")
+            async for chunk in process.stdout:
+                printed += chunk
+            said = b"".join([chunk async for chunk in process.stderr])
+            code = await process.wait()
+    assert code == 0, said
+    assert b"[connection lost; resuming the answer]" in said
+    assert printed.decode() == numbered + "\n"  # nothing missed, nothing twice
+    assert fake_llm.streams[0].outcome == "completed"

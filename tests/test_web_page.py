@@ -293,6 +293,67 @@ async def test_the_page_says_it_lost_the_connection_and_reconnects() -> None:
     assert errors == []
 
 
+# An answer long enough to be cut mid-way: numbered words, so any gap or repeat shows.
+NUMBERED = "".join(f"w{index:03d} " for index in range(160))
+
+
+async def test_an_answer_goes_on_whole_after_a_dropped_connection_and_a_reload(
+    fake_llm: FakeLLM,
+) -> None:
+    from playwright.sync_api import expect
+
+    fake_llm.script(*[Behaviour(reply=NUMBERED, piece_chars=5, delay_s=0.01)] * 2)
+    settings = make_settings(
+        provider="http", llm_base_url=fake_llm.base_url, llm_model="fake-model", resume_grace_s=10
+    )
+
+    def answer_text(page: Any) -> str:
+        return " ".join(page.locator("article.assistant .body").last.inner_text().split())
+
+    with trio.fail_after(90):
+        async with running_server(settings) as server:
+
+            def scenario(page: Any) -> dict[str, Any]:
+                status = page.locator("#status")
+                expect(status).to_have_text("Connected")
+                page.fill("#message", "count")
+                page.keyboard.press("Enter")
+                answer = page.locator("article.assistant").last
+                expect(answer).to_contain_text("w020")
+                # The server drops every WebSocket mid-answer, as a restart or a network would.
+                trio.from_thread.run_sync(server.hub.close_all, 1012, "restarting")
+                expect(status).to_contain_text("the answer continues")
+                lost = status.inner_text()
+                page.wait_for_selector("article.assistant[data-state='done']")
+                dropped = answer_text(page)
+                # A second answer, and the page reloaded in the middle of it.
+                page.fill("#message", "count again")
+                page.keyboard.press("Enter")
+                expect(page.locator("article.assistant").nth(1)).to_contain_text("w030")
+                page.reload()
+                page.wait_for_selector("article.assistant:nth-of-type(4)[data-state='done']")
+                return {
+                    "lost": lost,
+                    "dropped": dropped,
+                    "reloaded": answer_text(page),
+                    "turns": page.locator("article").count(),
+                    "users": page.locator("article.user .body").all_inner_texts(),
+                    "first": " ".join(
+                        page.locator("article.assistant .body").first.inner_text().split()
+                    ),
+                }
+
+            result, errors = await trio.to_thread.run_sync(drive_page, server.base_url, scenario)
+    whole = NUMBERED.strip()
+    assert result["lost"].startswith("Disconnected")
+    assert result["dropped"] == whole
+    assert result["reloaded"] == whole
+    assert result["first"] == whole  # the stored first answer, shown after the reload
+    assert (result["turns"], result["users"]) == (4, ["count", "count again"])
+    assert [stream.outcome for stream in fake_llm.streams] == ["completed", "completed"]
+    assert errors == []
+
+
 def _vendor_sums() -> dict[str, str]:
     readme = (STATIC / "vendor" / "README.md").read_text()
     return {name: digest for digest, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M)}

@@ -6,7 +6,9 @@ stream to stdout as they arrive. Ctrl-C during an answer sends ``stop`` and wait
 ``stopped``; a second Ctrl-C leaves at once. Code proposed on the agentic path is shown and
 needs a yes before it runs. Interactive commands: ``/help``, ``/new`` (a new conversation),
 ``/path NAME``, ``/quit`` (or Ctrl-D); ``//`` sends a line that starts with ``/``. A server that
-closes the connection while the client waits for a line is noticed at once.
+closes the connection while the client waits for a line is noticed at once. A connection lost
+during an answer is opened again (a few tries, within the server's resume grace) and the answer
+resumed after the last message received: nothing printed twice, nothing missed.
 
 Exit codes, for scripts: 0 the (last) answer completed; 1 it ended with an error from the server;
 3 the server could not be reached or refused the connection; 130 stopped with Ctrl-C;
@@ -20,11 +22,13 @@ jobs: [terminal_client]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 import httpx
@@ -34,6 +38,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
+    connect_websocket_url,
     open_websocket_url,
 )
 
@@ -43,6 +48,12 @@ EXIT_UNREACHABLE = 3
 EXIT_TEMPFAIL = 75
 EXIT_INTERRUPTED = 130
 TERMINALS = {"completion", "stopped", "error"}
+# Waits before each try to connect again after losing the connection mid-answer: within the
+# server's resume grace (10 s by default).
+RECONNECT_WAITS_S = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+# Opens a new connection to the server (its hello not yet read).
+Reconnect = Callable[[], Awaitable[WebSocketConnection]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +89,15 @@ class TerminalChat:
         conversation_id: str | None,
         out: TextIO = sys.stdout,
         err: TextIO = sys.stderr,
+        reconnect: Reconnect | None = None,
     ) -> None:
-        self._ws = ws
+        self.ws = ws
+        self._reconnect = reconnect
+        # The request being answered: its last seq received, and how much of its text was
+        # printed (a snapshot after a resume prints only the rest).
+        self._last_seq = -1
+        self._printed = 0
+        self._stop_wanted = False
         self.path = path
         self.conversation_id = conversation_id
         self._out = out
@@ -87,7 +105,7 @@ class TerminalChat:
         self._interrupts = 0
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self._ws.send_message(json.dumps(message))
+        await self.ws.send_message(json.dumps(message))
 
     async def turn(self, text: str) -> int:
         """Send one chat and show its answer; returns the exit code it deserves."""
@@ -97,6 +115,8 @@ class TerminalChat:
         if self.conversation_id:
             chat["conversation_id"] = self.conversation_id
         self._interrupts = 0
+        self._last_seq, self._printed = -1, 0
+        self._stop_wanted = False
         await self._send(chat)
         with trio.open_signal_receiver(signal.SIGINT) as interrupts:
             async with trio.open_nursery() as nursery:
@@ -112,21 +132,38 @@ class TerminalChat:
                 raise KeyboardInterrupt
             self._err.write("\n[stopping; Ctrl-C again to quit]\n")
             self._err.flush()
-            await self._send({"type": "stop", "id": request_id})
+            self._stop_wanted = True
+            with contextlib.suppress(ConnectionClosed):  # else sent once resumed
+                await self._send({"type": "stop", "id": request_id})
 
     async def _show_answer(self, request_id: str) -> int:
         in_block: str | None = None
         while True:
-            message = json.loads(await self._ws.get_message())
+            try:
+                message = json.loads(await self.ws.get_message())
+            except ConnectionClosed:
+                if not await self._resume(request_id):
+                    raise
+                continue
             if message.get("id") != request_id:
                 if message.get("type") == "error" and message.get("id") is None:
                     ref = message.get("ref", {})
-                    if ref.get("id") == request_id and ref.get("type") == "chat":
+                    if ref.get("id") != request_id:
+                        continue
+                    if message["code"] == "resume_interrupted":
+                        await self._send_resume(request_id)
+                    elif ref.get("type") in ("chat", "resume"):
                         self._err.write(f"error: {message['code']}: {message['message']}\n")
                         return EXIT_ERROR
                 continue
+            if isinstance(message.get("seq"), int):
+                self._last_seq = message["seq"]
             kind = message.get("type")
-            if kind == "accepted":
+            if kind == "snapshot":
+                # The answer's text up to here, standing for what the server no longer kept.
+                self._out.write(str(message.get("content", ""))[self._printed :])
+                self._printed = len(str(message.get("content", "")))
+            elif kind == "accepted":
                 self.conversation_id = message.get("conversation_id", self.conversation_id)
             elif kind == "confirmation":
                 await self._confirm(message, request_id)
@@ -141,10 +178,40 @@ class TerminalChat:
             elif isinstance(message.get("content"), str):
                 self._out.write(message["content"])
                 self._out.flush()
+                if kind == "message" and message.get("role") == "assistant":
+                    self._printed += len(message["content"])
             if message.get("role") == "server" and kind in TERMINALS:
                 self._out.write("\n")
                 self._out.flush()
                 return self._finish(message)
+
+    async def _resume(self, request_id: str) -> bool:
+        """The connection was lost mid-answer: connect again and resume the answer after the
+        last message received. False when it cannot (no way to reconnect, or every try failed)."""
+        if self._reconnect is None:
+            return False
+        self._err.write("\n[connection lost; resuming the answer]\n")
+        self._err.flush()
+        for wait_s in RECONNECT_WAITS_S:
+            await trio.sleep(wait_s)
+            try:
+                ws = await self._reconnect()
+                hello = json.loads(await ws.get_message())
+            except (HandshakeError, OSError, ConnectionClosed):
+                continue
+            if hello.get("type") != "hello":
+                continue
+            previous, self.ws = self.ws, ws
+            await previous.aclose()
+            await self._send_resume(request_id)
+            if self._stop_wanted:
+                await self._send({"type": "stop", "id": request_id})
+            return True
+        self._err.write("error: the server could not be reached again\n")
+        return False
+
+    async def _send_resume(self, request_id: str) -> None:
+        await self._send({"type": "resume", "id": request_id, "after_seq": self._last_seq})
 
     def _finish(self, terminal: dict[str, Any]) -> int:
         kind = terminal["type"]
@@ -195,12 +262,23 @@ class ServerGone(Exception):
     """The server closed the connection while the client waited for the user."""
 
 
-async def converse(ws: WebSocketConnection, args: argparse.Namespace) -> int:
+async def converse(
+    ws: WebSocketConnection, args: argparse.Namespace, reconnect: Reconnect | None = None
+) -> int:
     hello = json.loads(await ws.get_message())
     if hello.get("type") != "hello":
         sys.stderr.write("error: this does not look like an Aether server\n")
         return EXIT_UNREACHABLE
-    chat = TerminalChat(ws, path=args.path, conversation_id=args.conversation)
+    chat = TerminalChat(ws, path=args.path, conversation_id=args.conversation, reconnect=reconnect)
+    try:
+        return await _converse(chat, args, hello)
+    finally:
+        if chat.ws is not ws:  # a connection opened again after a loss
+            with trio.CancelScope(shield=True):
+                await chat.ws.aclose()
+
+
+async def _converse(chat: TerminalChat, args: argparse.Namespace, hello: dict[str, Any]) -> int:
     if args.message:
         return await chat.turn(" ".join(args.message))
     sys.stderr.write(await banner(args, hello) + "\n")
@@ -208,7 +286,7 @@ async def converse(ws: WebSocketConnection, args: argparse.Namespace) -> int:
     prompt = "> " if sys.stdin.isatty() else ""
     while True:
         try:
-            line = await read_line_watching(ws, prompt)
+            line = await read_line_watching(chat.ws, prompt)
         except ServerGone as gone:
             sys.stderr.write(f"\nthe server closed the connection ({gone}): bye\n")
             return EXIT_TEMPFAIL
@@ -298,12 +376,20 @@ async def run(args: argparse.Namespace) -> int:
     headers = [(b"authorization", f"Bearer {args.token}".encode())] if args.token else []
     code = EXIT_UNREACHABLE
     try:
-        # Its own nursery: trio-websocket can lose a Cancelled into its caller's (#184).
+        # Its own nursery: trio-websocket can lose a Cancelled into its caller's (#184). The
+        # connections opened again after a loss live in it too.
         async with (
-            trio.open_nursery(),
+            trio.open_nursery() as connections,
             open_websocket_url(args.url, extra_headers=headers, subprotocols=["aether.v2"]) as ws,
         ):
-            code = await converse(ws, args)
+
+            async def reconnect() -> WebSocketConnection:
+                return await connect_websocket_url(
+                    connections, args.url, extra_headers=headers, subprotocols=["aether.v2"]
+                )
+
+            code = await converse(ws, args, reconnect)
+            connections.cancel_scope.cancel()
     except* ConnectionRejected as refused:
         status = getattr(refused.exceptions[0], "status_code", None)
         reason = {401: "a valid --token is required", 403: "this origin is not allowed"}

@@ -8,7 +8,9 @@ const state = {
   ws: null,
   connected: false,
   conversationId: null,
-  current: null, // the request being answered: {id, el, meta, block, blocks}
+  current: null, // the request being answered: {id, el, block, blocks, lastSeq, text}
+  // A chat this tab was answering when it was reloaded: resumed from its start once connected.
+  pending: null,
   retryMs: 500,
   key: sessionStorage.getItem("aether-key") || "",
   tools: null, // GET /v1/tools: the paths this server offers and its default
@@ -21,6 +23,27 @@ const state = {
   deleting: null, // the conversation the delete dialog asks about
   renaming: null, // the conversation the rename dialog names
 };
+
+// The running chat of this tab, kept across a reload: {id, conversationId, text}.
+const RUNNING_KEY = "aether-running";
+
+function readRunning() {
+  try {
+    const running = JSON.parse(sessionStorage.getItem(RUNNING_KEY) || "null");
+    return running && typeof running.id === "string" ? running : null;
+  } catch (error) {
+    return null;
+  }
+}
+
+function keepRunning(turn) {
+  if (turn) {
+    const running = { id: turn.id, conversationId: state.conversationId, text: turn.text };
+    sessionStorage.setItem(RUNNING_KEY, JSON.stringify(running));
+  } else {
+    sessionStorage.removeItem(RUNNING_KEY);
+  }
+}
 
 const PATHS = {
   echo: "repeats your message",
@@ -50,6 +73,7 @@ const ERRORS = {
   stale_confirmation: "That confirmation was no longer pending, so nothing ran.",
   unknown_conversation: "That conversation no longer exists: start a new chat.",
   unknown_request: "The server no longer knows that answer.",
+  resumed_elsewhere: "This answer continues in another tab or window.",
 };
 
 // --- Markdown ---------------------------------------------------------------------------------
@@ -328,6 +352,7 @@ function finishTurn(outcome) {
   turn.el.dataset.state = outcome.error ? "error" : outcome.note || "done";
   turn.el.removeAttribute("aria-busy");
   state.current = null;
+  keepRunning(null);
   const focusWasOnStop = document.activeElement === $("stop");
   setBusy(false);
   if (focusWasOnStop || document.activeElement === document.body) $("message").focus();
@@ -391,14 +416,13 @@ function connect() {
   ws.onmessage = (event) => handle(JSON.parse(event.data));
   ws.onclose = (event) => {
     state.connected = false;
-    if (state.current) {
-      finishTurn({ error: true, code: null, message: "the connection to the server was lost; the answer may be incomplete." });
-    }
-    setBusy(false);
+    // A running answer goes on on the server for a while: it is resumed once reconnected.
+    setBusy(Boolean(state.current));
     const wait = state.retryMs;
     state.retryMs = Math.min(state.retryMs * 2, 8000);
     const why = event.code === 1006 && !state.key ? " (an API key may be needed)" : "";
-    setStatus("Disconnected" + why + "; reconnecting in " + Math.round(wait / 1000 * 10) / 10 + " s", true);
+    const answer = state.current ? " (the answer continues once reconnected)" : "";
+    setStatus("Disconnected" + why + "; reconnecting in " + Math.round(wait / 1000 * 10) / 10 + " s" + answer, true);
     setTimeout(connect, wait);
   };
 }
@@ -413,6 +437,12 @@ function handle(message) {
     state.connected = true;
     setStatus("Connected");
     setBusy(Boolean(state.current));
+    if (state.current) {
+      resume(state.current);
+    } else if (state.pending) {
+      restoreRunning(state.pending);
+      state.pending = null;
+    }
     loadConversations();
     loadTools();
     return;
@@ -422,7 +452,8 @@ function handle(message) {
   if (message.id === null || message.id === undefined) {
     if (type === "error") {
       if (state.current && message.ref && message.ref.id === state.current.id) {
-        finishTurn({ error: true, code: message.code, message: message.message });
+        if (message.code === "resume_interrupted") resume(state.current); // again, from where it is
+        else finishTurn({ error: true, code: message.code, message: message.message });
       } else {
         const help = ERRORS[message.code] || message.message;
         setStatus("Error " + message.code + ": " + help, true);
@@ -432,9 +463,16 @@ function handle(message) {
   }
   const turn = state.current;
   if (!turn || message.id !== turn.id) return;
+  if (typeof message.seq === "number") turn.lastSeq = message.seq;
   if (type === "accepted") {
     state.conversationId = message.conversation_id || state.conversationId;
+    keepRunning(turn);
     if (message.path) setPath(turn, message.path);
+  } else if (type === "snapshot") {
+    // The answer so far, standing for every message up to its seq (the server kept no more).
+    turn.el.querySelector(".body").replaceChildren();
+    turn.block = null;
+    appendText(turn, message.content);
   } else if (type === "confirmation") {
     flushRenders();
     askApproval(turn, message);
@@ -502,7 +540,8 @@ function startChat(text) {
   addTurn("user", text);
   const el = addTurn("assistant", "");
   el.setAttribute("aria-busy", "true");
-  state.current = { id, el, block: null, blocks: 0 };
+  state.current = { id, el, block: null, blocks: 0, lastSeq: -1, text };
+  keepRunning(state.current);
   state.renderMs = 0;
   const message = { type: "chat", id, message: text };
   if (state.conversationId) message.conversation_id = state.conversationId;
@@ -510,6 +549,24 @@ function startChat(text) {
   follow();
   send(message);
   setBusy(true);
+}
+
+// Pick the answer up after the last message this page has of it (all of it after a reload).
+function resume(turn) {
+  send({ type: "resume", id: turn.id, after_seq: turn.lastSeq });
+  announce("Reconnected: the answer continues");
+}
+
+// After a reload: the conversation as stored, then the running answer replayed and followed.
+async function restoreRunning(running) {
+  if (running.conversationId) await openConversation(running.conversationId, running.id);
+  addTurn("user", running.text);
+  const el = addTurn("assistant", "");
+  el.setAttribute("aria-busy", "true");
+  state.current = { id: running.id, el, block: null, blocks: 0, lastSeq: -1, text: running.text };
+  follow();
+  setBusy(true);
+  resume(state.current);
 }
 
 function stopChat() {
@@ -523,6 +580,7 @@ function leaveCurrent() {
   if (!state.current) return;
   send({ type: "stop", id: state.current.id });
   state.current = null;
+  keepRunning(null);
   setBusy(false);
 }
 
@@ -677,7 +735,8 @@ async function onRenameDialogClosed() {
   focusRow();
 }
 
-async function openConversation(id) {
+// ``skipRequest``: a turn not to show (the running one, which a resume replays).
+async function openConversation(id, skipRequest) {
   const response = await fetch("/v1/chat/history?conversation_id=" + encodeURIComponent(id), {
     headers: authHeaders(),
   });
@@ -690,6 +749,7 @@ async function openConversation(id) {
   clearTranscript();
   state.conversationId = id;
   for (const message of history.messages) {
+    if (skipRequest && message.request_id === skipRequest) continue;
     const el = addTurn(message.role === "user" ? "user" : "assistant", message.content);
     if (message.error_code) errorNote(el, message.error_code, null, false);
     else if (message.status !== "complete") note(el, "(" + message.status + ")");
@@ -784,6 +844,7 @@ async function copyCode(button) {
 // --- Start ------------------------------------------------------------------------------------
 
 function init() {
+  state.pending = readRunning();
   $("api-key").value = state.key;
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
