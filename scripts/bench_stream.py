@@ -33,6 +33,17 @@ Workloads:
 - ``storm``: every stream runs, then half the clients vanish at once (socket reset, no close
   frame): how soon the server closes their upstream streams, that none is left open, that the
   other half finish, and how long the server stays busy after the last of them.
+- ``resume`` (Aether only: the baselines cannot resume; not in the defaults): paced streams, all
+  at once, at the paced workload's pace; once every client has ``--resume-after-tokens`` tokens,
+  all drop their connection at once (socket reset, as in the storm), ``--resume-away-s`` later
+  all reconnect at once and send ``resume`` after the last seq each received. Per stream: resume
+  latency (``resume`` sent -> the first message after that seq), and whether it is exact (every
+  seq from 0 to the terminal once, the text the upstream's whole answer); server CPU per delta
+  (the deltas the upstream sent), peak RSS, and RSS per request retained after its end (the
+  clients gone). Its baseline, in the same round on a server of its own: the same streams never
+  dropped, ``aether (uninterrupted)``. With ``--workers N``, ``crossed workers`` counts the
+  resumes that reached another worker than the chat's, ``unknown_request`` those answered that
+  the chat is unknown.
 - ``chat-cost`` (not in the defaults): a chat's fixed cost. Server CPU per request, over a fixed
   number of requests on keep-alive connections after a warm-up, for each route: ``GET /health``,
   ``POST /v1/chat``, ``/v1/chat/completions``, ``/v1/chat/stream`` and a chat over an open
@@ -48,13 +59,15 @@ every server alike.
     python scripts/bench_stream.py                  # defaults: a few minutes on 2 cores
     python scripts/bench_stream.py --workloads stop --stop-streams 200,1000 --json out.json
     python scripts/bench_stream.py --workloads chat-cost
+    python scripts/bench_stream.py --workloads resume --resume-streams 100 --repeat 3
+    python scripts/bench_stream.py --workloads resume --workers 2 --servers aether
     python scripts/bench_stream.py --workloads stop --stop-streams 50,500 --repeat 5
     python scripts/bench_stream.py --workloads capacity,paced,stop --workers 2 --servers aether
     python scripts/bench_stream.py --workloads capacity,paced,stop --servers aether,aether-pg
 
 ``--workers N`` adds ``aether-Nw`` (``python -m aether --workers N`` with a redis-server the
-benchmark starts) to the capacity, paced and stop workloads: server CPU sums the supervisor and
-its workers, and ``redis cmds/chat`` counts the commands Redis ran per chat.
+benchmark starts) to the capacity, paced, stop, stop-rest and resume workloads: server CPU sums
+the supervisor and its workers, and ``redis cmds/chat`` counts the commands Redis ran per chat.
 
 History writes: ``longest commit ms`` is the longest write batch of the run and ``commit p99 <=
 ms`` the upper bound of the ``aether_history_commit_seconds`` bucket holding the 99th percentile
@@ -99,7 +112,12 @@ import orjson
 import psutil
 import psycopg
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from aether.testing.postgres_server import PostgresServer
 from aether.testing.redis_server import RedisServer
@@ -114,9 +132,9 @@ SERVERS = ("aether", "trio-websocket", "fastapi-uvicorn", "direct", "aether-sse"
 PROCESS_OF = {"aether-sse": "aether", "fastapi-sse": "fastapi-uvicorn"}
 SSE_WORKLOADS = ("capacity", "paced")
 # The workloads run with several workers too (``--workers``).
-WORKERS_WORKLOADS = ("capacity", "paced", "stop", "stop-rest")
-# Aether's own REST stop route: no baseline has one.
-AETHER_ONLY_WORKLOADS = ("stop-rest",)
+WORKERS_WORKLOADS = ("capacity", "paced", "stop", "stop-rest", "resume")
+# Aether's own REST stop route and its resume: no baseline has them.
+AETHER_ONLY_WORKLOADS = ("stop-rest", "resume")
 # Also measurable: Aether without conversation history (the cost of storing every answer), and
 # with it in PostgreSQL.
 OPTIONAL_SERVERS = ("aether-no-history", "aether-pg", "hypercorn-asgi")
@@ -142,6 +160,13 @@ CPU_SAMPLE_S = 0.02
 STORM_TAIL_S = 1.5
 # chat-cost: the deadline for one route's warm-up and measured requests together.
 CHAT_COST_ROUTE_TIMEOUT_S = 300
+# Resume: the deadline for one stream, both its connections and the waits for the others
+# together (a stream past it is failed); how long a client listens on after its terminal
+# (nothing of the request may follow it).
+RESUME_STREAM_TIMEOUT_S = 60
+RESUME_LINGER_S = 0.2
+# The points every stream of a resume run passes together, in order.
+RESUME_STEPS = ("connected", "reached", "dropped", "reconnected")
 
 
 def free_port() -> int:
@@ -850,6 +875,439 @@ async def measure_idle(
     }
 
 
+class Barrier:
+    """A point every stream of a run passes together: ``passed`` once each has arrived (a
+    stream that failed before it arrives too, so nobody waits for it); the streams go on once
+    ``released``: then too, unless ``held`` (for something to be done first, ``release``)."""
+
+    def __init__(self, parties: int, held: bool = False) -> None:
+        self.parties = parties
+        self.held = held
+        self.arrived = 0
+        self.passed = trio.Event()
+        self.released = trio.Event()
+        if parties <= 0:
+            self.arrive()
+
+    def arrive(self) -> None:
+        self.arrived += 1
+        if self.arrived >= self.parties:
+            self.passed.set()
+            if not self.held:
+                self.release()
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
+class ResumeResult:
+    """One stream of the resume workload: its request's messages as the client received them,
+    over both its connections."""
+
+    tag: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    # How many of the messages came before the drop, and the seq the resume asked to follow.
+    kept: int | None = None
+    after_seq: int | None = None
+    resume_sent_at: float | None = None
+    # The first message with a seq above after_seq.
+    resumed_at: float | None = None
+    # The error code the resume was answered with (unknown_request: another worker's chat).
+    refused: str | None = None
+    error: str | None = None
+    # The client's port of each connection (which of the server's processes held it).
+    ports: list[int] = field(default_factory=list)
+
+
+def assistant_text(message: dict[str, Any]) -> str:
+    """The answer text a message carries (assistant message content), else ''."""
+    content = message.get("content")
+    if message.get("role") == "assistant" and message.get("type") == "message":
+        return content if isinstance(content, str) else ""
+    return ""
+
+
+def ended(messages: list[dict[str, Any]]) -> bool:
+    """Whether the last message received is the request's terminal."""
+    return bool(messages) and is_terminal(messages[-1])
+
+
+def is_terminal(message: dict[str, Any]) -> bool:
+    return message.get("role") == "server" and message.get("type") in TERMINALS
+
+
+def socket_of(ws: WebSocketConnection) -> trio.socket.SocketType:
+    """The TCP socket under a client's WebSocket."""
+    stream = ws._stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket
+
+
+async def cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+async def linger(ws: Any, result: ResumeResult) -> None:
+    """Listen on after the terminal: anything of the request that follows is kept (and makes
+    the stream inexact)."""
+    with trio.move_on_after(RESUME_LINGER_S):
+        while True:
+            message = orjson.loads(await ws.get_message())
+            if message.get("id") == result.tag:
+                result.messages.append(message)
+
+
+async def first_connection(
+    url: str,
+    drop_after_tokens: int | None,
+    steps: dict[str, Barrier],
+    arrive: Callable[[str], None],
+    result: ResumeResult,
+) -> bool:
+    """Chat once every stream is connected. With ``drop_after_tokens``: read on until every
+    stream has that many tokens, then drop the connection (a TCP reset, no close frame) and
+    return True; without, read to the terminal."""
+    tag = result.tag
+    tokens = 0
+    dropped = False
+    try:
+        async with (
+            trio.open_nursery() as nursery,
+            open_websocket_url(url, max_message_size=1 << 22) as ws,
+        ):
+            await ws.get_message()  # hello
+            result.ports.append(socket_of(ws).getsockname()[1])
+            arrive("connected")
+            await steps["connected"].released.wait()
+            await ws.send_message(json.dumps({"type": "chat", "id": tag, "message": tag}))
+            with trio.CancelScope() as reading:
+                if drop_after_tokens is not None:
+                    nursery.start_soon(cancel_when, steps["reached"].released, reading)
+                while not ended(result.messages):
+                    message = orjson.loads(await ws.get_message())
+                    if message.get("id") != tag:
+                        continue
+                    result.messages.append(message)
+                    tokens += assistant_text(message).count(" ")
+                    if drop_after_tokens is not None and tokens >= drop_after_tokens:
+                        arrive("reached")
+            if ended(result.messages):  # whole before the drop: nothing to resume
+                arrive("reached")
+                await linger(ws, result)
+                return False
+            reset(socket_of(ws))
+            raise Vanish
+    except* Vanish:
+        dropped = True
+    return dropped
+
+
+async def resume_connection(
+    url: str, steps: dict[str, Barrier], arrive: Callable[[str], None], result: ResumeResult
+) -> None:
+    """Connect again and, once every stream has, resume after the last seq received; read to
+    the terminal (or the refusal)."""
+    tag = result.tag
+    async with open_websocket_url(url, max_message_size=1 << 22) as ws:
+        await ws.get_message()  # hello
+        result.ports.append(socket_of(ws).getsockname()[1])
+        arrive("reconnected")
+        await steps["reconnected"].released.wait()
+        after_seq = int(result.messages[-1]["seq"]) if result.messages else -1
+        result.kept, result.after_seq = len(result.messages), after_seq
+        resume = json.dumps({"type": "resume", "id": tag, "after_seq": after_seq})
+        result.resume_sent_at = now()
+        await ws.send_message(resume)
+        while not ended(result.messages):
+            message = orjson.loads(await ws.get_message())
+            if message.get("id") == tag:
+                if result.resumed_at is None and int(message.get("seq", -1)) > after_seq:
+                    result.resumed_at = now()
+                result.messages.append(message)
+            elif message.get("type") == "error" and (message.get("ref") or {}).get("id") == tag:
+                result.refused = str(message.get("code"))
+                return
+        await linger(ws, result)
+
+
+async def resume_stream(
+    url: str,
+    drop_after_tokens: int | None,
+    away_s: float,
+    steps: dict[str, Barrier],
+    result: ResumeResult,
+) -> None:
+    """One client of the resume workload: chat, maybe drop, stay away ``away_s`` once all have
+    dropped, and resume; it arrives at every step whatever happens to it."""
+    arrived: set[str] = set()
+
+    def arrive(step: str) -> None:
+        if step not in arrived:
+            arrived.add(step)
+            steps[step].arrive()
+
+    try:
+        with trio.move_on_after(RESUME_STREAM_TIMEOUT_S) as deadline:
+            # Each connection in its own nursery: trio-websocket#184.
+            async with trio.open_nursery():
+                dropped = await first_connection(url, drop_after_tokens, steps, arrive, result)
+            if dropped:
+                arrive("dropped")
+                await steps["dropped"].released.wait()
+                await trio.sleep(away_s)  # the chats run on meanwhile: the resume replays
+                async with trio.open_nursery():
+                    await resume_connection(url, steps, arrive, result)
+        if deadline.cancelled_caught:
+            result.error = "timeout"
+    except* STREAM_FAILURES as group:
+        result.error = type(group.exceptions[0]).__name__
+    finally:
+        for step in RESUME_STEPS:
+            arrive(step)
+
+
+def connection_owners(process: Process) -> dict[int, int]:
+    """Which of the server's processes holds each of its open TCP connections, by the peer's
+    port (blocking: it reads /proc)."""
+    owners: dict[int, int] = {}
+    for handle in process.tree():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            listing = getattr(handle, "net_connections", None) or handle.connections
+            for connection in listing(kind="tcp"):
+                if connection.raddr and connection.status == psutil.CONN_ESTABLISHED:
+                    owners[connection.raddr.port] = handle.pid
+    return owners
+
+
+# Where the streams' connections are all open, held until noted which worker has each.
+OWNERS_NOTED_AT = ("connected", "reconnected")
+
+
+async def note_owners(
+    process: Process, steps: dict[str, Barrier], owners: list[dict[int, int]]
+) -> None:
+    """Which worker holds the streams' connections, once all are connected, then once all are
+    connected again; the streams wait there meanwhile."""
+    for step in OWNERS_NOTED_AT:
+        await steps[step].passed.wait()
+        try:
+            owners.append(await trio.to_thread.run_sync(connection_owners, process))
+        finally:
+            steps[step].release()
+
+
+def crossed_workers(results: list[ResumeResult], owners: list[dict[int, int]]) -> float:
+    """How many streams resumed on another worker than the one their chat started on (nan
+    with one worker)."""
+    if len(owners) < 2:
+        return math.nan
+    crossed = 0
+    for r in results:
+        if len(r.ports) == 2:
+            first, second = owners[0].get(r.ports[0]), owners[1].get(r.ports[1])
+            crossed += first is not None and second is not None and first != second
+    return float(crossed)
+
+
+def resume_problem(result: ResumeResult, reference: str) -> str | None:
+    """What is wrong with a stream as its client put it together (None: nothing): every seq
+    from 0 to the terminal once and in order (a ``snapshot`` after the resume stands for the
+    seqs up to its own and replaces the text so far), one terminal, last, a completion, and
+    the text of the upstream's whole answer."""
+    text = ""
+    due = 0
+    for index, message in enumerate(result.messages):
+        seq = message.get("seq")
+        resumed = result.kept is not None and index >= result.kept
+        if resumed and message.get("type") == "snapshot" and isinstance(seq, int) and seq >= due:
+            text, due = str(message.get("content", "")), seq + 1
+            continue
+        if seq != due:
+            where = f"message {index}, {result.kept} kept, after_seq {result.after_seq}"
+            return f"seq {seq} where {due} was due ({where})"
+        due += 1
+        text += assistant_text(message)
+    terminals = [m for m in result.messages if is_terminal(m)]
+    if len(terminals) != 1 or not ended(result.messages):
+        return f"{len(terminals)} terminals, the last message {result.messages[-1:]}"
+    if terminals[0]["type"] != "completion":
+        return f"ended with {terminals[0]}"
+    if text != reference:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(text, reference, strict=False)) if a != b),
+            min(len(text), len(reference)),
+        )
+        return (
+            f"text differs at character {at} (after_seq {result.after_seq}): "
+            f"{text[at : at + 40]!r} where {reference[at : at + 40]!r} was due"
+        )
+    return None
+
+
+def summarize_resume(
+    results: list[ResumeResult],
+    reference: str,
+    records: list[dict[str, Any]],
+    cpu_s: float,
+    wall: float,
+    peak_rss: int,
+    idle_rss: int,
+    retained_rss: int,
+) -> dict[str, Any]:
+    # The deltas the server relayed: what the upstream sent it (a chat it ran with nobody to
+    # send to, after a refused resume, counts too).
+    deltas = sum(int(record.get("tokens_sent") or 0) for record in records)
+    resume_ms = [
+        (r.resumed_at - r.resume_sent_at) * 1000
+        for r in results
+        if r.resumed_at is not None and r.resume_sent_at is not None
+    ]
+    terminals: dict[str, int] = {}
+    problems: list[str] = []
+    exact = inexact = unknown = failed = 0
+    for r in results:
+        # Its first terminal (anything after it makes the stream inexact, not failed).
+        terminal = next((m for m in r.messages if is_terminal(m)), None)
+        if r.refused == "unknown_request":
+            unknown += 1
+            key = "unknown_request"
+        elif r.error is not None or r.refused is not None or terminal is None:
+            failed += 1
+            key = r.error or (f"refused: {r.refused}" if r.refused else "none")
+            problems.append(f"{r.tag}: {key} (after_seq {r.after_seq})")
+        else:
+            key = str(terminal["type"])
+            problem = resume_problem(r, reference)
+            if problem is None:
+                exact += 1
+            else:
+                inexact += 1
+                problems.append(f"{r.tag}: {problem}")
+        terminals[key] = terminals.get(key, 0) + 1
+    streams = len(results)
+    return {
+        "streams": streams,
+        "deltas": deltas,
+        "wall_s": wall,
+        "server_cpu_s": cpu_s,
+        "server_cpu_us_per_delta": cpu_s / deltas * 1e6 if deltas and cpu_s else math.nan,
+        "peak_rss_mib": peak_rss / 2**20,
+        "retained_kib_per_request": (retained_rss - idle_rss) / 1024 / max(1, streams),
+        "resumes": len(resume_ms),
+        "resume_p50_ms": pct(resume_ms, 0.5),
+        "resume_p99_ms": pct(resume_ms, 0.99),
+        "resume_max_ms": max(resume_ms) if resume_ms else math.nan,
+        "after_seq_p50": pct([float(r.after_seq) for r in results if r.after_seq is not None], 0.5),
+        "exact": exact,
+        "inexact": inexact,
+        "unknown_request": unknown,
+        "failed": failed,
+        "problems": problems[:10],
+        "terminals": terminals,
+    }
+
+
+async def upstream_records(upstream: Process) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        records: list[dict[str, Any]] = (
+            await client.get(f"http://127.0.0.1:{upstream.port}/_fake/streams")
+        ).json()
+    return records
+
+
+async def upstream_answer(upstream: Process) -> str:
+    """The whole answer of the upstream, as a client that reads it directly gets it."""
+    parts: list[str] = []
+
+    def on_line(line: bytes, _at: float) -> None:
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            delta = orjson.loads(line[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                parts.append(delta)
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "reference"}], "stream": True}
+    url = f"http://127.0.0.1:{upstream.port}/v1/chat/completions"
+    with trio.fail_after(RESUME_STREAM_TIMEOUT_S):
+        status = await post_lines(url, body, on_line)
+    if status != 200:
+        raise RuntimeError(f"upstream answered {status}")
+    return "".join(parts)
+
+
+async def resume_run(
+    server: str,
+    upstream: Process,
+    streams: int,
+    drop_after_tokens: int | None,
+    away_s: float,
+    reference: str,
+    log_level: str,
+) -> dict[str, Any]:
+    """``streams`` chats at once on a server of their own (resume grace on, its default
+    retention); with ``drop_after_tokens``, every client drops its connection at once when all
+    have that many tokens, then, ``away_s`` later, all come back at once and resume."""
+    process = await start_server(server, f"http://127.0.0.1:{upstream.port}/v1", log_level)
+    url = f"ws://127.0.0.1:{process.port}/ws"
+    try:
+        records_before = len(await upstream_records(upstream))
+        idle_rss = process.rss()
+        peak = [idle_rss]
+        # With several workers, which one holds each connection is noted where all are open.
+        noting = drop_after_tokens is not None and workers_of(process.name) > 1
+        steps = {
+            step: Barrier(streams, held=noting and step in OWNERS_NOTED_AT) for step in RESUME_STEPS
+        }
+        results = [ResumeResult(f"s{index}") for index in range(streams)]
+        cpu_before = process.cpu_s()
+        started = now()
+        owners: list[dict[int, int]] = []
+        async with trio.open_nursery() as sampling:
+            sampling.start_soon(sample_rss, process, peak)
+            if noting:
+                sampling.start_soon(note_owners, process, steps, owners)
+            async with trio.open_nursery() as nursery:
+                for result in results:
+                    nursery.start_soon(resume_stream, url, drop_after_tokens, away_s, steps, result)
+            sampling.cancel_scope.cancel()
+        cpu_s = process.cpu_s() - cpu_before
+        wall = now() - started
+        # The ended chats stay for the retention; the clients are gone.
+        await trio.sleep(IDLE_SETTLE_S)
+        retained_rss = process.rss()
+        records = (await upstream_records(upstream))[records_before:]
+    finally:
+        await process.stop()
+    summary = summarize_resume(
+        results, reference, records, cpu_s, wall, peak[0], idle_rss, retained_rss
+    )
+    summary["crossed_workers"] = crossed_workers(results, owners)
+    return summary
+
+
+async def measure_resume(
+    server: str,
+    upstream: Process,
+    streams: int,
+    drop_after_tokens: int,
+    away_s: float,
+    reference: str,
+    log_level: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The resume workload on ``server``, then its baseline: the same streams never dropped,
+    on a server of its own. Returns both; the first with its CPU per delta over the
+    baseline's (the pair measured back to back)."""
+    resumed = await resume_run(
+        server, upstream, streams, drop_after_tokens, away_s, reference, log_level
+    )
+    whole = await resume_run(server, upstream, streams, None, 0.0, reference, log_level)
+    resumed["cpu_vs_uninterrupted"] = (
+        resumed["server_cpu_us_per_delta"] / whole["server_cpu_us_per_delta"]
+    )
+    return resumed, whole
+
+
 @dataclass(frozen=True)
 class Route:
     """One request of the chat-cost workload, and how to tell that it succeeded."""
@@ -1178,6 +1636,18 @@ def cases(args: argparse.Namespace) -> list[Case]:
         chosen.append(
             Case("storm", args.storm_streams, args.paced_tokens, delay, vanish_after_tokens=10)
         )
+    if "resume" in args.workloads:
+        delay = 1000 / args.paced_rate  # at the paced workload's pace, as the storm
+        for streams in args.resume_streams:
+            chosen.append(
+                Case(
+                    "resume",
+                    streams,
+                    args.paced_tokens,
+                    delay,
+                    vanish_after_tokens=args.resume_after_tokens,
+                )
+            )
     if "chat-cost" in args.workloads:
         chosen.append(Case("chat-cost", args.chat_cost_connections, 0, 0.0))
     return chosen
@@ -1250,6 +1720,20 @@ COLUMNS: dict[str, list[tuple[str, str, int]]] = {
         ("busy after last stream ms", "busy_after_ms", 0),
         ("failed", "failed", 0),
     ],
+    "resume": [
+        ("exact", "exact_of", 0),
+        ("not exact", "inexact", 0),
+        ("crossed workers", "crossed_workers", 0),
+        ("unknown_request", "unknown_request", 0),
+        ("resume p50 ms", "resume_p50_ms", 2),
+        ("resume p99 ms", "resume_p99_ms", 2),
+        ("resume max ms", "resume_max_ms", 2),
+        ("cpu us/delta", "server_cpu_us_per_delta", 1),
+        ("cpu/delta vs uninterrupted", "cpu_vs_uninterrupted", 2),
+        ("peak RSS MiB", "peak_rss_mib", 1),
+        ("retained KiB/request", "retained_kib_per_request", 1),
+        ("failed", "failed", 0),
+    ],
     "chat-cost": [
         ("requests", "requests", 0),
         ("server cpu ms/request", "cpu_ms_per_request", 3),
@@ -1265,6 +1749,7 @@ RATIO_KEY = {
     "stop-rest": "stop_p99_ms",
     "idle": "rss_per_connection_kib",
     "storm": "upstream_closed_p99_ms",
+    "resume": "server_cpu_us_per_delta",
     "chat-cost": "cpu_ms_per_request",
 }
 # The column rows are compared within (Aether's row against the others'): streams by default.
@@ -1275,6 +1760,20 @@ SERVER_NOTES = {
     "PostgreSQL's processes (db cpu ms/chat: that part alone), its memory figures do not; a "
     "commit is a write batch's round trip.",
 }
+# Printed under a workload's table.
+WORKLOAD_NOTES = {
+    "resume": "resume: Aether only (the baselines cannot resume). Every client drops its "
+    "connection (TCP reset) once all have --resume-after-tokens tokens; --resume-away-s later "
+    "all reconnect and resume at once, after the last seq each received. `(uninterrupted)`: "
+    "the same streams never dropped, on a server of its own in the same round (cpu/delta vs "
+    "uninterrupted: that pair's ratio). resume ms: `resume` sent -> first message after "
+    "after_seq, as this client sees it. exact: every seq from 0 to the terminal once, and the "
+    "text of the upstream's whole answer (not exact: a server bug). crossed workers "
+    "(aether-Nw): resumes that reached another worker than the chat's; unknown_request: "
+    "resumes answered that the chat is unknown. retained KiB/request: RSS growth with the "
+    "ended chats retained and the clients gone, over the streams (an upper bound: it includes "
+    "the history's growth).",
+}
 
 
 def add_derived(rows: list[dict[str, Any]], paced_rate: float) -> None:
@@ -1284,6 +1783,8 @@ def add_derived(rows: list[dict[str, Any]], paced_rate: float) -> None:
         row["gap_added_p99_ms"] = row.get("gap_p99_ms", math.nan) - 1000 / paced_rate
         row["server_cpu_pct"] = row.get("server_cpu_share", math.nan) * 100
         row["completed"] = row.get("terminals", {}).get("completion", 0)
+        if row["workload"] == "resume":
+            row["exact_of"] = f"{row['exact']}/{row['streams']}"
 
 
 def add_ttft_over_direct(rows: list[dict[str, Any]]) -> None:
@@ -1308,7 +1809,16 @@ def add_ttft_over_direct(rows: list[dict[str, Any]]) -> None:
 
 
 # Counts that must stay zero: over several rounds, the worst one is reported, not the median.
-WORST_OF_ROUNDS = {"chunks_after_terminal", "failed", "upstream_left_open"}
+WORST_OF_ROUNDS = {
+    "chunks_after_terminal",
+    "failed",
+    "upstream_left_open",
+    "inexact",
+    "unknown_request",
+    "crossed_workers",  # as unknown_request, while a resume cannot cross workers
+}
+# Counts that must stay whole (every stream): the worst, the least, is reported.
+LEAST_OF_ROUNDS = {"exact"}
 
 
 def combined(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1318,7 +1828,14 @@ def combined(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     for key, value in row.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = [summary[key] for summary in summaries]
-            row[key] = max(values) if key in WORST_OF_ROUNDS else statistics.median(values)
+            if key in WORST_OF_ROUNDS:
+                row[key] = max(values)
+            elif key in LEAST_OF_ROUNDS:
+                row[key] = min(values)
+            else:
+                row[key] = statistics.median(values)
+    if "problems" in row:  # every round's
+        row["problems"] = [problem for summary in summaries for problem in summary["problems"]]
     row["rounds"] = len(summaries)
     return row
 
@@ -1346,6 +1863,8 @@ def render(rows: list[dict[str, Any]]) -> str:
             lines.append("| " + " | ".join([*cells, ratio]) + " |")
         present = {row["server"] for row in selected}
         lines += [note for server, note in SERVER_NOTES.items() if server in present]
+        if workload in WORKLOAD_NOTES:
+            lines.append(WORKLOAD_NOTES[workload])
     return "\n".join(lines)
 
 
@@ -1381,6 +1900,8 @@ async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:
         upstream = await start_upstream(case.tokens, case.delay_ms)
         rounds: dict[str, list[dict[str, Any]]] = {}
         try:
+            # What every resumed stream must add up to.
+            reference = await upstream_answer(upstream) if case.workload == "resume" else ""
             # Rounds interleave the servers, so a slow spell of the machine falls on each alike.
             for server in [s for _ in range(args.repeat) for s in servers]:
                 if server == "hypercorn-asgi":
@@ -1398,6 +1919,29 @@ async def run_cases(args: argparse.Namespace, servers: list[str]) -> None:
                 if aether_only and not server.startswith("aether"):
                     continue
                 print(f"{case.workload:8} {server:16} streams={case.streams}", file=sys.stderr)
+                if case.workload == "resume":
+                    assert case.vanish_after_tokens is not None
+                    resumed, whole = await measure_resume(
+                        server,
+                        upstream,
+                        case.streams,
+                        case.vanish_after_tokens,
+                        args.resume_away_s,
+                        reference,
+                        args.aether_log_level,
+                    )
+                    rounds.setdefault(server, []).append(resumed)
+                    rounds.setdefault(f"{server} (uninterrupted)", []).append(whole)
+                    for problem in resumed["problems"] + whole["problems"]:
+                        print(f"  ! {problem}", file=sys.stderr)
+                    crossed = resumed["crossed_workers"]
+                    print(
+                        f"  -> {json.dumps(resumed['terminals'])}"
+                        + ("" if math.isnan(crossed) else f", crossed workers {crossed:.0f}")
+                        + f", uninterrupted {json.dumps(whole['terminals'])}",
+                        file=sys.stderr,
+                    )
+                    continue
                 if case.workload == "idle":
                     summary = await measure_idle(
                         server, upstream, case.streams, args.aether_log_level
@@ -1447,7 +1991,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workloads",
         type=lambda t: t.split(","),
         default=list(STREAM_WORKLOADS),
-        help=f"comma-separated, from {', '.join(STREAM_WORKLOADS)}, stop-rest, chat-cost",
+        help=f"comma-separated, from {', '.join(STREAM_WORKLOADS)}, stop-rest, resume, chat-cost",
     )
     parser.add_argument("--capacity-streams", type=ints, default=[1, 20, 50, 500])
     parser.add_argument("--capacity-tokens", type=int, default=2000, help="per stream, <= 50")
@@ -1464,6 +2008,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-streams", type=ints, default=[50, 500])
     parser.add_argument("--idle-connections", type=int, default=1000)
     parser.add_argument("--storm-streams", type=int, default=500)
+    parser.add_argument("--resume-streams", type=ints, default=[100])
+    parser.add_argument(
+        "--resume-after-tokens",
+        type=int,
+        default=10,
+        help="resume: every client drops its connection once all have this many tokens",
+    )
+    parser.add_argument(
+        "--resume-away-s",
+        type=float,
+        default=0.5,
+        help="resume: how long the clients stay away once all have dropped (the chats run on "
+        "meanwhile, so the resume has that much to replay)",
+    )
     parser.add_argument(
         "--baselines-up-to",
         type=int,
@@ -1475,7 +2033,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="also run Aether with this many worker processes and a Redis (aether-Nw) in the "
-        "capacity, paced and stop workloads",
+        "capacity, paced, stop, stop-rest and resume workloads",
     )
     parser.add_argument("--chat-cost-requests", type=int, default=2000, help="per route")
     parser.add_argument("--chat-cost-warmup", type=int, default=200, help="per route, unmeasured")
