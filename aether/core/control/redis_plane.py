@@ -644,7 +644,9 @@ class RedisControlPlane:
     # -- routing --------------------------------------------------------------------------
 
     async def stop_elsewhere(self, request_id: str, owner: str, reason: StopReason) -> None:
-        await self._call(owner, request_id, {"op": "stop", "reason": reason})
+        await self._call(
+            owner, request_id, {"op": "stop", "owner": owner, "id": request_id, "reason": reason}
+        )
 
     async def approve_elsewhere(
         self, request_id: str, owner: str, confirmation_id: str, approved: bool
@@ -652,7 +654,13 @@ class RedisControlPlane:
         await self._call(
             owner,
             request_id,
-            {"op": "approve", "confirmation_id": confirmation_id, "approved": approved},
+            {
+                "op": "approve",
+                "owner": owner,
+                "id": request_id,
+                "confirmation_id": confirmation_id,
+                "approved": approved,
+            },
         )
 
     async def resume_elsewhere(
@@ -663,48 +671,25 @@ class RedisControlPlane:
             call, request_id, sink, self._tell, self._incoming_done, self.lease_s
         )
         self._incoming[call] = incoming
-        message = orjson.dumps(
-            {
-                "op": "resume",
-                "call": call,
-                "from": self.worker_id,
-                "owner": owner,
-                "id": request_id,
-                "after_seq": after_seq,
-            }
-        )
+        command = {"op": "resume", "owner": owner, "id": request_id, "after_seq": after_seq}
         keys = [LIVE_KEY + owner, _retention_key(owner, request_id)]
-        answered = False
         try:
-            received = await self._send(
-                self._route(keys=keys, args=[request_id, self.worker_id, message])
-            )
-            if received == 0:
-                raise UnknownRequest(f"no resumable request with id {request_id!r}")
-            if received < 0:
-                raise ControlPlaneUnavailable("the worker running that request cannot be reached")
-            with trio.move_on_after(REPLY_TIMEOUT_S):
-                reply = await replies.receive()
-                error = reply.get("error")
-                if error is not None:
-                    raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
-                answered = True
-                if reply.get("exhausted"):
-                    return None
-                incoming.owner_worker = str(reply["from"])
-                log.info(
-                    "control plane: resume of request %s forwarded by worker %s",
-                    request_id,
-                    reply["from"],
-                )
-                assert self._nursery is not None
-                self._nursery.start_soon(incoming.keep)
-                return incoming
-            raise ControlPlaneUnavailable("the worker running that request did not answer")
+            reply = await self._routed(call, replies, keys, command)
+        except BaseException:
+            self._incoming.pop(call, None)
+            raise
         finally:
             del self._calls[call]
-            if not answered or incoming.done:
-                self._incoming.pop(call, None)
+        if reply.get("exhausted"):
+            self._incoming.pop(call, None)
+            return None
+        incoming.owner_worker = str(reply["from"])
+        log.info(
+            "control plane: resume of request %s forwarded by worker %s", request_id, reply["from"]
+        )
+        assert self._nursery is not None
+        self._nursery.start_soon(incoming.keep)
+        return incoming
 
     def _incoming_done(self, call: str) -> None:
         self._incoming.pop(call, None)
@@ -794,34 +779,43 @@ class RedisControlPlane:
     async def _call(self, owner: str, request_id: str, command: dict[str, Any]) -> None:
         """Route ``command`` to the worker running the request; raise what it answers."""
         call, replies = self._open_call()
-        message = orjson.dumps(
-            {**command, "call": call, "from": self.worker_id, "owner": owner, "id": request_id}
-        )
         try:
-            received = await self._send(
-                self._route(
-                    keys=[LIVE_KEY + owner, NO_KEY], args=[request_id, self.worker_id, message]
-                )
-            )
-            if received == 0:
-                raise UnknownRequest(f"no running request with id {request_id!r}")
-            if received < 0:
-                raise ControlPlaneUnavailable("the worker running that request cannot be reached")
-            with trio.move_on_after(REPLY_TIMEOUT_S):
-                reply = await replies.receive()
-                error = reply.get("error")
-                if error is None:
-                    log.info(
-                        "control plane: %s of request %s done by worker %s",
-                        command["op"],
-                        request_id,
-                        reply.get("from", "?"),
-                    )
-                    return
-                raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
-            raise ControlPlaneUnavailable("the worker running that request did not answer")
+            reply = await self._routed(call, replies, [LIVE_KEY + owner, NO_KEY], command)
         finally:
             del self._calls[call]
+        log.info(
+            "control plane: %s of request %s done by worker %s",
+            command["op"],
+            request_id,
+            reply.get("from", "?"),
+        )
+
+    async def _routed(
+        self,
+        call: str,
+        replies: trio.MemoryReceiveChannel[dict[str, Any]],
+        keys: list[str],
+        command: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Route ``command`` (its ``owner`` and ``id`` among its fields) to the worker ``keys``
+        name (``ROUTE``); its reply. Raises the error it answers, UnknownRequest (no worker),
+        ControlPlaneUnavailable (no answer)."""
+        request_id = command["id"]
+        message = orjson.dumps({**command, "call": call, "from": self.worker_id})
+        received = await self._send(
+            self._route(keys=keys, args=[request_id, self.worker_id, message])
+        )
+        if received == 0:
+            raise UnknownRequest(f"no running request with id {request_id!r}")
+        if received < 0:
+            raise ControlPlaneUnavailable("the worker running that request cannot be reached")
+        with trio.move_on_after(REPLY_TIMEOUT_S):
+            reply = await replies.receive()
+            error = reply.get("error")
+            if error is not None:
+                raise ROUTED_ERRORS.get(error["code"], AetherError)(error["message"])
+            return reply
+        raise ControlPlaneUnavailable("the worker running that request did not answer")
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message["op"]
