@@ -14,6 +14,7 @@ import trio
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.testing.redis_server import RedisServer
 from tests.helpers import (
+    RunningServer,
     WSClient,
     assert_stream_invariants,
     content_of,
@@ -38,15 +39,21 @@ async def received_through(client: WSClient, request_id: str, seq: int) -> list[
     return list(client.messages.by_request[request_id])
 
 
+async def dropped_after(server: RunningServer, seq: int) -> list[dict[str, Any]]:
+    """Start chat ``r1`` on ``server`` and drop the connection once message ``seq`` came; what
+    the client got."""
+    async with ws_client(server.ws_url) as client:
+        await client.send({"type": "chat", "id": "r1", "message": "go"})
+        return await received_through(client, "r1", seq)
+
+
 async def test_a_chat_dropped_on_one_worker_resumes_on_the_other(
     fake_llm: FakeLLM, redis: RedisServer
 ) -> None:
     fake_llm.script(SLOW)
     with trio.fail_after(DEADLINE_S):
         async with two_workers(fake_llm, redis, **GRACE) as (a, b):
-            async with ws_client(a.ws_url) as first:
-                await first.send({"type": "chat", "id": "r1", "message": "go"})
-                before = await received_through(first, "r1", 5)
+            before = await dropped_after(a, 5)
             async with ws_client(b.ws_url) as second:
                 await second.send({"type": "resume", "id": "r1", "after_seq": before[-1]["seq"]})
                 after = await second.finish("r1")
@@ -110,9 +117,7 @@ async def test_a_resumed_client_that_leaves_again_can_come_back_anywhere(
     fake_llm.script(SLOW)
     with trio.fail_after(DEADLINE_S):
         async with two_workers(fake_llm, redis, **GRACE) as (a, b):
-            async with ws_client(a.ws_url) as first:
-                await first.send({"type": "chat", "id": "r1", "message": "go"})
-                part1 = await received_through(first, "r1", 3)
+            part1 = await dropped_after(a, 3)
             async with ws_client(b.ws_url) as second:
                 await second.send({"type": "resume", "id": "r1", "after_seq": part1[-1]["seq"]})
                 part2 = await received_through(second, "r1", part1[-1]["seq"] + 10)
@@ -134,9 +139,7 @@ async def test_an_event_stream_resumes_on_the_other_worker(
             two_workers(fake_llm, redis, **GRACE) as (a, b),
             httpx.AsyncClient(base_url=b.base_url) as rest,
         ):
-            async with ws_client(a.ws_url) as first:
-                await first.send({"type": "chat", "id": "r1", "message": "go"})
-                before = await received_through(first, "r1", 5)
+            before = await dropped_after(a, 5)
             async with rest.stream(
                 "GET", "/v1/chat/r1/events", headers={"Last-Event-ID": str(before[-1]["seq"])}
             ) as resumed:
