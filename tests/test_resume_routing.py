@@ -63,13 +63,13 @@ class Wire:
         self.to_owner.append(message)
         if self.outgoing is not None:
             if message["op"] == "ack":
-                self.outgoing.acked()
+                self.outgoing.acked(message["through"])
             elif message["op"] == "detach":
                 self.outgoing.scope.cancel()
 
 
 def routed(
-    wire: Wire, client_budget: int = 1 << 20
+    wire: Wire, client_budget: int = 1 << 20, window_bytes: int = 1 << 16
 ) -> tuple[Outbox, HeldRequest, Outbox, RemoteAttachment, IncomingStream, OutgoingStream]:
     owner_outbox = Outbox(1 << 20)
     held = HeldRequest(owner_outbox)
@@ -78,19 +78,23 @@ def routed(
     sink = RemoteAttachment("r1", client_outbox)
     incoming = IncomingStream("c1", "r1", sink, wire.tell_owner, lambda call: None, LOST_AFTER_S)
     incoming.owner_worker = "a"
-    outgoing = OutgoingStream("c1", source, "aether:control:b", "a")
+    outgoing = OutgoingStream("c1", source, "aether:control:b", "a", window_bytes)
     wire.incoming, wire.outgoing = incoming, outgoing
     sink.routed = incoming
     return owner_outbox, held, client_outbox, sink, incoming, outgoing
 
 
-async def test_one_batch_is_in_flight_until_the_client_has_room(autojump_clock: Any) -> None:
+async def test_a_window_of_bytes_is_in_flight_until_the_client_has_room(
+    autojump_clock: Any,
+) -> None:
     wire = Wire()
-    owner, _held, client, _sink, incoming, outgoing = routed(wire, client_budget=100)
+    owner, _held, client, _sink, incoming, outgoing = routed(
+        wire, client_budget=100, window_bytes=256
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(outgoing.forward, wire.publish, b'{"op": "reply"}', PROBE_S)
         nursery.start_soon(incoming.keep)
-        owner.put_nowait(delta(0, "x" * 200), 200)  # over the client's budget at once
+        owner.put_nowait(delta(0, "x" * 200), 200)  # over the window and the client's budget
         await trio.testing.wait_all_tasks_blocked()
         assert [m["op"] for m in wire.to_asker if m.get("op") == "stream"] == ["stream"]
         owner.put_nowait(delta(1, "second"), 6)
@@ -99,6 +103,7 @@ async def test_one_batch_is_in_flight_until_the_client_has_room(autojump_clock: 
         assert not any(m["op"] == "ack" for m in wire.to_owner)
         assert [m["seq"] for m in client.take_all()] == [0]  # the client reads: room
         await trio.testing.wait_all_tasks_blocked()
+        assert [m["op"] for m in wire.to_owner] == ["ack"]
         assert [m["seq"] for m in client.take_all()] == [1]
         owner.put_final([{"role": "server", "type": "completion", "id": "r1", "seq": 2}])
         await trio.testing.wait_all_tasks_blocked()
@@ -107,15 +112,32 @@ async def test_one_batch_is_in_flight_until_the_client_has_room(autojump_clock: 
     assert wire.to_asker[-1]["end"] is True
 
 
+async def test_a_client_that_keeps_up_costs_no_acknowledgements(autojump_clock: Any) -> None:
+    """Within the window nothing waits and nothing is acknowledged: one publish per batch."""
+    wire = Wire()
+    owner, _held, client, _sink, incoming, outgoing = routed(wire)
+    received: list[dict[str, Any]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(outgoing.forward, wire.publish, b'{"op": "reply"}', PROBE_S)
+        nursery.start_soon(incoming.keep)
+        for seq in range(200):
+            owner.put_nowait(delta(seq, f"token {seq} "), 10)
+            await trio.sleep(0.05)
+            received += client.take_all()
+        owner.put_final([{"role": "server", "type": "completion", "id": "r1", "seq": 200}])
+        await trio.testing.wait_all_tasks_blocked()
+        received += client.take_all()
+    assert [m["seq"] for m in received] == list(range(201))
+    assert sum(1 for m in wire.to_asker if m["op"] == "stream") == 201
+    assert wire.to_owner == []
+
+
 async def test_a_batch_lost_on_the_way_ends_the_stream_with_a_notice(autojump_clock: Any) -> None:
     wire = Wire()
     _owner, _held, client, sink, incoming, _outgoing = routed(wire)
-    incoming.receive(
-        {"op": "stream", "from": "a", "n": 0, "messages": [delta(0, "a")], "end": False}
-    )
-    incoming.receive(
-        {"op": "stream", "from": "a", "n": 2, "messages": [delta(2, "c")], "end": False}
-    )
+    batch = {"op": "stream", "from": "a", "end": False, "ack": False}
+    incoming.receive({**batch, "n": 0, "messages": [delta(0, "a")], "through": 65})
+    incoming.receive({**batch, "n": 2, "messages": [delta(2, "c")], "through": 195})
     received = client.take_all()
     assert [m.get("seq") for m in received] == [0, None]
     notice = received[-1]

@@ -848,7 +848,7 @@ class RedisControlPlane:
             outgoing = self._outgoing.get(message["call"])
             if outgoing is not None:
                 if op == "ack":
-                    outgoing.acked()
+                    outgoing.acked(int(message["through"]))
                 else:
                     outgoing.scope.cancel()
             return

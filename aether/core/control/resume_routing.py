@@ -7,13 +7,16 @@ it reads there to B's channel, in order, one batch per publish:
 
     A -> B  reply        (ok, or an error, or "exhausted": ended, nothing left)
     A -> B  stream n=0   messages...          B puts them in the client's outbox
-    B -> A  ack          once the client's outbox has room again
-    A -> B  stream n=1   messages (deltas merged while A waited for the ack) ...
+    A -> B  stream n=1   messages, ack asked  (half the window unacknowledged)
+    B -> A  ack          once the client's outbox has room again: the bytes it has so far
     A -> B  stream n=k   ..., the terminal    end: both sides are done
 
-Flow control is one batch in flight: A waits for B's ``ack`` before it sends the next, and
-meanwhile the request's deltas merge in A's outbox (as for any slow client), so a slow client
-on B costs neither side more than one batch. Liveness: while A waits (for a batch, or an ack)
+Flow control is a window of bytes: A sends while less than ``window_bytes`` of content is
+unacknowledged, asks for an ``ack`` in the batch that takes it past half the window, and
+otherwise waits, while the request's deltas merge in A's outbox (as for any slow client). B
+acknowledges only when asked, once its client has room, so a stream its client keeps up with
+costs one publish per batch and no ack, and a slow client on B costs neither side more than the
+window. Liveness: while A waits (for a batch, or an ack)
 it sends B a ``probe`` every ``probe_s``: a probe nobody receives (B is gone), or one for a
 call B does not know (its client left), ends the forwarding, and the chat runs on detached for
 the resume grace. B, hearing nothing from A for ``lost_after_s``, or seeing a batch out of
@@ -40,6 +43,11 @@ from aether.core.control.plane import StreamSink, StreamSource
 from aether.core.errors import ControlPlaneUnavailable
 
 log = logging.getLogger(__name__)
+
+# What a forwarded stream may have unacknowledged (its messages' content and overhead), and
+# what one message counts besides its content.
+WINDOW_BYTES = 64 * 1024
+MESSAGE_BYTES = 64
 
 # Publish a message on a worker's channel; how many listeners got it. Raises
 # ControlPlaneUnavailable.
@@ -79,7 +87,8 @@ class IncomingStream:
         self.owner_worker: str | None = None
         self._next = 0
         self._heard = trio.Event()
-        self._unacked = False
+        # The bytes through the last batch that asked for an ack, until it is sent (else None).
+        self._ack_due: int | None = None
         self.done = False
         self._keeping = trio.CancelScope()
 
@@ -107,7 +116,8 @@ class IncomingStream:
         if message["end"]:
             self._finish(None)
             return
-        self._unacked = True
+        if message["ack"]:
+            self._ack_due = int(message["through"])
 
     async def keep(self) -> None:
         """Ack each batch once the client has room; notice an owner that fell silent."""
@@ -124,14 +134,14 @@ class IncomingStream:
                     self._lose()
                     return
                 self._heard = trio.Event()
-                if self._unacked:
+                if self._ack_due is not None:
                     try:
                         await self._sink.wait_for_room()
                     except trio.BrokenResourceError:
                         self.detach()
                         return
-                    self._unacked = False
-                    self._tell("ack")
+                    through, self._ack_due = self._ack_due, None
+                    self._tell("ack", through=through)
 
     def detach(self) -> None:
         """The client is gone: tell the owner, which detaches the chat (its grace starts)."""
@@ -144,9 +154,9 @@ class IncomingStream:
         self._tell("detach")
         self._finish(interrupted_notice(self.request_id))
 
-    def _tell(self, op: str) -> None:
+    def _tell(self, op: str, **fields: Any) -> None:
         if self.owner_worker is not None:
-            self._tell_owner(self.owner_worker, {"op": op, "call": self.call})
+            self._tell_owner(self.owner_worker, {"op": op, "call": self.call, **fields})
 
     def _finish(self, notice: Chunk | None) -> None:
         self.done = True
@@ -158,16 +168,28 @@ class IncomingStream:
 class OutgoingStream:
     """The owner's side of a routed resume: forwards ``source`` to the asker's channel."""
 
-    def __init__(self, call: str, source: StreamSource, channel: str, worker_id: str) -> None:
+    def __init__(
+        self,
+        call: str,
+        source: StreamSource,
+        channel: str,
+        worker_id: str,
+        window_bytes: int = WINDOW_BYTES,
+    ) -> None:
         self.call = call
         self._source = source
         self._channel = channel
         self._worker_id = worker_id
+        self._window = window_bytes
         self.scope = trio.CancelScope()  # cancelled when the asker detaches
+        self._acked_through = 0  # the bytes the asker's client has room for
         self._acked = trio.Event()
 
-    def acked(self) -> None:
-        self._acked.set()
+    def acked(self, through: int) -> None:
+        if through > self._acked_through:
+            self._acked_through = through
+            self._acked.set()
+            self._acked = trio.Event()
 
     async def forward(self, publish: Publish, reply: bytes, probe_s: float) -> None:
         """Send ``reply``, then the stream, until it ends, the asker goes, or Redis fails;
@@ -177,6 +199,8 @@ class OutgoingStream:
                 if not await publish(self._channel, reply):
                     return
                 number = 0
+                sent = 0  # the bytes forwarded, as counted for the window
+                asked = 0  # the bytes through the last batch that asked for an ack
                 while True:
                     batch = await self._source.next_batch(probe_s)
                     if batch is None:
@@ -186,7 +210,10 @@ class OutgoingStream:
                             return
                         continue
                     end = self._source.ended
-                    self._acked = trio.Event()
+                    sent += _counted(batch)
+                    ask = sent - max(asked, self._acked_through) >= self._window // 2
+                    if ask:
+                        asked = sent
                     message = {
                         "op": "stream",
                         "call": self.call,
@@ -194,14 +221,17 @@ class OutgoingStream:
                         "n": number,
                         "messages": batch,
                         "end": end,
+                        "ack": ask,
+                        "through": sent,
                     }
                     number += 1
                     if not await publish(self._channel, orjson.dumps(message)) or end:
                         return
-                    while not self._acked.is_set():
+                    while sent - self._acked_through >= self._window:
+                        acked = self._acked
                         with trio.move_on_after(probe_s):
-                            await self._acked.wait()
-                        if not self._acked.is_set() and not await self._probe(publish):
+                            await acked.wait()
+                        if not acked.is_set() and not await self._probe(publish):
                             return
         except ControlPlaneUnavailable:
             log.warning(
@@ -214,3 +244,12 @@ class OutgoingStream:
         """Whether the asker still listens (a probe for a call it forgot gets a ``detach``)."""
         probe = {"op": "probe", "call": self.call, "from": self._worker_id}
         return bool(await publish(self._channel, orjson.dumps(probe)))
+
+
+def _counted(batch: list[Chunk]) -> int:
+    """What a batch counts against the window: its text, and a fixed cost per message."""
+    total = 0
+    for message in batch:
+        content = message.get("content")
+        total += MESSAGE_BYTES + (len(content) if isinstance(content, str) else 0)
+    return total
