@@ -10,15 +10,20 @@ from typing import Any
 
 import httpx
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.testing.redis_server import RedisServer
 from tests.helpers import (
+    TERMINALS,
     RunningServer,
     WSClient,
     assert_stream_invariants,
     content_of,
+    make_settings,
     needs_redis,
+    running_server,
     ws_client,
 )
 from tests.test_resume_sse import read_all
@@ -163,3 +168,75 @@ async def test_an_id_no_worker_keeps_cannot_be_resumed_anywhere(
             response = await rest.get("/v1/chat/nobody/events")
     assert (error["code"], error["ref"]) == ("unknown_request", {"type": "resume", "id": "nobody"})
     assert response.status_code == 404
+
+
+TEXT = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    connections=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=8),  # messages read before the drop
+            st.integers(min_value=0, max_value=3),  # how many of them the client forgets
+            st.booleans(),  # whether it comes back on the other worker
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+async def test_a_client_dropped_at_any_points_on_any_workers_ends_with_the_whole_stream(
+    connections: list[tuple[int, int, bool]],
+) -> None:
+    """As the single-worker property test (``test_resume.py``), with each new connection on
+    either of two workers sharing a real Redis: what the client keeps in the end is the whole
+    stream, each message once."""
+    redis = RedisServer()
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(redis.run)
+            settings_ = make_settings(
+                provider="echo",
+                echo_token_delay_s=0.01,
+                redis_url=redis.url,
+                workers=2,
+                resume_grace_s=10,
+            )
+            async with running_server(settings_) as a, running_server(settings_) as b:
+                workers = [a, b]
+                on = 0
+                kept: list[dict[str, Any]] = []
+                async with ws_client(a.ws_url) as client:
+                    await client.send({"type": "chat", "id": "r1", "message": TEXT})
+                    kept += await read_some(client, 0, connections[0][0])
+                after_seq = -1
+                for index, (_reads, forget, other) in enumerate(connections):
+                    after_seq = max((kept[-1]["seq"] if kept else -1) - forget, -1)
+                    kept = [m for m in kept if m["seq"] <= after_seq]
+                    on = 1 - on if other else on
+                    async with ws_client(workers[on].ws_url) as client:
+                        await client.send({"type": "resume", "id": "r1", "after_seq": after_seq})
+                        if kept and kept[-1]["type"] in TERMINALS:
+                            continue  # it has it all: nothing comes (an ended chat's resume)
+                        if index + 1 < len(connections):
+                            kept += await read_some(
+                                client, after_seq + 1, connections[index + 1][0]
+                            )
+                        else:
+                            kept += await client.finish("r1")
+                async with ws_client(a.ws_url) as client:
+                    whole = await client.chat(TEXT, id="whole")
+            nursery.cancel_scope.cancel()
+    assert assert_stream_invariants(kept)["type"] == "completion"
+    assert content_of(kept) == content_of(whole)
+
+
+async def read_some(client: WSClient, first_seq: int, count: int) -> list[dict[str, Any]]:
+    """Up to ``count`` messages of ``r1`` (fewer if its terminal comes first)."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count and not (got and got[-1]["type"] in TERMINALS):
+        message = await client.receive()
+        if message.get("id") == "r1":
+            got.append(message)
+    assert not got or got[0]["seq"] == first_seq
+    return got
