@@ -63,6 +63,7 @@ import trio
 from prometheus_client import Counter
 
 from aether.core.chat import StopReason
+from aether.core.control.courier import Courier, unpacked
 from aether.core.control.plane import RateVerdict, RoutedStream, StreamSink, WorkerCommands
 from aether.core.control.resume_routing import IncomingStream, OutgoingStream
 from aether.core.errors import (
@@ -302,6 +303,7 @@ class RedisControlPlane:
         self._releases: list[_Release] = []
         self._release_due = trio.Event()
         self._calls: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._courier = Courier(self._publish_now)
         # Resumes routed here from other workers' clients (by call), and from here to others.
         self._incoming: dict[str, IncomingStream] = {}
         self._outgoing: dict[str, OutgoingStream] = {}
@@ -432,9 +434,17 @@ class RedisControlPlane:
             data = message["data"]
             if isinstance(data, int):
                 raise TypeError("a number, not a command")
-            self._handle(orjson.loads(data))
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            commands = unpacked(orjson.loads(data))
+        except (orjson.JSONDecodeError, TypeError) as exc:
             log.warning("control plane: unreadable message ignored: %r", exc)
+            return
+        for command in commands:
+            try:
+                if not isinstance(command, dict):
+                    raise TypeError("not an object")
+                self._handle(command)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("control plane: unreadable command ignored: %r", exc)
 
     async def _keep_lease(self) -> None:
         while True:
@@ -698,6 +708,11 @@ class RedisControlPlane:
         self._reply_soon(CHANNEL + worker, orjson.dumps(message))
 
     async def _publish(self, channel: str, message: bytes) -> int:
+        """Publish on a worker's channel (with what else goes there this round); how many
+        listeners got it. Raises ControlPlaneUnavailable."""
+        return await self._courier.send(channel, message)
+
+    async def _publish_now(self, channel: str, message: bytes) -> int:
         return int(await self._send(self._client.publish(channel, message)))
 
     async def _serve_resume(self, message: dict[str, Any]) -> None:
@@ -754,7 +769,7 @@ class RedisControlPlane:
             }
         )
         try:
-            received = await self._send(self._client.publish(CHANNEL + worker, message))
+            received = await self._publish(CHANNEL + worker, message)
             if received:
                 with trio.move_on_after(SAVED_TIMEOUT_S):
                     await replies.receive()
@@ -892,7 +907,7 @@ class RedisControlPlane:
 
     async def _publish_reply(self, channel: str, reply: bytes) -> None:
         with contextlib.suppress(ControlPlaneUnavailable):  # the asker times out: a 503
-            await self._send(self._client.publish(channel, reply))
+            await self._publish(channel, reply)
 
 
 @dataclass(frozen=True, slots=True)
