@@ -138,5 +138,7 @@ async def test_a_leader_cancelled_mid_publish_still_delivers_everyone(
         nursery.start_soon(follow)
         await trio.sleep(0.5)  # both are in the publish on its way
         leader.cancel()
-    assert channels.got("b") == [1, 2]
+    # Both left in one publish (whichever Trio started first led it), the cancelled one's too.
+    assert sorted(channels.got("b")) == [1, 2]
+    assert courier.publishes == 1
     assert results == [1]
