@@ -95,6 +95,28 @@ async def test_a_chat_nobody_comes_back_for_stops_at_the_grace(
     assert record.ended_at == pytest.approx(gone_at + GRACE_S, abs=0.01)
 
 
+async def test_a_client_that_comes_back_and_leaves_again_gets_a_whole_new_grace(
+    autojump_clock: Any, server: MemoryServer
+) -> None:
+    ws = await connected(server)
+    await ws.send({"type": "chat", "id": "r1", "message": "word " * 100})
+    await received_through(ws, "r1", 2)
+    await ws.disconnect()
+    first_gone_at = trio.current_time()
+    await trio.sleep(GRACE_S - 1)  # back just before the grace ends
+    ws = await connected(server)
+    await ws.send({"type": "resume", "id": "r1", "after_seq": 2})
+    await received_through(ws, "r1", 3)
+    await ws.disconnect()  # gone again before the first grace would have ended
+    gone_again_at = trio.current_time()
+    assert gone_again_at < first_gone_at + GRACE_S
+    await server.engine.tracker.wait_until_idle()
+    record = server.engine.tracker.get("r1", "anonymous")
+    assert record is not None
+    assert (record.state, record.stop_reason) == ("stopped", "disconnect")
+    assert record.ended_at == pytest.approx(gone_again_at + GRACE_S, abs=0.01)
+
+
 async def test_a_second_resume_takes_the_stream_over(
     autojump_clock: Any, server: MemoryServer
 ) -> None:

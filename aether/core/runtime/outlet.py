@@ -95,7 +95,7 @@ class RequestOutlet:
         self._dropped_through = -1  # the seq of the last entry dropped from the log
         self._on_detach = on_detach
         self.finished = False  # the terminal was queued
-        self.attached_changed = trio.Event()
+        self.detachments = 0  # how many times a client went (a resume grace each)
 
     @property
     def attached(self) -> bool:
@@ -113,13 +113,9 @@ class RequestOutlet:
         if self._target is None:
             return
         self._target = None
-        self._changed()
+        self.detachments += 1
         if self._on_detach is not None:
             self._on_detach()
-
-    def _changed(self) -> None:
-        self.attached_changed.set()
-        self.attached_changed = trio.Event()
 
     async def wait_for_room(self) -> None:
         """Wait while the attached client is over its budget. Detached, or once its writer is
@@ -166,7 +162,6 @@ class RequestOutlet:
         if self._target is not None:
             self._target.put_entries(entries)
         self.finished = True
-        self._changed()
 
     def _record(self, entry: OutboxEntry) -> None:
         if not self.keep:
@@ -204,7 +199,6 @@ class RequestOutlet:
                     "ref": {"type": "resume", "id": self.request_id},
                 }
             )
-            self._changed()
         replay: list[OutboxEntry] = []
         if after_seq < self._dropped_through:
             # Stands for every message up to its seq: the answer's text so far, whole.
@@ -226,4 +220,3 @@ class RequestOutlet:
                 replay.append(entry)  # never sent: it may still grow
         outbox.put_entries(replay)
         self._target = outbox
-        self._changed()
