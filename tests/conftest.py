@@ -9,8 +9,10 @@ import trio
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.testing.postgres_server import PostgresServer, postgres_available
 from aether.testing.redis_server import RedisServer
+from aether.ws import hub
 from tests.helpers import fresh_db_path
 from tests.history_backends import HistoryBackend, PostgresBackend, SQLiteBackend
+from tests.protocol_check import ProtocolCheck
 
 
 @pytest.fixture
@@ -19,6 +21,16 @@ async def fake_llm(nursery: trio.Nursery) -> AsyncIterator[FakeLLM]:
     fake = FakeLLM(Behaviour(tokens=20, delay_s=0.01))
     await nursery.start(fake.serve)
     return fake
+
+
+@pytest.fixture(autouse=True)
+def server_messages_match_the_protocol(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every message the server sends over a WebSocket in this test must be one the AsyncAPI
+    document describes (``tests/protocol_check.py``)."""
+    check = ProtocolCheck(hub.encode)
+    monkeypatch.setattr(hub, "encode", check)
+    yield
+    assert check.undescribed == [], "messages the AsyncAPI document does not describe"
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from aether.core.identity import KeyRing
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/asyncapi.json"})
 BEARER_SUBPROTOCOL_PREFIX = "bearer."
 
 

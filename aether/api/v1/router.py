@@ -10,7 +10,15 @@ from __future__ import annotations
 from quart import Quart
 
 from aether.api import web
-from aether.api.v1.endpoints import chat, conversations, files, health, openai_compat, tools
+from aether.api.v1.endpoints import (
+    asyncapi,
+    chat,
+    conversations,
+    files,
+    health,
+    openai_compat,
+    tools,
+)
 
 
 def register_v1(app: Quart) -> None:
@@ -21,3 +29,4 @@ def register_v1(app: Quart) -> None:
     app.register_blueprint(files.blueprint)
     app.register_blueprint(openai_compat.blueprint)
     app.register_blueprint(tools.blueprint)
+    app.register_blueprint(asyncapi.blueprint)
