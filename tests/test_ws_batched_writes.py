@@ -30,6 +30,9 @@ from tests.helpers import (
 )
 from tests.memory_ws import MemoryServer
 
+# The bursts are made-up messages put straight into a client's outbox.
+pytestmark = pytest.mark.synthetic_messages
+
 DEADLINE_S = 10
 
 # Many small frames (one write), and frames that add up to several writes' worth, one of them
