@@ -83,25 +83,15 @@ async def test_a_client_that_comes_back_gets_every_message_once(
 async def test_a_chat_nobody_comes_back_for_stops_at_the_grace(
     autojump_clock: Any, server: MemoryServer
 ) -> None:
-    ws = await connected(server)
-    await ws.send({"type": "chat", "id": "r1", "message": "word " * 100})
-    await received_through(ws, "r1", 2)
-    await ws.disconnect()
+    await long_chat_dropped(server)
     gone_at = trio.current_time()
-    await server.engine.tracker.wait_until_idle()
-    record = server.engine.tracker.get("r1", "anonymous")
-    assert record is not None
-    assert (record.state, record.stop_reason) == ("stopped", "disconnect")
-    assert record.ended_at == pytest.approx(gone_at + GRACE_S, abs=0.01)
+    await assert_stopped_at(server, gone_at + GRACE_S)
 
 
 async def test_a_client_that_comes_back_and_leaves_again_gets_a_whole_new_grace(
     autojump_clock: Any, server: MemoryServer
 ) -> None:
-    ws = await connected(server)
-    await ws.send({"type": "chat", "id": "r1", "message": "word " * 100})
-    await received_through(ws, "r1", 2)
-    await ws.disconnect()
+    await long_chat_dropped(server)
     first_gone_at = trio.current_time()
     await trio.sleep(GRACE_S - 1)  # back just before the grace ends
     ws = await connected(server)
@@ -110,11 +100,24 @@ async def test_a_client_that_comes_back_and_leaves_again_gets_a_whole_new_grace(
     await ws.disconnect()  # gone again before the first grace would have ended
     gone_again_at = trio.current_time()
     assert gone_again_at < first_gone_at + GRACE_S
+    await assert_stopped_at(server, gone_again_at + GRACE_S)
+
+
+async def long_chat_dropped(server: MemoryServer) -> None:
+    """A long chat ``r1`` whose client drops after its message 2."""
+    ws = await connected(server)
+    await ws.send({"type": "chat", "id": "r1", "message": "word " * 100})
+    await received_through(ws, "r1", 2)
+    await ws.disconnect()
+
+
+async def assert_stopped_at(server: MemoryServer, when: float) -> None:
+    """``r1`` ends stopped, reason ``disconnect``, at ``when``."""
     await server.engine.tracker.wait_until_idle()
     record = server.engine.tracker.get("r1", "anonymous")
     assert record is not None
     assert (record.state, record.stop_reason) == ("stopped", "disconnect")
-    assert record.ended_at == pytest.approx(gone_again_at + GRACE_S, abs=0.01)
+    assert record.ended_at == pytest.approx(when, abs=0.01)
 
 
 async def test_a_second_resume_takes_the_stream_over(
