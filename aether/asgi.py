@@ -40,6 +40,19 @@ REQUEST_ID_KEY = "aether.request_id"
 RAW_SEND_KEY = "aether.raw_send"
 SEND_BATCH = "aether.websocket.send_batch"
 DISCONNECT_SIGNAL = "aether.http.disconnect_signal"
+# A WebSocket scope's extension (Aether's server): an ``InlineReceiver``. Once the application
+# sets its ``on_message``, every message received (text or bytes) is handed to it in the
+# connection's reading task, instead of going through the receive channel to the application's
+# task (a task hop and a scheduling round per frame); connect and disconnect still come from
+# ``receive``.
+RECEIVE_INLINE = "aether.websocket.receive_inline"
+
+
+class InlineReceiver:
+    __slots__ = ("on_message",)
+
+    def __init__(self) -> None:
+        self.on_message: Callable[[Message], Awaitable[None]] | None = None
 
 
 class DisconnectSignal:

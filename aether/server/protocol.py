@@ -59,7 +59,13 @@ from wsproto.events import CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from aether.api.middleware.security import API_HEADERS, HSTS
-from aether.asgi import DISCONNECT_SIGNAL, SEND_BATCH, DisconnectSignal
+from aether.asgi import (
+    DISCONNECT_SIGNAL,
+    RECEIVE_INLINE,
+    SEND_BATCH,
+    DisconnectSignal,
+    InlineReceiver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +133,8 @@ class HardenedWSStream(WSStream):
         # Hypercorn builds the scope and starts the application in one method: the extension
         # is added as the scope is assigned, before the application can see it.
         scope["extensions"][SEND_BATCH] = {}
+        self._inline = InlineReceiver()
+        scope["extensions"][RECEIVE_INLINE] = self._inline  # type: ignore[assignment]
         self._scope = scope
 
     async def app_send(self, message: ASGISendEvent | None) -> None:
@@ -165,8 +173,13 @@ class HardenedWSStream(WSStream):
                     await self._send_wsproto_event(CloseConnection(code=CLOSE_MESSAGE_TOO_BIG))
                     break
                 if event.message_finished and self.app_put is not None:
-                    await self.app_put(self.buffer.to_message())
+                    message = self.buffer.to_message()
                     self.buffer.clear()
+                    on_message = self._inline.on_message
+                    if on_message is not None:
+                        await on_message(message)  # in this (the reading) task
+                    else:
+                        await self.app_put(message)
             elif isinstance(event, Ping):
                 await self._send_wsproto_event(event.response())
             elif isinstance(event, CloseConnection):

@@ -33,7 +33,7 @@ from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.statsd import StatsdLogger
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import ShutdownError, parse_socket_addr, raise_shutdown, repr_socket_addr
@@ -129,6 +129,22 @@ class AetherTCPServer(TCPServer):
         except OSError:
             return data
         return memoryview(data)[sent:] if sent < len(data) else b""
+
+    async def _read_data(self) -> None:
+        """Hypercorn's, without a ``fail_after`` around every read when there is no read
+        timeout (a cancel scope entered and left per read, for an infinite deadline)."""
+        if self.config.read_timeout is not None:
+            await super()._read_data()
+            return
+        while True:
+            try:
+                data = await self.stream.receive_some(MAX_RECV)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                break
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
 
     async def run(self) -> None:
         stream: Any = self.stream

@@ -3,10 +3,13 @@
 It runs under Hypercorn's trio worker next to the Quart app (see ``aether.app``). Plain ASGI,
 rather than Quart's websocket wrapper, keeps one task reading frames, one task writing them and
 nothing in between: no extra buffered channel hop per frame, the exact close codes, and empty
-binary frames arrive as bytes.
+binary frames arrive as bytes. Under Aether's own server (``RECEIVE_INLINE``) the task that reads
+the socket handles each frame itself (``InlineDispatch``); under another, this task does, from
+``receive``.
 
     client connection (nursery + scope)
-      ├─ reader (this task): receive -> MessageHandler
+      ├─ reader (the server's reading task, or this one): frame -> MessageHandler
+      ├─ this task: waits for the disconnect
       ├─ writer: Outbox -> websocket.send, or the server's batch send   (the only task that sends)
       └─ one task per chat: RuntimeEngine.run_chat (own nursery + scope)
 
@@ -30,8 +33,10 @@ import trio
 from aether import __version__
 from aether.asgi import (
     RAW_SEND_KEY,
+    RECEIVE_INLINE,
     REQUEST_ID_KEY,
     SEND_BATCH,
+    InlineReceiver,
     Message,
     Receive,
     Scope,
@@ -44,6 +49,7 @@ from aether.core.runtime.outbox import Outbox
 from aether.protocol.messages import hello_message, select_subprotocol
 from aether.ws.handlers import MessageHandler
 from aether.ws.hub import CLOSE_TRY_AGAIN_LATER, ClientConnection, ClientHub, write_outbox
+from aether.ws.inline_dispatch import InlineDispatch
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +108,8 @@ class WebSocketEndpoint:
         )
         self._hub.register(client)
         handler: MessageHandler | None = None
+        dispatch: InlineDispatch | None = None
+        inline: InlineReceiver | None = (scope.get("extensions") or {}).get(RECEIVE_INLINE)
         try:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
@@ -116,14 +124,34 @@ class WebSocketEndpoint:
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
                 handler = MessageHandler(client, self._engine, nursery, self._settings)
+                if inline is not None:
+                    # Frames are handled in the server's reading task from now on (no hop
+                    # through the receive channel); what they queue still goes out through
+                    # the writer alone.
+                    dispatch = self._inline_dispatch(client, handler, nursery.cancel_scope)
+                    nursery.start_soon(dispatch.guard)
+                    inline.on_message = dispatch
                 await self._read(receive, client, handler)
                 handler.stop_all()
                 nursery.cancel_scope.cancel()
+            if dispatch is not None and dispatch.failure is not None:
+                raise dispatch.failure
         finally:
+            if inline is not None:
+                inline.on_message = None  # it holds the connection: no cycle through the server
             if handler is not None:
                 await handler.files.abort()  # a file left half-sent is dropped
             client.outbox.close()
             self._hub.unregister(client)
+
+    def _inline_dispatch(
+        self, client: ClientConnection, handler: MessageHandler, scope: trio.CancelScope
+    ) -> InlineDispatch:
+        async def handle(event: Message) -> None:
+            if not client.closing:
+                await self._dispatch(event, handler)
+
+        return InlineDispatch(handle, scope)
 
     async def _read(
         self, receive: Receive, client: ClientConnection, handler: MessageHandler
@@ -137,13 +165,17 @@ class WebSocketEndpoint:
             if kind == "websocket.receive" and client.closing:
                 continue
             if kind == "websocket.receive":
-                text = event.get("text")
-                if text is not None:
-                    await handler.handle_text(text)
-                else:
-                    await handler.handle_binary(event.get("bytes") or b"")
+                await self._dispatch(event, handler)
             elif kind == "websocket.disconnect":
                 return
+
+    @staticmethod
+    async def _dispatch(event: Message, handler: MessageHandler) -> None:
+        text = event.get("text")
+        if text is not None:
+            await handler.handle_text(text)
+        else:
+            await handler.handle_binary(event.get("bytes") or b"")
 
     async def _watch_for_stall(self, client: ClientConnection) -> None:
         """Disconnect a client whose streams have waited on it for too long (memory is already
