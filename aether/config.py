@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -31,6 +32,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from aether.protocol.messages import MODEL_NAME_PATTERN
 
 ENV_PREFIX = "AETHER_"
 
@@ -59,6 +62,64 @@ def default_db_path() -> Path:
     return Path(base) / "aether" / "history.sqlite3"
 
 
+ModelPath = Literal["http", "oi"]
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The built-in model's name, as clients name it.
+ECHO_MODEL = "aether-echo"
+
+
+def _checked_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class ModelEntry(BaseModel):
+    """One model a client can name: a ``[[models]]`` table of the config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="What clients call it (the chat's and OpenAI's ``model``).")
+    base_url: str = Field(description="Base URL of its OpenAI-compatible API.")
+    model: str = Field(description="Its name upstream.")
+    api_key_env: str | None = Field(
+        None, description="The environment variable holding its bearer key (none: no key)."
+    )
+    path: ModelPath = Field("http", description="http, or oi (Open Interpreter runs code).")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _MODEL_NAME.match(value):
+            raise ValueError(
+                "must be 1 to 128 letters, digits or . _ : / @ + -, starting with a letter or digit"
+            )
+        if value == ECHO_MODEL:
+            raise ValueError(f"{ECHO_MODEL!r} is the built-in model's name")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        return _checked_url(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_api_key_env(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.fullmatch(value):
+            raise ValueError("must be an environment variable's name, e.g. OPENAI_API_KEY")
+        return value
+
+
 class Settings(BaseModel):
     """All of Aether's settings: field names are TOML keys, ``AETHER_<NAME>`` the env vars."""
 
@@ -85,6 +146,12 @@ class Settings(BaseModel):
     )
     llm_model: str | None = Field(None, description="Model name sent upstream.")
     llm_api_key: SecretStr | None = Field(None, description="Bearer key for the upstream API.")
+    models: tuple[ModelEntry, ...] = Field(
+        (),
+        description="More models clients can name: [[models]] tables (name, base_url, model, "
+        "api_key_env, path), or a JSON list in the environment. The first is the default, "
+        "unless llm_model is set too.",
+    )
     llm_connect_timeout_s: float = Field(10.0, gt=0, description="Upstream connect timeout.")
     llm_first_token_timeout_s: float = Field(
         60.0, gt=0, description="Longest wait for the upstream's first token."
@@ -373,12 +440,26 @@ class Settings(BaseModel):
     @field_validator("llm_base_url", "search_url")
     @classmethod
     def _check_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("must be an http:// or https:// URL")
-        return value.rstrip("/")
+        return None if value is None else _checked_url(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):  # AETHER_MODELS: the same tables as a JSON list
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"must be a JSON list of model tables: {exc}") from None
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: tuple[ModelEntry, ...]) -> tuple[ModelEntry, ...]:
+        names = [entry.name for entry in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"two models are named {name!r}")
+        return value
 
     @field_validator("host")
     @classmethod
@@ -406,6 +487,10 @@ class Settings(BaseModel):
             )
         if self.llm_model is not None and not self.llm_model.strip():
             raise ValueError("llm_model must not be empty")
+        if self.llm_model is not None and self.llm_model in {m.name for m in self.models}:
+            raise ValueError(
+                f"llm_model {self.llm_model!r} is also the name of one of models: name it once"
+            )
         if self.max_message_bytes > self.max_frame_bytes:
             raise ValueError("max_message_bytes must not exceed max_frame_bytes")
         if self.workers > 1 and self.redis_url is None:
@@ -530,6 +615,10 @@ def _describe(error: ValidationError, sources: Mapping[str, str]) -> str:
         return message
     field = str(first["loc"][0])
     where = sources.get(field, field)
+    # Inside a list of tables (models): which one, and which key of it.
+    where += "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"][1:]
+    )
     shown = "***" if field.startswith("api_keys") or field == "llm_api_key" else first.get("input")
     return f"{where}: {message} (got {shown!r})"
 

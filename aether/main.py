@@ -44,7 +44,8 @@ from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.errors import StorageError
 from aether.core.history.choice import generated_node_id
 from aether.core.history.sqlite import prepare_database
-from aether.core.providers.oi.interpreters import agentic_path_enabled
+from aether.core.models import ModelCatalog, catalog_from_settings
+from aether.core.providers.oi.interpreters import agentic_path_enabled, oi_installed
 from aether.core.providers.oi.sandbox import require_sandbox
 from aether.core.runtime.engine import RuntimeEngine
 from aether.logs import configure_logging
@@ -216,15 +217,24 @@ def describe_security(settings: Settings) -> None:
     )
 
 
-def describe_model(settings: Settings, default_path: str) -> None:
-    if default_path == "echo":
+def describe_models(catalog: ModelCatalog) -> None:
+    default = catalog.default
+    if default.upstream is None:
         log.warning(
             "using the built-in echo model: answers repeat the message. To use a real model, set "
             "AETHER_LLM_BASE_URL (an OpenAI-compatible API, e.g. http://127.0.0.1:11434/v1) and "
             "AETHER_LLM_MODEL, and optionally AETHER_LLM_API_KEY"
         )
-    else:
-        log.info("model: %s at %s", settings.llm_model, settings.llm_base_url)
+    for model in catalog:
+        if model.upstream is not None:
+            log.info(
+                "model %s%s: %s at %s, on the %s path",
+                model.name,
+                " (default)" if model is default else "",
+                model.upstream.model,
+                model.upstream.base_url,
+                " or ".join(model.paths),
+            )
 
 
 async def drain(
@@ -284,7 +294,7 @@ async def serve(
         for bind in binds:
             ws = bind.replace("http", "ws", 1) + WEBSOCKET_PATH
             log.info("serving on %s (WebSocket %s)", bind, ws)
-        describe_model(settings, state.engine.streamer.default_path)
+        describe_models(state.engine.streamer.catalog)
         describe_security(settings)
         task_status.started(binds)
     log.info("stopped")
@@ -324,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         settings = load_settings(config_file=args.config, overrides=overrides)
+        catalog_from_settings(settings, os.environ, oi_installed())  # each model servable
         if agentic_path_enabled(settings):
             require_sandbox(settings)
     except ConfigError as exc:

@@ -131,7 +131,7 @@ async def test_stopped_does_not_wait_for_the_model_stream_to_close(
     autojump_clock: Any, server: MemoryServer, ws: MemoryWebSocket
 ) -> None:
     slow = SlowToCloseEcho()
-    server.engine.streamer._echo = slow  # the path "echo" asks for
+    server.engine.streamer._providers[("aether-echo", "echo")] = slow  # the path "echo" asks for
     await ws.send({"type": "chat", "id": "r1", "message": MESSAGE, "path": "echo"})
     await wait_for_deltas(ws, "r1", 2)
     stop_at = trio.current_time()

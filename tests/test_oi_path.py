@@ -38,7 +38,7 @@ CODE_REPLY = ("Let me compute it.\n", "```", "python\n", "print(6*7)\n", "```", 
 
 
 def interpreters_of(server: RunningServer) -> InterpreterManager:
-    provider = server.state.engine.streamer.select_provider("oi")
+    provider = server.state.engine.streamer.oi
     assert isinstance(provider, OIProvider)
     return provider.interpreters
 

@@ -38,7 +38,7 @@ async def test_non_streaming_completion(fake_llm: FakeLLM) -> None:
         async with running_server(settings_for(fake_llm)) as server:
             client = client_for(server.base_url)
             completion = await client.chat.completions.create(
-                model="gpt-4o-mini",
+                model="served-model",
                 messages=[
                     {"role": "system", "content": "be brief"},
                     {"role": "user", "content": "earlier"},
@@ -49,7 +49,7 @@ async def test_non_streaming_completion(fake_llm: FakeLLM) -> None:
             await client.close()
     assert completion.choices[0].message.content == "tok0 tok1 tok2 "
     assert completion.choices[0].finish_reason == "stop"
-    assert completion.model == "served-model"  # the model that answered, not the one asked for
+    assert completion.model == "served-model"
     assert fake_llm.streams[0].request["messages"] == [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "earlier"},
@@ -64,7 +64,7 @@ async def test_streaming_completion(fake_llm: FakeLLM) -> None:
         async with running_server(settings_for(fake_llm)) as server:
             client = client_for(server.base_url)
             stream = await client.chat.completions.create(
-                model="anything", messages=[{"role": "user", "content": "hi"}], stream=True
+                model="", messages=[{"role": "user", "content": "hi"}], stream=True
             )
             deltas, finishes = [], []
             async for chunk in stream:
@@ -73,7 +73,7 @@ async def test_streaming_completion(fake_llm: FakeLLM) -> None:
             await client.close()
     assert "".join(deltas) == "tok0 tok1 tok2 tok3 tok4 "
     assert finishes[-1] == "stop"
-    assert chunk.model == "served-model"
+    assert chunk.model == "served-model"  # no model named: the default answers, and says so
 
 
 async def test_closing_the_stream_stops_the_generation(fake_llm: FakeLLM) -> None:
@@ -82,7 +82,7 @@ async def test_closing_the_stream_stops_the_generation(fake_llm: FakeLLM) -> Non
         async with running_server(settings_for(fake_llm)) as server:
             client = client_for(server.base_url)
             stream = await client.chat.completions.create(
-                model="x", messages=[{"role": "user", "content": "go"}], stream=True
+                model="served-model", messages=[{"role": "user", "content": "go"}], stream=True
             )
             async for chunk in stream:
                 if chunk.choices[0].delta.content:
@@ -101,7 +101,7 @@ async def test_upstream_failure_and_bad_requests_are_api_errors(fake_llm: FakeLL
             client = client_for(server.base_url)
             with pytest.raises(openai.APIStatusError) as failed:
                 await client.chat.completions.create(
-                    model="x", messages=[{"role": "user", "content": "hi"}]
+                    model="served-model", messages=[{"role": "user", "content": "hi"}]
                 )
             with pytest.raises(openai.BadRequestError) as bad:
                 await client.chat.completions.create(
@@ -139,3 +139,24 @@ async def test_the_sdk_lists_the_served_model_and_an_unknown_one_is_not_found(
     assert (served.id, served.object, served.owned_by) == ("served-model", "model", "aether")
     assert missing.value.status_code == 404
     assert missing.value.code == "model_not_found"
+
+
+async def test_a_completion_naming_an_unknown_model_is_model_not_found(fake_llm: FakeLLM) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings_for(fake_llm)) as server:
+            client = client_for(server.base_url)
+            failures = []
+            for stream in (False, True):
+                with pytest.raises(openai.NotFoundError) as missing:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": "hi"}],
+                        stream=stream,
+                    )
+                failures.append(missing.value)
+            await client.close()
+    for failure in failures:
+        assert failure.status_code == 404
+        assert failure.code == "model_not_found"
+        assert "gpt-4o-mini" in failure.message
+    assert fake_llm.streams == []  # never answered by another model

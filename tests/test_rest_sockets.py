@@ -39,7 +39,13 @@ async def test_post_chat_returns_the_whole_answer(fake_llm: FakeLLM) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body.pop("conversation_id").startswith("c-")
-    assert body == {"id": "r1", "status": "completed", "path": "http", "content": "tok0 tok1 tok2 "}
+    assert body == {
+        "id": "r1",
+        "status": "completed",
+        "path": "http",
+        "model": "fake-model",
+        "content": "tok0 tok1 tok2 ",
+    }
 
 
 async def test_post_chat_stream_sends_the_protocol_as_sse(fake_llm: FakeLLM) -> None:

@@ -47,10 +47,10 @@ from aether.api.v1.endpoints.openai_compat import (
     COMPLETION_STREAM_HEADERS,
     CompletionBody,
     answer_completion,
+    answering_model,
     completion_chunks,
     completion_request,
     has_user_message,
-    served_model,
 )
 from aether.asgi import (
     DISCONNECT_SIGNAL,
@@ -132,6 +132,7 @@ class DirectRoutes:
             owner=identity_from_scope(scope),
             message=fields.message,
             path=fields.path,
+            model=fields.model,
             conversation_id=fields.conversation_id,
         )
 
@@ -146,8 +147,10 @@ class DirectRoutes:
         fields = _validated(CompletionBody, body)
         if fields is None or not has_user_message(fields):
             return None
-        chat = completion_request(fields, identity_from_scope(scope))
-        model = served_model(self._state)
+        model = answering_model(self._state, fields.model)
+        if model is None:  # Quart's view answers 404 model_not_found
+            return None
+        chat = completion_request(fields, identity_from_scope(scope), model)
         if fields.stream:
             return self._events(
                 scope,

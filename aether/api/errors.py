@@ -23,6 +23,7 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_request": 404,
     "unknown_conversation": 404,
     "path_unavailable": 404,  # this server has no such model path
+    "unknown_model": 404,
     "files_unavailable": 404,
     "history_unavailable": 404,
     "duplicate_request": 409,

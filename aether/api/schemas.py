@@ -46,6 +46,7 @@ class ChatAnswer(BaseModel):
     status: Literal["completed", "stopped", "error"]
     content: str
     path: str | None = None
+    model: str | None = Field(None, description="The model that answered (GET /v1/models).")
     conversation_id: str | None = None
     reason: Literal["stop", "disconnect", "shutdown"] | None = None
     error: ChatError | None = None

@@ -32,6 +32,9 @@ class ChatRequest:
     owner: str
     message: str
     path: PathName = "auto"
+    # The model the client named (None: the server's default); once admitted, the one that
+    # answers.
+    model: str | None = None
     conversation_id: str | None = None
     # Earlier turns of the conversation, oldest first: (role, content) pairs.
     history: tuple[tuple[str, str], ...] = ()

@@ -8,6 +8,7 @@
     │   ├── UpstreamDisconnected   the upstream dropped the stream mid-way
     │   └── UpstreamProtocolError  the upstream spoke something that is not OpenAI SSE
     ├── PathUnavailable            the requested path is not configured
+    ├── UnknownModel               a chat named a model this server does not serve
     ├── UnknownRequest             stop/lookup of an id that is not live for this caller
     ├── DuplicateRequest           a live request already has that id
     ├── StaleConfirmation          an answer to a code confirmation that is not the pending one
@@ -77,6 +78,10 @@ class UpstreamProtocolError(ProviderError):
 
 class PathUnavailable(AetherError):
     code = "path_unavailable"
+
+
+class UnknownModel(AetherError):
+    code = "unknown_model"
 
 
 class UnknownRequest(AetherError):

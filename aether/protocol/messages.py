@@ -27,6 +27,9 @@ RequestId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z
 ConversationId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 ConfirmationId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
 ChatPath = Literal["auto", "echo", "http", "oi"]
+# What a model may be called (it goes in URLs and logs): no spaces or control characters.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$"
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)]
 
 
 class _Message(BaseModel):
@@ -40,6 +43,8 @@ class ChatFields(_Message):
     message: str = Field(min_length=1)
     conversation_id: ConversationId | None = None
     path: ChatPath = "auto"
+    # One of GET /v1/models; none: the server's default model.
+    model: ModelName | None = None
 
 
 class ChatMessage(ChatFields):

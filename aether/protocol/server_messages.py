@@ -96,10 +96,11 @@ class FileStored(_ServerMessage):
 
 
 class Accepted(_ServerMessage, _OfRequest):
-    """A request's first message: the path that answers it, and its conversation."""
+    """A request's first message: the model and path that answer it, and its conversation."""
 
     type: Literal["accepted"]
     path: str
+    model: str | None = None
     conversation_id: str | None = None
 
 

@@ -139,6 +139,8 @@ class FakeLLM:
         self.port: int | None = None
         self.streams: list[StreamRecord] = []
         self.requests_seen = 0
+        # The Authorization header of each chat completion request, in order (None: none).
+        self.authorizations: list[str | None] = []
         self._scripted: deque[Behaviour] = deque()
         self._stream_started = trio.lowlevel.ParkingLot()
         # The SearxNG-style search API it also serves: what it answers, and the queries it got.
@@ -264,6 +266,9 @@ class FakeLLM:
             await self._send_json(connection, stream, 404, error)
             return True
         self.requests_seen += 1
+        self.authorizations.append(
+            next((v.decode() for n, v in request.headers if n == b"authorization"), None)
+        )
         behaviour = self._scripted.popleft() if self._scripted else self.default
         try:
             payload = orjson.loads(body)

@@ -31,6 +31,7 @@ from aether.core.errors import (
     StorageError,
     TooManyRequests,
     UnknownConversation,
+    UnknownModel,
     UnknownRequest,
 )
 from aether.core.history.store import message_json
@@ -184,6 +185,7 @@ class MessageHandler:
                 owner=self._client.owner,
                 message=message.message,
                 path=message.path,
+                model=message.model,
                 conversation_id=message.conversation_id,
             )
         )
@@ -201,7 +203,7 @@ class MessageHandler:
             turn = await self._engine.admit(
                 chat.request, self._client.outbox, resumable=self._resumable
             )
-        except (DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
+        except (UnknownModel, DuplicateRequest, TooManyRequests, ShuttingDown) as exc:
             self._chat_slots.release_on_behalf_of(chat)
             self._reply_error(exc.code, exc.message, {"type": "chat", "id": chat.request.id})
             return

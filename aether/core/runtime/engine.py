@@ -281,7 +281,7 @@ class RuntimeEngine:
     ) -> ChatTurn:
         """Register a chat as live and return its turn, which the caller must run (``await
         turn.run()``) in a task of its choosing, so a transport refuses a chat without starting
-        a task for it. With one worker this never yields. Raises DuplicateRequest,
+        a task for it. With one worker this never yields. Raises UnknownModel, DuplicateRequest,
         TooManyRequests, ShuttingDown.
 
         ``resumable``: the chat keeps its messages and, when its client goes, runs on for the
@@ -290,6 +290,8 @@ class RuntimeEngine:
         """
         if self._draining:
             raise ShuttingDown("the server is shutting down and starts no new chat")
+        if request.model is not None:
+            self.streamer.catalog.get(request.model)  # raises UnknownModel: refused, not begun
         conversation_id = None
         if self._turn_history is not None:
             if request.conversation_id is None and self.control.shared:
@@ -301,7 +303,8 @@ class RuntimeEngine:
         try:
             provider: Provider | PathUnavailable
             try:
-                provider = self.streamer.select_provider(request.path)
+                model, provider = self.streamer.select_provider(request.path, request.model)
+                request = replace(request, model=model.name)
             except PathUnavailable as exc:
                 provider = exc  # the turn tells the client, as its error terminal
             path = provider.name if not isinstance(provider, PathUnavailable) else request.path

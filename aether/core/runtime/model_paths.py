@@ -13,6 +13,7 @@ jobs: [initialization, lifecycle_management, path_selection]
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -21,8 +22,13 @@ import trio
 from aether.config import Settings
 from aether.core.chat import ChatRequest
 from aether.core.files import ConversationFiles
+from aether.core.models import catalog_from_settings
 from aether.core.providers.oi.approval import ApprovalGate
-from aether.core.providers.oi.interpreters import InterpreterManager, agentic_path_enabled
+from aether.core.providers.oi.interpreters import (
+    InterpreterManager,
+    agentic_path_enabled,
+    oi_installed,
+)
 from aether.core.providers.oi.provider import OIProvider
 from aether.core.providers.oi.sandbox import Sandbox, require_sandbox
 from aether.core.providers.upstream_client import upstream_client
@@ -48,8 +54,9 @@ async def open_model_paths(
         if agentic_path_enabled(settings):
             interpreters = InterpreterManager(settings, files, await _sandbox(settings))
             oi = _oi_provider(settings, interpreters, tracker, files if history else None)
+        catalog = catalog_from_settings(settings, os.environ, oi_installed())
         async with upstream_client(settings) as client:
-            yield ChatStreamer(settings, client, oi)
+            yield ChatStreamer(settings, client, catalog, oi)
     finally:
         # Also when the server's lifespan is cancelled while the client closes.
         if interpreters is not None:

@@ -1,4 +1,4 @@
-"""ChatStreamer: picks the model path for a request and runs it as the request's producer.
+"""ChatStreamer: picks the model and path for a request and runs it as the request's producer.
 
 The producer owns the send side of the request's channel: it closes it when the turn ends, and
 turns every failure into one error chunk, so the relay always sees a clean end of stream.
@@ -19,6 +19,7 @@ from aether.config import Settings
 from aether.core.chat import ChatRequest, PathName, error_chunk
 from aether.core.chunk_channel import ChunkSender
 from aether.core.errors import PathUnavailable, ProviderError
+from aether.core.models import ModelCatalog, ServedModel
 from aether.core.providers.base import Provider
 from aether.core.providers.echo import EchoProvider
 from aether.core.providers.http import HTTPProvider
@@ -32,43 +33,57 @@ class ChatStreamer:
         self,
         settings: Settings,
         http_client: httpx.AsyncClient,
+        catalog: ModelCatalog,
         oi: OIProvider | None = None,
     ) -> None:
-        self._echo = EchoProvider(settings.echo_token_delay_s)
+        self.catalog = catalog
         self._oi = oi
-        self._http: HTTPProvider | None = None
-        if settings.llm_base_url is not None and settings.llm_model is not None:
-            key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
-            self._http = HTTPProvider(
-                http_client,
-                base_url=settings.llm_base_url,
-                model=settings.llm_model,
-                api_key=key,
-                first_token_timeout_s=settings.llm_first_token_timeout_s,
-            )
-        self._default: Provider = self._echo
-        if settings.provider == "oi" or (settings.provider == "auto" and self._oi and self._http):
+        echo = EchoProvider(settings.echo_token_delay_s)
+        # Each model's provider on each of its paths.
+        self._providers: dict[tuple[str, PathName], Provider] = {}
+        for model in catalog:
+            for path in model.paths:
+                provider: Provider = echo
+                if path != "echo":
+                    assert model.upstream is not None
+                    provider = self._upstream_provider(settings, http_client, model, path)
+                self._providers[(model.name, path)] = provider
+
+    def _upstream_provider(
+        self,
+        settings: Settings,
+        http_client: httpx.AsyncClient,
+        model: ServedModel,
+        path: PathName,
+    ) -> Provider:
+        upstream = model.upstream
+        assert upstream is not None
+        if path == "oi":
             if self._oi is None:
-                raise PathUnavailable("provider 'oi' needs the open-interpreter extra")
-            self._default = self._oi
-        elif settings.provider == "http" or (settings.provider == "auto" and self._http):
-            if self._http is None:
-                raise PathUnavailable("provider 'http' needs llm_base_url and llm_model")
-            self._default = self._http
+                raise PathUnavailable("the oi path needs the open-interpreter extra")
+            return self._oi.serving(upstream)
+        return HTTPProvider(
+            http_client,
+            base_url=upstream.base_url,
+            model=upstream.model,
+            api_key=upstream.api_key,
+            first_token_timeout_s=settings.llm_first_token_timeout_s,
+        )
+
+    @property
+    def oi(self) -> OIProvider | None:
+        """The agentic path, when this server offers it."""
+        return self._oi
 
     @property
     def default_path(self) -> str:
-        return self._default.name
+        return self.catalog.default.default_path
 
     @property
     def available_paths(self) -> list[str]:
         """The paths a chat can ask for (``auto`` always: it takes ``default_path``)."""
-        paths = ["auto", "echo"]
-        if self._http is not None:
-            paths.append("http")
-        if self._oi is not None:
-            paths.append("oi")
-        return paths
+        served = self.catalog.paths
+        return ["auto", *(path for path in ("echo", "http", "oi") if path in served)]
 
     async def forget_conversation(self, owner: str, conversation_id: str) -> None:
         """The conversation was deleted: the paths that keep state per conversation (the
@@ -76,19 +91,13 @@ class ChatStreamer:
         if self._oi is not None:
             await self._oi.forget_conversation(owner, conversation_id)
 
-    def select_provider(self, path: PathName) -> Provider:
-        """The provider for a requested path. Raises PathUnavailable when it is not configured."""
-        if path == "auto":
-            return self._default
-        if path == "http":
-            if self._http is None:
-                raise PathUnavailable("the http path needs a model: set AETHER_LLM_BASE_URL")
-            return self._http
-        if path == "echo":
-            return self._echo
-        if path == "oi" and self._oi is not None:
-            return self._oi
-        raise PathUnavailable(f"the {path} path is not available on this server")
+    def select_provider(
+        self, path: PathName, model: str | None = None
+    ) -> tuple[ServedModel, Provider]:
+        """The model and provider a chat asking for ``model`` (None: any) on ``path`` gets.
+        Raises UnknownModel, or PathUnavailable when no model it may get serves the path."""
+        served, path = self.catalog.resolve(model, path)
+        return served, self._providers[(served.name, path)]
 
     async def stream_chat(
         self,

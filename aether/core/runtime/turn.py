@@ -130,6 +130,8 @@ class ChatTurn:
             self.request, self._recorder = await history.open(self.request)
             self.relay.transcript = self._recorder.transcript
         accepted: Chunk = {"path": self.record.path}
+        if self.request.model is not None:
+            accepted["model"] = self.request.model
         if self.request.conversation_id is not None:
             accepted["conversation_id"] = self.request.conversation_id
         await self.relay.announce(accepted)

@@ -50,6 +50,7 @@ from aether.core.errors import (
     ShuttingDown,
     StaleConfirmation,
     TooManyRequests,
+    UnknownModel,
     UnknownRequest,
 )
 from aether.core.runtime.engine import RuntimeEngine
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 blueprint = Blueprint("chat", __name__)
 
 # Why the engine may refuse to start a chat.
-REFUSED = (DuplicateRequest, TooManyRequests, ShuttingDown)
+REFUSED = (UnknownModel, DuplicateRequest, TooManyRequests, ShuttingDown)
 
 
 async def _chat_request() -> ChatRequest | Response:
@@ -73,6 +74,7 @@ async def _chat_request() -> ChatRequest | Response:
         owner=caller_identity(),
         message=fields.message,
         path=fields.path,
+        model=fields.model,
         conversation_id=fields.conversation_id,
     )
 
@@ -88,6 +90,8 @@ class AnswerCollector:
         kind = message.get("type")
         if kind == "accepted":
             self.body["path"] = message["path"]
+            if "model" in message:
+                self.body["model"] = message["model"]
             if "conversation_id" in message:
                 self.body["conversation_id"] = message["conversation_id"]
         elif kind == "message" and message.get("role") == "assistant":

@@ -3,9 +3,9 @@
 Existing OpenAI clients and SDKs can use Aether as their backend: point their base URL at
 ``http://HOST:PORT/v1`` and give an Aether API key as theirs. The client sends the whole
 conversation each time, as OpenAI's API expects: its earlier messages become the turn's context
-and its last user message the turn (stored as a new conversation in the history). A ``model``
-that names no configured model is served by the default one, and the response's ``model`` says
-which. Closing a stream stops the generation, as on every Aether route.
+and its last user message the turn (stored as a new conversation in the history). ``model``
+names one of ``GET /v1/models`` (empty: the default one); any other is 404 ``model_not_found``,
+as OpenAI answers. Closing a stream stops the generation, as on every Aether route.
 
 @.architecture
 role: OpenAI-compatible endpoint
@@ -80,15 +80,22 @@ class CompletionBody(BaseModel):
 NO_USER_MESSAGE = "messages must include a user message"
 
 
-def served_model(state: AppState) -> str:
-    settings, engine = state.settings, state.engine
-    if engine.streamer.default_path == "http" and settings.llm_model:
-        return settings.llm_model
-    return "aether-echo"
+def answering_model(state: AppState, asked: str) -> str | None:
+    """The model that answers a completion asking for ``asked`` (empty: the default one), or
+    None when this server has no model of that name."""
+    catalog = state.engine.streamer.catalog
+    if not asked:
+        return catalog.default.name
+    return asked if asked in catalog else None
 
 
-def _served_model() -> str:
-    return served_model(app_state())
+def model_not_found(model: str) -> Response:
+    return json_error(
+        404,
+        "model_not_found",
+        f"The model {model!r} does not exist on this server (GET /v1/models lists them)",
+        type="invalid_request_error",
+    )
 
 
 def has_user_message(body: CompletionBody) -> bool:
@@ -104,7 +111,7 @@ async def _completion_body() -> CompletionBody | Response:
     return parsed
 
 
-def completion_request(body: CompletionBody, owner: str) -> ChatRequest:
+def completion_request(body: CompletionBody, owner: str, model: str) -> ChatRequest:
     """The last user message is the turn; the messages before it are its context (messages
     after it, which OpenAI's API would also accept, are not used)."""
     last_user = max(i for i, message in enumerate(body.messages) if message.role == "user")
@@ -117,6 +124,7 @@ def completion_request(body: CompletionBody, owner: str) -> ChatRequest:
         id=new_request_id(),
         owner=owner,
         message=body.messages[last_user].text(),
+        model=model,
         history=context,
     )
 
@@ -217,20 +225,19 @@ def _model_object(model_id: str) -> dict[str, Any]:
 @blueprint.get("/v1/models")
 @document(responses={200: (ModelList, None), **errors()})
 async def list_models() -> Response:
-    """The models this server answers with, in OpenAI's shape (clients list them first)."""
-    return json_response({"object": "list", "data": [_model_object(_served_model())]})
+    """The models this server answers with, in OpenAI's shape (clients list them first); the
+    default one first."""
+    catalog = app_state().engine.streamer.catalog
+    return json_response(
+        {"object": "list", "data": [_model_object(m.name) for m in catalog.listed]}
+    )
 
 
 @blueprint.get("/v1/models/<model_id>")
 @document(responses={200: (ModelObject, None), **errors(404)})
 async def get_model(model_id: str) -> Response:
-    if model_id != _served_model():
-        return json_error(
-            404,
-            "model_not_found",
-            f"The model {model_id!r} does not exist on this server",
-            type="invalid_request_error",
-        )
+    if model_id not in app_state().engine.streamer.catalog:
+        return model_not_found(model_id)
     return json_response(_model_object(model_id))
 
 
@@ -243,9 +250,11 @@ async def chat_completions() -> Response:
     parsed = await _completion_body()
     if isinstance(parsed, Response):
         return parsed
-    chat = completion_request(parsed, caller_identity())
     state = app_state()
-    model = _served_model()
+    model = answering_model(state, parsed.model)
+    if model is None:
+        return model_not_found(parsed.model)
+    chat = completion_request(parsed, caller_identity(), model)
     if parsed.stream:
         try:
             detached = await DetachedChat.start(state.engine, chat, state.settings.outbox_max_bytes)

@@ -27,6 +27,7 @@ async def tools() -> Response:
     state = app_state()
     streamer = state.engine.streamer
     paths = streamer.available_paths
+    default = streamer.catalog.default
     code = "oi" in paths
     settings = state.settings
     file_reason = state.engine.file_chat.unavailable_reason
@@ -35,7 +36,7 @@ async def tools() -> Response:
         {
             "paths": paths,
             "default_path": streamer.default_path,
-            "model": settings.llm_model if settings.model_configured else None,
+            "model": default.name if default.upstream is not None else None,
             "code_execution": {
                 "available": code,
                 "requires_approval": code and not state.settings.oi_auto_run,

@@ -32,6 +32,7 @@ import trio
 from aether.config import Settings
 from aether.core.errors import PathUnavailable
 from aether.core.files import ConversationFiles
+from aether.core.models import Upstream
 from aether.core.providers.oi.sandbox import WORKSPACE, Sandbox
 from aether.core.providers.oi.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
 from aether.core.providers.oi.web_search import web_search_code
@@ -50,11 +51,20 @@ def oi_installed() -> bool:
 
 
 def agentic_path_enabled(settings: Settings) -> bool:
-    """Whether this server offers the agentic path: a model, and the extra installed."""
-    return settings.model_configured and oi_installed()
+    """Whether this server offers the agentic path: the extra installed, and the one-model
+    shorthand or a model table on the ``oi`` path."""
+    wanted = settings.model_configured or any(entry.path == "oi" for entry in settings.models)
+    return wanted and oi_installed()
 
 
 Key = tuple[str, str]  # (owner, conversation id)
+
+
+def _ask(instance: Any, upstream: Upstream) -> None:
+    """Point the interpreter at the model of the turn it is about to run."""
+    instance.llm.model = f"openai/{upstream.model}"
+    instance.llm.api_base = upstream.base_url
+    instance.llm.api_key = upstream.api_key or "none"
 
 
 def _messages(history: tuple[tuple[str, str], ...]) -> list[dict[str, str]]:
@@ -115,6 +125,7 @@ class InterpreterManager:
         self,
         owner: str,
         conversation_id: str,
+        upstream: Upstream,
         history: tuple[tuple[str, str], ...] = (),
         history_turns: tuple[str, ...] | None = None,
         request_id: str | None = None,
@@ -139,6 +150,7 @@ class InterpreterManager:
                 if history_turns is not None:
                     await self._follow_history(key, history, history_turns)
                 instance = await self._get_or_create(key, history)
+                _ask(instance, upstream)
                 if history_turns is not None:
                     self._known.setdefault(key, set()).update(history_turns)
                 if request_id is not None:
@@ -216,9 +228,6 @@ class InterpreterManager:
         instance.disable_telemetry = True
         instance.conversation_history = False  # no files under the home directory
         instance.verbose = False
-        instance.llm.model = f"openai/{s.llm_model}"
-        instance.llm.api_base = s.llm_base_url
-        instance.llm.api_key = s.llm_api_key.get_secret_value() if s.llm_api_key else "none"
         instance.llm.supports_functions = False
         instance.llm.supports_vision = False
         instance.llm.context_window = s.oi_context_window

@@ -34,6 +34,8 @@ from aether.core.chat import ChatRequest, Chunk
 from aether.core.chunk_channel import ChunkSender
 from aether.core.errors import ProviderError, UpstreamUnavailable
 from aether.core.files import ConversationFiles, StoredFile
+from aether.core.models import Upstream
+from aether.core.providers.base import Provider
 from aether.core.providers.oi.approval import ApprovalGate
 from aether.core.providers.oi.interpreters import InterpreterManager
 from aether.core.providers.oi.kernel import interrupt_running_code, settle_kernels
@@ -118,11 +120,16 @@ class OIProvider:
         """The conversation was deleted: close its interpreter."""
         await self._manager.forget(owner, conversation_id)
 
-    async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
+    def serving(self, upstream: Upstream) -> Provider:
+        """This path on one model: its turns ask ``upstream``."""
+        return _ServingModel(self, upstream)
+
+    async def stream(self, request: ChatRequest, send: ChunkSender, upstream: Upstream) -> None:
         conversation_id = request.conversation_id or request.id
         async with self._manager.turn(
             request.owner,
             conversation_id,
+            upstream,
             request.history,
             request.history_turns,
             request.id,
@@ -215,3 +222,17 @@ class OIProvider:
             raise UpstreamUnavailable(f"the agentic turn failed: {exc.__class__.__name__}") from exc
         finally:
             turn.close()
+
+
+class _ServingModel:
+    """The agentic path on one model (a conversation may change model between turns: its
+    interpreter is kept, and asks the model of the turn it runs)."""
+
+    name = "oi"
+
+    def __init__(self, oi: OIProvider, upstream: Upstream) -> None:
+        self._oi = oi
+        self._upstream = upstream
+
+    async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
+        await self._oi.stream(request, send, self._upstream)
