@@ -4,6 +4,9 @@ its ``model`` on every transport, and ``GET /v1/models`` listing them."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +309,38 @@ async def test_a_conversation_can_change_model_on_the_agentic_path(
     # The same interpreter: the second model got the conversation's first turn as context.
     contents = [m.get("content") for m in second_llm.streams[0].request["messages"]]
     assert "hi" in contents
+
+
+async def test_the_terminal_client_takes_a_model(fake_llm: FakeLLM, second_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(tokens=2, delay_s=0))
+    script = b"/model\n/model nope\nfirst\n/model second\nsecond\n/quit\n"
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(served_settings(fake_llm, second_llm)) as server:
+            one_shot = await run_client("--url", server.ws_url, "--model", "second", "hi")
+            unknown = await run_client("--url", server.ws_url, "--model", "gpt-4o", "hi")
+            interactive = await run_client("--url", server.ws_url, stdin=script)
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert one_shot.stdout.decode() == "tok0 tok1 tok2 \n"
+    assert unknown.returncode == 1
+    assert "unknown_model" in unknown.stderr.decode()
+    said = interactive.stderr.decode()
+    assert interactive.returncode == 0, said
+    assert "/model NAME   answer with that model from now on" not in said  # no /help asked
+    assert "* first\n  second\n" in said  # the list, the current one marked
+    assert "the server has no model 'nope': /model lists them" in said
+    assert "[model: second]" in said
+    assert interactive.stdout.decode() == "tok0 tok1 \ntok0 tok1 tok2 \n"
+    assert [s.request["model"] for s in second_llm.streams] == ["up-2", "up-2"]
+    assert [s.request["model"] for s in fake_llm.streams] == ["first"]
+
+
+async def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+    return await trio.run_process(
+        [sys.executable, "-m", "aether", "chat", *args],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env,
+    )

@@ -850,3 +850,71 @@ async def test_a_conversation_is_renamed_from_the_side_panel() -> None:
     assert result["focused"] == "Trip to Lyon"
     assert [c["title"] for c in stored] == ["Trip to Lyon"]
     assert errors == []
+
+
+@pytest.mark.parametrize("width", [DESKTOP, NARROW])
+async def test_the_page_offers_the_servers_models(
+    fake_llm: FakeLLM, nursery: trio.Nursery, width: int
+) -> None:
+    second = FakeLLM(Behaviour(reply="From the second model.", delay_s=0), model="up-2")
+    await nursery.start(second.serve)
+    fake_llm.script(Behaviour(reply="From the first model.", delay_s=0))
+
+    from playwright.sync_api import expect
+
+    def scenario(page: Any) -> dict[str, Any]:
+        page.wait_for_selector("#status:has-text('Connected')")
+        expect(page.locator("#model")).to_be_visible()
+        options = page.locator("#model option").all_inner_texts()
+        page.fill("#message", "hello")
+        page.keyboard.press("Enter")
+        first = page.locator("article.assistant").nth(0)
+        expect(first).to_have_attribute("data-state", "done")
+        # Chosen from the keyboard, as the selector's label names it.
+        tab_to(page, "#model", "Shift+Tab")
+        page.keyboard.press("ArrowDown")
+        page.fill("#message", "and you?")
+        page.keyboard.press("Enter")
+        answer = page.locator("article.assistant").nth(1)
+        expect(answer).to_have_attribute("data-state", "done")
+        page.screenshot(path=str(ARTIFACTS / f"web-models-{width}.png"))
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        return {
+            "overflow": overflow,
+            "options": options,
+            "blocking": audit(page, "models"),
+            "first": (first.locator(".meta").inner_text(), first.locator(".md").inner_text()),
+            "second": (answer.locator(".meta").inner_text(), answer.locator(".md").inner_text()),
+        }
+
+    def single(page: Any) -> bool:
+        page.wait_for_selector("#status:has-text('Connected')")
+        page.wait_for_function("() => document.querySelector('#path option[value=http]')")
+        return bool(page.locator("#model").is_hidden())
+
+    settings = make_settings(
+        provider="http",
+        llm_base_url=fake_llm.base_url,
+        llm_model="fake-model",
+        models=[{"name": "second", "base_url": second.base_url, "model": "up-2"}],
+    )
+    with trio.fail_after(60):
+        async with running_server(settings) as server:
+            result, errors = await trio.to_thread.run_sync(
+                lambda: drive_page(server.base_url, scenario, width=width)
+            )
+        async with running_server(http_settings(fake_llm)) as server:
+            hidden, single_errors = await trio.to_thread.run_sync(
+                drive_page, server.base_url, single
+            )
+    assert result["overflow"] == 0  # the composer fits, at 360 px too
+    assert result["options"] == ["default (fake-model)", "second"]
+    assert result["blocking"] == []
+    assert result["first"] == ("via the http path · fake-model", "From the first model.")
+    assert result["second"] == ("via the http path · second", "From the second model.")
+    assert [s.request["model"] for s in second.streams] == ["up-2"]
+    assert hidden  # one model: nothing to choose
+    assert errors == []
+    assert single_errors == []

@@ -5,8 +5,9 @@ one conversation, after a one-line banner naming the server, its model and path)
 stream to stdout as they arrive. Ctrl-C during an answer sends ``stop`` and waits for
 ``stopped``; a second Ctrl-C leaves at once. Code proposed on the agentic path is shown and
 needs a yes before it runs. Interactive commands: ``/help``, ``/new`` (a new conversation),
-``/path NAME``, ``/quit`` (or Ctrl-D); ``//`` sends a line that starts with ``/``. A server that
-closes the connection while the client waits for a line is noticed at once. A connection lost
+``/model [NAME]`` (list the server's models, or answer with one), ``/path NAME``, ``/quit`` (or
+Ctrl-D); ``//`` sends a line that starts with ``/``. A server that closes the connection while
+the client waits for a line is noticed at once. A connection lost
 during an answer is opened again (a few tries, within the server's resume grace) and the answer
 resumed after the last message received: nothing printed twice, nothing missed.
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--path", choices=["auto", "echo", "http", "oi"], default="auto", help="model path"
     )
+    parser.add_argument(
+        "--model", help="answer with this model (one of the server's GET /v1/models)"
+    )
     return parser
 
 
@@ -87,6 +91,7 @@ class TerminalChat:
         *,
         path: str,
         conversation_id: str | None,
+        model: str | None = None,
         out: TextIO = sys.stdout,
         err: TextIO = sys.stderr,
         reconnect: Reconnect | None = None,
@@ -99,6 +104,7 @@ class TerminalChat:
         self._printed = 0
         self._stop_wanted = False
         self.path = path
+        self.model = model
         self.conversation_id = conversation_id
         self._out = out
         self._err = err
@@ -112,6 +118,8 @@ class TerminalChat:
         request_id = "t-" + secrets.token_hex(6)
         chat: dict[str, Any] = {"type": "chat", "id": request_id, "message": text}
         chat["path"] = self.path
+        if self.model:
+            chat["model"] = self.model
         if self.conversation_id:
             chat["conversation_id"] = self.conversation_id
         self._interrupts = 0
@@ -250,6 +258,8 @@ async def read_line(prompt: str) -> str | None:
 HELP = """commands:
   /help         this list
   /new          start a new conversation
+  /model        list the server's models
+  /model NAME   answer with that model from now on
   /path NAME    answer with another model path: auto, echo, http or oi
   /quit         leave (so does Ctrl-D)
   //text        send a message that starts with /
@@ -269,7 +279,13 @@ async def converse(
     if hello.get("type") != "hello":
         sys.stderr.write("error: this does not look like an Aether server\n")
         return EXIT_UNREACHABLE
-    chat = TerminalChat(ws, path=args.path, conversation_id=args.conversation, reconnect=reconnect)
+    chat = TerminalChat(
+        ws,
+        path=args.path,
+        conversation_id=args.conversation,
+        model=args.model,
+        reconnect=reconnect,
+    )
     try:
         return await _converse(chat, args, hello)
     finally:
@@ -297,13 +313,15 @@ async def _converse(chat: TerminalChat, args: argparse.Namespace, hello: dict[st
             command, _, argument = text.partition(" ")
             if command == "/quit":
                 return code
-            sys.stderr.write(run_command(chat, command, argument.strip()))
+            sys.stderr.write(await run_command(chat, args, command, argument.strip()))
             continue
         if text:
             code = await chat.turn(line[1:] if text.startswith("//") else line)
 
 
-def run_command(chat: TerminalChat, command: str, argument: str) -> str:
+async def run_command(
+    chat: TerminalChat, args: argparse.Namespace, command: str, argument: str
+) -> str:
     """Carry out an interactive command; returns what to tell the user."""
     if command == "/help":
         return HELP
@@ -315,34 +333,53 @@ def run_command(chat: TerminalChat, command: str, argument: str) -> str:
             return f"/path takes one of: {', '.join(PATHS)}\n"
         chat.path = argument
         return f"[path: {argument}]\n"
+    if command == "/model":
+        return await choose_model(chat, args, argument)
     return f"unknown command {command}: /help lists them\n"
+
+
+async def choose_model(chat: TerminalChat, args: argparse.Namespace, name: str) -> str:
+    """``/model``: list the server's models; ``/model NAME``: answer with NAME from now on."""
+    models = await fetch_json(args, "/v1/models")
+    names = [m.get("id") for m in models.get("data", [])] if models is not None else None
+    if not name:
+        if not names:
+            return "the server's models could not be read\n"
+        current = chat.model or names[0]
+        return "".join(f"{'*' if n == current else ' '} {n}\n" for n in names)
+    if names is not None and name not in names:
+        return f"the server has no model {name!r}: /model lists them\n"
+    chat.model = name
+    return f"[model: {name}]\n"
 
 
 async def banner(args: argparse.Namespace, hello: dict[str, Any]) -> str:
     """One line: the server, the model and path that will answer, how to leave."""
     version = hello.get("server_version", "?")
     described = f"Aether {version} at {args.url}"
-    tools = await fetch_tools(args)
-    if tools is not None:
+    tools = await fetch_json(args, "/v1/tools")
+    if args.model:
+        described += f", answering with {args.model}"
+    elif tools is not None:
         path = args.path if args.path != "auto" else tools.get("default_path", "auto")
         model = tools.get("model") if path in ("http", "oi") else None
         described += f", answering with {model} ({path} path)" if model else f", {path} path"
     return described + ". /help lists commands; /quit or Ctrl-D leaves."
 
 
-async def fetch_tools(args: argparse.Namespace) -> dict[str, Any] | None:
-    """``GET /v1/tools`` of the server the WebSocket URL names (None if it cannot be read)."""
+async def fetch_json(args: argparse.Namespace, route: str) -> dict[str, Any] | None:
+    """A JSON ``GET`` route of the server the WebSocket URL names (None if it cannot be read)."""
     base = args.url.replace("ws", "http", 1).rsplit("/ws", 1)[0]
     headers = {"authorization": f"Bearer {args.token}"} if args.token else {}
     try:
         async with httpx.AsyncClient(timeout=5.0) as client:
-            response = await client.get(f"{base}/v1/tools", headers=headers)
+            response = await client.get(f"{base}{route}", headers=headers)
     except httpx.HTTPError:
         return None
     if response.status_code != 200:
         return None
-    tools: dict[str, Any] = response.json()
-    return tools
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 async def read_line_watching(ws: WebSocketConnection, prompt: str) -> str | None:

@@ -306,8 +306,8 @@ function modelOf(path) {
   return state.tools && state.tools.model && (path === "http" || path === "oi") ? state.tools.model : null;
 }
 
-function setPath(turn, path) {
-  const model = modelOf(path);
+function setPath(turn, path, named) {
+  const model = named || modelOf(path);
   turn.el.querySelector(".meta").textContent = "via the " + path + " path" + (model ? " · " + model : "");
   turn.el.setAttribute("aria-label", "Aether, via the " + path + " path" + (model ? ", model " + model : ""));
 }
@@ -445,6 +445,7 @@ function handle(message) {
     }
     loadConversations();
     loadTools();
+    loadModels();
     return;
   }
   if (type === "keepalive" || type === "pong") return;
@@ -467,7 +468,7 @@ function handle(message) {
   if (type === "accepted") {
     state.conversationId = message.conversation_id || state.conversationId;
     keepRunning(turn);
-    if (message.path) setPath(turn, message.path);
+    if (message.path) setPath(turn, message.path, message.model);
   } else if (type === "snapshot") {
     // The answer so far, standing for every message up to its seq (the server kept no more).
     turn.el.querySelector(".body").replaceChildren();
@@ -546,6 +547,7 @@ function startChat(text) {
   const message = { type: "chat", id, message: text };
   if (state.conversationId) message.conversation_id = state.conversationId;
   if ($("path").value !== "auto") message.path = $("path").value;
+  if ($("model").value) message.model = $("model").value;
   follow();
   send(message);
   setBusy(true);
@@ -618,6 +620,25 @@ async function loadTools() {
       (code.available ? (tools.default_path === "oi" ? " It " : " The oi path ") + runs + "." : "");
   } catch (error) {
     // Without the catalog the page still chats on the server's default path.
+  }
+}
+
+// The models the server answers with (GET /v1/models): a selector once there is a choice.
+async function loadModels() {
+  try {
+    const response = await fetch("/v1/models", { headers: authHeaders() });
+    if (!response.ok) return;
+    const names = (await response.json()).data.map((model) => model.id);
+    const select = $("model");
+    const chosen = select.value;
+    select.replaceChildren(new Option("default (" + names[0] + ")", ""));
+    for (const name of names.slice(1)) select.add(new Option(name, name));
+    select.value = names.includes(chosen) ? chosen : "";
+    const choice = names.length > 1;
+    select.hidden = !choice;
+    $("model-label").hidden = !choice;
+  } catch (error) {
+    // Without the list the page chats with the server's default model.
   }
 }
 
