@@ -132,7 +132,7 @@ async def answer_chat(
     responses={
         **errors(400, 409, 413, 415),
         200: (ChatAnswer, None),
-        404: (ChatAnswer, None),
+        404: (ChatOrError, None),
         500: (ChatOrError, None),
         502: (ChatAnswer, None),
         503: (ChatOrError, None),
@@ -200,7 +200,8 @@ async def sse_body(chat: DetachedChat, heartbeat_s: float) -> AsyncGenerator[byt
 
 @blueprint.post("/v1/chat/stream")
 @document(
-    request=ChatBody, responses={200: (ChatEventStream, None), **errors(400, 409, 413, 415, 503)}
+    request=ChatBody,
+    responses={200: (ChatEventStream, None), **errors(400, 404, 409, 413, 415, 503)},
 )
 async def chat_stream() -> Response:
     chat_request = await _chat_request()

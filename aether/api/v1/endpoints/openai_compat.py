@@ -244,7 +244,7 @@ async def get_model(model_id: str) -> Response:
 @blueprint.post("/v1/chat/completions")
 @document(
     request=CompletionBody,
-    responses={200: (ChatCompletion, None), **errors(400, 413, 415, 502, 503, 504)},
+    responses={200: (ChatCompletion, None), **errors(400, 404, 413, 415, 502, 503, 504)},
 )
 async def chat_completions() -> Response:
     parsed = await _completion_body()
