@@ -79,7 +79,9 @@ async def test_stop_before_first_token(
     messages = await ws.finish("r1")
     assert trio.current_time() == stop_at
     terminal = assert_stream_invariants(messages)
+    usage = terminal.pop("usage")
     assert terminal == {"role": "server", "type": "stopped", "reason": "stop", "id": "r1", "seq": 3}
+    assert (usage["completion_tokens"], usage["estimated"]) == (0, True)  # nothing generated
     assert content_of(messages) == ""
     assert server.engine.tracker.get("r1", "anonymous").state == "stopped"
 

@@ -41,6 +41,7 @@ async def test_openapi_documents_every_route_and_its_errors() -> None:
         "/v1/conversations/{conversation_id}",
         "/v1/conversations/{conversation_id}/files",
         "/v1/tools",
+        "/v1/usage",
     }
     chat = paths["/v1/chat"]["post"]
     assert chat["requestBody"]["required"] is True

@@ -156,7 +156,7 @@ class DirectRoutes:
                 scope,
                 chat,
                 COMPLETION_STREAM_HEADERS,
-                lambda events: completion_chunks(events, model),
+                lambda events: completion_chunks(events, model, fields.include_usage),
                 resumable=False,
             )
         request_id = scope.get(REQUEST_ID_KEY)

@@ -159,6 +159,31 @@ class HistoryQuery(BaseModel):
     conversation_id: str = Field(min_length=1)
 
 
+class UsageQuery(BaseModel):
+    days: int = Field(30, ge=1, le=366, description="How many days back, today included (UTC).")
+
+
+class UsageCounts(BaseModel):
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated_turns: int = Field(description="Of the turns, those whose counts are estimated.")
+
+
+class UsageRow(UsageCounts):
+    day: str = Field(description="YYYY-MM-DD (UTC).")
+    model: str
+
+
+class UsagePage(BaseModel):
+    """The caller's token usage by day and model, oldest day first, and its total."""
+
+    since: str
+    usage: list[UsageRow]
+    total: UsageCounts
+
+
 class EventsQuery(BaseModel):
     after_seq: int | None = Field(
         None,
@@ -201,6 +226,14 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
+class CompletionUsage(BaseModel):
+    """The turn's tokens: the upstream's counts, or estimated where it gave none."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
 class ChatCompletion(BaseModel):
     """OpenAI's `chat.completion`, or with `stream: true` its `chat.completion.chunk` events
     ending with `data: [DONE]`."""
@@ -210,6 +243,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: CompletionUsage
 
     media_types: ClassVar[tuple[str, ...]] = ("application/json", "text/event-stream")
 

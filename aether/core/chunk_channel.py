@@ -20,13 +20,16 @@ from __future__ import annotations
 import trio
 
 from aether.core.chat import Chunk
+from aether.core.usage import TurnUsage
 
 
 class ChunkSender:
-    __slots__ = ("_channel",)
+    __slots__ = ("_channel", "usage")
 
-    def __init__(self, channel: trio.MemorySendChannel[Chunk]) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[Chunk], usage: TurnUsage) -> None:
         self._channel = channel
+        # Where the producer reports the upstream's token counts for the turn.
+        self.usage = usage
 
     async def send(self, chunk: Chunk) -> None:
         """Queue ``chunk``; wait for room only when the channel is full. Raises
@@ -45,7 +48,7 @@ class ChunkSender:
 
 
 def open_chunk_channel(
-    buffer: int,
+    buffer: int, usage: TurnUsage | None = None
 ) -> tuple[ChunkSender, trio.MemoryReceiveChannel[Chunk]]:
     send, receive = trio.open_memory_channel[Chunk](buffer)
-    return ChunkSender(send), receive
+    return ChunkSender(send, usage or TurnUsage()), receive

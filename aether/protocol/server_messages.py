@@ -104,10 +104,23 @@ class Accepted(_ServerMessage, _OfRequest):
     conversation_id: str | None = None
 
 
+class TokenUsage(BaseModel):
+    """What a turn cost, in tokens: the upstream's counts, or estimated (``estimated``) where it
+    gave none (a stop or failure before its count, an upstream without counts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+    estimated: bool
+
+
 class Completion(_ServerMessage, _OfRequest):
     """The request's terminal: the answer is complete."""
 
     type: Literal["completion"]
+    usage: TokenUsage | None = None
 
 
 class Stopped(_ServerMessage, _OfRequest):
@@ -116,6 +129,9 @@ class Stopped(_ServerMessage, _OfRequest):
 
     type: Literal["stopped"]
     reason: Literal["stop", "disconnect", "shutdown"]
+    usage: TokenUsage | None = Field(
+        None, description="What the model generated until the stop counts too."
+    )
 
 
 class RequestError(_ServerMessage, _OfRequest):
@@ -124,6 +140,7 @@ class RequestError(_ServerMessage, _OfRequest):
     type: Literal["error"]
     code: str
     message: str
+    usage: TokenUsage | None = None
 
 
 class Snapshot(_ServerMessage, _OfRequest):

@@ -120,6 +120,9 @@ class StreamRecord:
         return content[:128] if isinstance(content, str) else None
 
 
+StreamUsage = Literal["sent", "ignored", "refused"]
+
+
 class _ClientGone(Exception):
     pass
 
@@ -131,8 +134,13 @@ class FakeLLM:
         *,
         model: str = "fake-model",
         ssl_context: ssl.SSLContext | None = None,
+        stream_usage: StreamUsage = "sent",
     ) -> None:
         self.default = default or Behaviour()
+        # What it does with ``stream_options.include_usage``: sends the stream's token counts
+        # in a last chunk (as OpenAI), ignores the field, or refuses it with a 400 (as some
+        # older servers do with a field they do not know).
+        self.stream_usage = stream_usage
         # With a server context, it speaks HTTPS (an upstream with a certificate of its own).
         self.ssl_context = ssl_context
         self.model = model
@@ -278,6 +286,10 @@ class FakeLLM:
             error = {"error": {"message": "messages is required", "type": "invalid_request"}}
             await self._send_json(connection, stream, 400, error)
             return True
+        if "stream_options" in payload and self.stream_usage == "refused":
+            error = {"error": {"message": "unknown field stream_options", "type": "invalid"}}
+            await self._send_json(connection, stream, 400, error)
+            return True
         if behaviour.status >= 400:
             await trio.sleep(behaviour.first_token_delay_s)
             error = {"error": {"message": "scripted failure", "type": "server_error"}}
@@ -304,6 +316,26 @@ class FakeLLM:
                 }
             ],
         }
+
+    def _usage_chunk(self, record: StreamRecord) -> bytes:
+        """OpenAI's last chunk when asked for usage: no choices, the stream's token counts (the
+        prompt's: one per word of its messages, a count no estimate would give)."""
+        words = sum(
+            len(str(message.get("content", "")).split())
+            for message in record.request.get("messages", [])
+            if isinstance(message, dict)
+        )
+        usage = {
+            "prompt_tokens": words,
+            "completion_tokens": record.tokens_sent,
+            "total_tokens": words + record.tokens_sent,
+        }
+        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0}
+        return (
+            b"data: "
+            + orjson.dumps({**chunk, "model": self.model, "choices": [], "usage": usage})
+            + b"\n\n"
+        )
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         chunk = {
@@ -379,6 +411,13 @@ class FakeLLM:
             await self._send(connection, stream, h11.Data(data=chunk))
             record.tokens_sent += 1
         await self._send(connection, stream, h11.Data(data=self._chunk({}, "stop")))
+        options = record.request.get("stream_options")
+        if (
+            self.stream_usage == "sent"
+            and isinstance(options, dict)
+            and options.get("include_usage")
+        ):
+            await self._send(connection, stream, h11.Data(data=self._usage_chunk(record)))
         await self._send(connection, stream, h11.Data(data=b"data: [DONE]\n\n"))
         await self._send(connection, stream, h11.EndOfMessage())
         return True

@@ -152,6 +152,8 @@ class MessageHandler:
             self._reply_error("history_unavailable", "this server keeps no history", ref)
             return
         try:
+            # A turn whose terminal the client has seen is read whole.
+            await self._engine.wait_saved(self._client.owner, message.conversation_id)
             stored = await store.messages(self._client.owner, message.conversation_id)
         except (UnknownConversation, StorageError) as exc:
             self._reply_error(exc.code, exc.message, ref)

@@ -18,6 +18,7 @@ from aether.api.v1.endpoints import (
     health,
     openai_compat,
     tools,
+    usage,
 )
 
 
@@ -29,4 +30,5 @@ def register_v1(app: Quart) -> None:
     app.register_blueprint(files.blueprint)
     app.register_blueprint(openai_compat.blueprint)
     app.register_blueprint(tools.blueprint)
+    app.register_blueprint(usage.blueprint)
     app.register_blueprint(asyncapi.blueprint)

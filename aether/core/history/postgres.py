@@ -51,14 +51,20 @@ from aether.core.files import ArchivedFile, FileArchive
 from aether.core.history.store import (
     CONVERSATION_COLUMNS,
     MESSAGE_COLUMNS,
+    USAGE_ADDED,
+    USAGE_INSERT,
+    USAGE_SELECT,
+    USAGE_UPSERT,
     AnswerWrite,
     Conversation,
     MessageStatus,
     StoredMessage,
     TurnStart,
+    UsageTotal,
     conversation_from_row,
     message_from_row,
     storable,
+    usage_day,
 )
 from aether.core.postgres.batching import ReadBatcher
 from aether.core.postgres.connection import PgConnection, Row, Statement
@@ -121,6 +127,24 @@ MIGRATIONS: tuple[str, ...] = (
             REFERENCES conversations (owner, id) ON DELETE CASCADE
     );
     """,
+    # 3: token usage. Each answer keeps its model and its turn's counts; the totals by caller,
+    # day and model are kept apart, so that deleting a conversation leaves them.
+    """
+    ALTER TABLE messages ADD COLUMN model TEXT;
+    ALTER TABLE messages ADD COLUMN prompt_tokens BIGINT;
+    ALTER TABLE messages ADD COLUMN completion_tokens BIGINT;
+    ALTER TABLE messages ADD COLUMN usage_estimated BOOLEAN;
+    CREATE TABLE usage (
+        owner TEXT NOT NULL,
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        turns BIGINT NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        estimated_turns BIGINT NOT NULL,
+        PRIMARY KEY (owner, day, model)
+    );
+    """,
 )
 
 
@@ -136,10 +160,18 @@ _INSERT_USER = (
 )
 _INSERT_ANSWER = (
     "INSERT INTO messages (owner, conversation_id, role, content, status, request_id, "
-    "error_code, created_at, writer) VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8) "
-    "RETURNING id"
+    "error_code, created_at, writer, model, prompt_tokens, completion_tokens, usage_estimated) "
+    "VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
 )
 _SAVE_ANSWER = "UPDATE messages SET content = $1, status = $2, error_code = $3 WHERE id = $4"
+# A turn's usage is counted once: by the first final save that carries it.
+_SAVE_USAGE = (
+    "WITH counted AS (UPDATE messages SET prompt_tokens = $3, completion_tokens = $4, "
+    "usage_estimated = $5 WHERE id = $1 AND prompt_tokens IS NULL RETURNING owner, model) "
+    + USAGE_INSERT
+    + "SELECT owner, $2, model, 1, $3, $4, CASE WHEN $5 THEN 1 ELSE 0 END FROM counted "
+    "WHERE model IS NOT NULL" + USAGE_ADDED
+)
 _SWEEP = (
     "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming' AND NOT EXISTS "
     "(SELECT 1 FROM writers WHERE writers.id = messages.writer AND expires_at > now())"
@@ -244,12 +276,29 @@ def _statements(write: AnswerWrite, writer: str, now: float) -> list[Statement]:
     """The statements of one answer's write; the last one's rows hold the answer's id when
     the write starts a turn."""
     content = storable(write.content)
+    usage = write.usage
     if write.start is None:
         assert write.message_id is not None
         saved = (content, write.status, write.error_code, write.message_id)
-        return [Statement(_SAVE_ANSWER, saved)]
+        statements = [Statement(_SAVE_ANSWER, saved)]
+        if usage is not None:
+            counts = (usage.prompt_tokens, usage.completion_tokens, usage.estimated)
+            statements.append(Statement(_SAVE_USAGE, (write.message_id, usage_day(now), *counts)))
+        return statements
     start: TurnStart = write.start
+    prompt = completion = estimated = None
+    counted: list[Statement] = []
+    if usage is not None:
+        prompt, completion, estimated = (
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.estimated,
+        )
+        if start.model is not None:
+            totals = (start.owner, usage_day(now), start.model, prompt, completion, int(estimated))
+            counted.append(Statement(USAGE_UPSERT, totals))
     return [
+        *counted,
         Statement(_CLAIM, (start.owner, start.conversation_id, storable(start.title), now)),
         Statement(
             _INSERT_USER,
@@ -266,6 +315,10 @@ def _statements(write: AnswerWrite, writer: str, now: float) -> list[Statement]:
                 write.error_code,
                 now,
                 writer,
+                start.model,
+                prompt,
+                completion,
+                estimated,
             ),
         ),
     ]
@@ -596,6 +649,10 @@ class PostgresHistoryStore:
             conversation_id,
         )
         return conversation_from_row(rows[0]) if rows else None
+
+    async def usage(self, owner: str, since: float) -> list[UsageTotal]:
+        rows = await self._execute(USAGE_SELECT, owner, usage_day(since))
+        return [UsageTotal(*row) for row in rows]
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         rows = await self._execute(

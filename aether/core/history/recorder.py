@@ -23,6 +23,7 @@ import trio
 
 from aether.core.errors import AetherError, StorageError
 from aether.core.history.store import AnswerWrite, MessageStatus, TurnStart
+from aether.core.usage import Usage
 
 if TYPE_CHECKING:
     from aether.core.history.writer import AnswerWriter
@@ -52,6 +53,9 @@ class TurnRecorder:
         self.final: Final | None = None
         self._done_final: Final | None = None
         self._done_parts = 0
+        # The turn's token usage, given with its final status, and the one stored.
+        self.usage: Usage | None = None
+        self._done_usage: Usage | None = None
         self._final_done = trio.Event()
         # Set once the final answer is saved (or could not be): the next turn waits for it.
         self.saved = trio.Event()
@@ -73,21 +77,27 @@ class TurnRecorder:
         if not self._writer.add(self):
             self._started(StorageError("the history is closed; the answer was not stored"))
 
-    async def await_start(self, status: MessageStatus, error_code: str | None) -> None:
+    async def await_start(
+        self, status: MessageStatus, error_code: str | None, usage: Usage | None = None
+    ) -> None:
         """The answer is whole before its start is stored: wait (cancellably) for the start's
-        outcome, and have the answer stored with it in one step (``status`` is its final status
-        unless ``finish`` says otherwise)."""
+        outcome, and have the answer stored with it in one step (``status`` and ``usage`` are
+        its final ones unless ``finish`` says otherwise)."""
         if self.begun.is_set():
             return
         self.final = (status, error_code)
+        self.usage = usage
         self._writer.add(self)
         await self.begun.wait()
 
-    async def finish(self, status: MessageStatus, error_code: str | None = None) -> None:
-        """Have the final text and status stored and wait for it; safe to call while the caller
-        is being cancelled (the wait is shielded, for at most ``FINAL_SAVE_TIMEOUT_S``)."""
+    async def finish(
+        self, status: MessageStatus, error_code: str | None = None, usage: Usage | None = None
+    ) -> None:
+        """Have the final text, status and usage stored and wait for it; safe to call while the
+        caller is being cancelled (the wait is shielded, for at most ``FINAL_SAVE_TIMEOUT_S``)."""
         try:
             self.final = (status, error_code)
+            self.usage = usage
             if not self.pending:
                 return  # stored already (with its start), or the start was never stored
             self._final_done = trio.Event()
@@ -114,7 +124,9 @@ class TurnRecorder:
         if self.message_id is None:
             return True
         return self.final is not None and (
-            self.final != self._done_final or len(self.transcript) != self._done_parts
+            self.final != self._done_final
+            or len(self.transcript) != self._done_parts
+            or self.usage != self._done_usage
         )
 
     @property
@@ -127,7 +139,8 @@ class TurnRecorder:
         status, error_code = self.final or ("streaming", None)
         start = self.start if self.message_id is None else None
         content = "".join(self.transcript)
-        return AnswerWrite(start, self.message_id, content, status, error_code), parts
+        usage = self.usage if self.final is not None else None
+        return AnswerWrite(start, self.message_id, content, status, error_code, usage), parts
 
     def written(self, write: AnswerWrite, parts: int, result: int | StorageError) -> None:
         """The writer's report on one write of this turn: ``result`` is the answer's id, or the
@@ -143,6 +156,7 @@ class TurnRecorder:
         self._done_parts = parts
         if write.status != "streaming":
             self._done_final = (write.status, write.error_code)
+            self._done_usage = write.usage
         if self.final is not None and not self.pending:
             self._final_done.set()
 

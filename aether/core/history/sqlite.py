@@ -52,15 +52,20 @@ from aether.core.errors import StorageError, UnknownConversation
 from aether.core.history.store import (
     CONVERSATION_COLUMNS,
     MESSAGE_COLUMNS,
+    USAGE_SELECT,
+    USAGE_UPSERT,
     AnswerWrite,
     Conversation,
     MessageStatus,
     StoredMessage,
     TurnStart,
+    UsageTotal,
     conversation_from_row,
     message_from_row,
     storable,
+    usage_day,
 )
+from aether.core.usage import Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +76,23 @@ CHECKPOINT_EVERY_S = 1.0
 CHECKPOINT_OVERDUE_S = 30.0
 # What the WAL file is cut back to when the log restarts after a checkpoint.
 WAL_SIZE_LIMIT_BYTES = 64 * 2**20
+
+USAGE_MIGRATION = """
+    ALTER TABLE messages ADD COLUMN model TEXT;
+    ALTER TABLE messages ADD COLUMN prompt_tokens INTEGER;
+    ALTER TABLE messages ADD COLUMN completion_tokens INTEGER;
+    ALTER TABLE messages ADD COLUMN usage_estimated BOOLEAN;
+    CREATE TABLE usage (
+        owner TEXT NOT NULL,
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        turns INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        estimated_turns INTEGER NOT NULL,
+        PRIMARY KEY (owner, day, model)
+    )
+"""
 
 # Each migration runs once, in order, in one transaction; the schema's version is their count.
 MIGRATIONS: tuple[str, ...] = (
@@ -147,6 +169,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE messages ADD COLUMN writer TEXT;
     CREATE INDEX messages_streaming ON messages (writer) WHERE status = 'streaming';
     """,
+    # Version 4: token usage. Each answer keeps its model and its turn's counts; the totals by
+    # caller, day and model are kept apart, so that deleting a conversation leaves them.
+    USAGE_MIGRATION,
 )
 
 
@@ -240,6 +265,7 @@ def _begin_turn(
     status: MessageStatus,
     error_code: str | None,
     writer: str | None = None,
+    usage: Usage | None = None,
 ) -> int:
     """Store a turn: its conversation (claimed), the user's message and the answer as given."""
     now = time.time()
@@ -249,9 +275,11 @@ def _begin_turn(
         "request_id, created_at) VALUES (?, ?, 'user', ?, 'complete', ?, ?)",
         (start.owner, start.conversation_id, storable(start.user_text), start.request_id, now),
     )
+    prompt, completion, estimated = _usage_columns(usage)
     cursor = db.execute(
-        "INSERT INTO messages (owner, conversation_id, role, content, status, "
-        "request_id, error_code, created_at, writer) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO messages (owner, conversation_id, role, content, status, request_id, "
+        "error_code, created_at, writer, model, prompt_tokens, completion_tokens, "
+        "usage_estimated) VALUES (?, ?, 'assistant', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             start.owner,
             start.conversation_id,
@@ -261,11 +289,38 @@ def _begin_turn(
             error_code,
             now,
             writer,
+            start.model,
+            prompt,
+            completion,
+            estimated,
         ),
     )
     message_id = cursor.lastrowid
     assert message_id is not None
+    if usage is not None and start.model is not None:
+        _count_usage(db, start.owner, start.model, usage, now)
     return message_id
+
+
+def _usage_columns(usage: Usage | None) -> tuple[int | None, int | None, bool | None]:
+    if usage is None:
+        return None, None, None
+    return usage.prompt_tokens, usage.completion_tokens, usage.estimated
+
+
+def _count_usage(db: sqlite3.Connection, owner: str, model: str, usage: Usage, now: float) -> None:
+    """Add a turn's usage to its caller's total of the day (UTC) and model."""
+    db.execute(
+        USAGE_UPSERT.replace("$", "?"),
+        (
+            owner,
+            usage_day(now),
+            model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            int(usage.estimated),
+        ),
+    )
 
 
 def _save_answer(
@@ -274,18 +329,31 @@ def _save_answer(
     content: str,
     status: MessageStatus,
     error_code: str | None,
+    usage: Usage | None = None,
 ) -> None:
     db.execute(
         "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
         (storable(content), status, error_code, message_id),
     )
+    if usage is None:
+        return
+    # A turn's usage is counted once: the first final save that carries it.
+    counted = db.execute(
+        "UPDATE messages SET prompt_tokens = ?, completion_tokens = ?, usage_estimated = ? "
+        "WHERE id = ? AND prompt_tokens IS NULL RETURNING owner, model",
+        (*_usage_columns(usage), message_id),
+    ).fetchall()
+    if counted and counted[0][1] is not None:
+        _count_usage(db, counted[0][0], counted[0][1], usage, time.time())
 
 
 def _write_answer(writer: str | None, write: AnswerWrite, db: sqlite3.Connection) -> int:
     if write.start is not None:
-        return _begin_turn(db, write.start, write.content, write.status, write.error_code, writer)
+        return _begin_turn(
+            db, write.start, write.content, write.status, write.error_code, writer, write.usage
+        )
     assert write.message_id is not None
-    _save_answer(db, write.message_id, write.content, write.status, write.error_code)
+    _save_answer(db, write.message_id, write.content, write.status, write.error_code, write.usage)
     return write.message_id
 
 
@@ -734,6 +802,13 @@ class SQLiteHistoryStore:
             return conversation_from_row(rows[0]) if rows else None
 
         return await self._write(run)
+
+    async def usage(self, owner: str, since: float) -> list[UsageTotal]:
+        def run() -> list[UsageTotal]:
+            rows = _read(self._r(), USAGE_SELECT.replace("$", "?"), (owner, usage_day(since)))
+            return [UsageTotal(*row) for row in rows]
+
+        return await self._run(run)
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:

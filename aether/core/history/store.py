@@ -12,12 +12,14 @@ jobs: [schema_definition, history_management]
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from aether.core.errors import StorageError
 from aether.core.files import FileArchive
+from aether.core.usage import Usage
 
 MessageStatus = Literal["streaming", "complete", "stopped", "error", "interrupted"]
 
@@ -53,6 +55,7 @@ class TurnStart:
     title: str
     request_id: str
     user_text: str
+    model: str | None = None  # the model that answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,42 @@ class AnswerWrite:
     content: str
     status: MessageStatus
     error_code: str | None = None
+    usage: Usage | None = None  # with a final status: the turn's token usage
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotal:
+    """A caller's turns of one model on one day (UTC), and their tokens."""
+
+    day: str  # YYYY-MM-DD
+    model: str
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated_turns: int  # of ``turns``, those whose counts are estimated
+
+
+# The usage totals both stores keep ($n placeholders; SQLite reads them as ?n).
+USAGE_INSERT = (
+    "INSERT INTO usage (owner, day, model, turns, prompt_tokens, completion_tokens, "
+    "estimated_turns) "
+)
+USAGE_ADDED = (
+    " ON CONFLICT (owner, day, model) DO UPDATE SET turns = usage.turns + 1, "
+    "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
+    "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+    "estimated_turns = usage.estimated_turns + excluded.estimated_turns"
+)
+USAGE_UPSERT = USAGE_INSERT + "VALUES ($1, $2, $3, 1, $4, $5, $6)" + USAGE_ADDED
+USAGE_SELECT = (
+    "SELECT day, model, turns, prompt_tokens, completion_tokens, estimated_turns FROM usage "
+    "WHERE owner = $1 AND day >= $2 ORDER BY day, model"
+)
+
+
+def usage_day(when: float) -> str:
+    """The day (UTC, ``YYYY-MM-DD``) usage at time ``when`` counts for."""
+    return time.strftime("%Y-%m-%d", time.gmtime(when))
 
 
 def storable(text: str) -> str:
@@ -133,6 +172,10 @@ class HistoryStore(Protocol):
     ) -> Conversation | None:
         """Give the owner's conversation a new title (its ``updated_at`` stays: a rename is not
         activity); the conversation as stored, or None if the owner has none of that id."""
+
+    async def usage(self, owner: str, since: float) -> list[UsageTotal]:
+        """The owner's token usage since ``since`` (a time), by day (UTC) and model, oldest
+        day first; turns of deleted conversations are not counted."""
 
 
 # The columns both stores select, in the order the row functions below read them.

@@ -65,7 +65,9 @@ class TurnHistory:
             request, conversation_id=conversation_id, history=history, history_turns=turns
         )
         title = request.message[:TITLE_CHARS]
-        start = TurnStart(request.owner, conversation_id, title, request.id, request.message)
+        start = TurnStart(
+            request.owner, conversation_id, title, request.id, request.message, request.model
+        )
         recorder = TurnRecorder(self.writer, start)
         return request, recorder
 

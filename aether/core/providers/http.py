@@ -12,8 +12,10 @@ jobs: [http_communication, stream_generation, error_handling]
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterable
+from typing import Any
 
 import httpx
 import trio
@@ -27,10 +29,14 @@ from aether.core.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from aether.core.providers.sse import DONE, SSEDecoder, parse_chunk
+from aether.core.providers.sse import DONE, SSEDecoder, parse_event
 
 # How long the rest of a response is read after its [DONE].
 AFTER_DONE_GRACE_S = 1.0
+# Asks for the stream's token counts, sent in a last chunk before [DONE].
+USAGE_OPTIONS = {"include_usage": True}
+
+log = logging.getLogger(__name__)
 
 
 class HTTPProvider:
@@ -54,9 +60,12 @@ class HTTPProvider:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._first_token_timeout_s = first_token_timeout_s
+        # The stream's token counts are asked for (``stream_options``) until the upstream
+        # refuses the field: an older server may answer 400 to what it does not know.
+        self._ask_usage = True
 
     async def stream(self, request: ChatRequest, send: ChunkSender) -> None:
-        body = {
+        body: dict[str, Any] = {
             "model": self._model,
             "messages": [
                 *({"role": role, "content": content} for role, content in request.history),
@@ -69,15 +78,18 @@ class HTTPProvider:
         first_token = trio.CancelScope(deadline=trio.current_time() + self._first_token_timeout_s)
         try:
             with first_token:
-                async with self._client.stream(
-                    "POST", self._url, json=body, headers=self._headers
-                ) as response:
-                    if response.status_code >= 400:
-                        raise UpstreamHTTPError(
-                            f"the upstream answered HTTP {response.status_code}",
-                            response.status_code,
-                        )
-                    await self._relay_events(response, send, first_token)
+                asked_usage = self._ask_usage
+                if asked_usage:
+                    body["stream_options"] = USAGE_OPTIONS
+                if not await self._try_stream(body, send, first_token, retry=asked_usage):
+                    del body["stream_options"]
+                    await self._try_stream(body, send, first_token, retry=False)
+                    self._ask_usage = False
+                    log.warning(
+                        "the upstream of model %s refused stream_options: its token counts "
+                        "are estimated from now on",
+                        self._model,
+                    )
         except httpx.ConnectTimeout:
             raise UpstreamUnavailable("timed out connecting to the upstream model") from None
         except httpx.ConnectError:
@@ -92,6 +104,22 @@ class HTTPProvider:
             raise UpstreamTimeout(
                 f"no first token from the upstream within {self._first_token_timeout_s:g} s"
             )
+
+    async def _try_stream(
+        self, body: dict[str, Any], send: ChunkSender, first_token: trio.CancelScope, retry: bool
+    ) -> bool:
+        """Stream one answer; False, with nothing sent, when ``retry`` allows the request to be
+        made again without ``stream_options`` (the upstream called it invalid)."""
+        async with self._client.stream(
+            "POST", self._url, json=body, headers=self._headers
+        ) as response:
+            status = response.status_code
+            if retry and status in (400, 422):
+                return False
+            if status >= 400:
+                raise UpstreamHTTPError(f"the upstream answered HTTP {status}", status)
+            await self._relay_events(response, send, first_token)
+        return True
 
     async def _relay_events(
         self,
@@ -151,8 +179,10 @@ class _StreamState:
                 if data == DONE:
                     self.done = True
                     break
-                content, last = parse_chunk(data)
+                content, last, usage = parse_event(data)
                 self.finished = self.finished or last
+                if usage is not None:
+                    self.send.usage.report(usage)
                 if content:
                     texts.append(content)
         except UpstreamProtocolError:

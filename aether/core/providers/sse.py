@@ -67,7 +67,15 @@ class SSEDecoder:
 
 
 def parse_chunk(payload: bytes | str) -> tuple[str | None, bool]:
-    """The text delta of one OpenAI ``chat.completion.chunk`` payload and whether it is the last.
+    """The text delta of one OpenAI ``chat.completion.chunk`` payload and whether it is the last
+    (``parse_event`` without the usage)."""
+    content, finished, _ = parse_event(payload)
+    return content, finished
+
+
+def parse_event(payload: bytes | str) -> tuple[str | None, bool, Any]:
+    """The text delta of one OpenAI ``chat.completion.chunk`` payload, whether it is the last,
+    and its ``usage`` object if it carries one (None if not).
 
     The text is None when the chunk carries none (role-only or usage-only chunks); the flag is
     True when the choice has a ``finish_reason``. Raises UpstreamProtocolError on anything that
@@ -84,8 +92,9 @@ def parse_chunk(payload: bytes | str) -> tuple[str | None, bool]:
     choices = event.get("choices")
     if not isinstance(choices, list):
         raise UpstreamProtocolError("the upstream sent a chunk without choices")
+    usage = event.get("usage")  # the last chunk's, when asked for (some servers: every chunk's)
     if not choices:
-        return None, False  # e.g. a trailing usage-only chunk
+        return None, False, usage  # e.g. a trailing usage-only chunk
     choice = choices[0]
     delta = choice.get("delta") if isinstance(choice, dict) else None
     if not isinstance(delta, dict):
@@ -94,4 +103,4 @@ def parse_chunk(payload: bytes | str) -> tuple[str | None, bool]:
     content = delta.get("content")
     if content is not None and not isinstance(content, str):
         raise UpstreamProtocolError("the upstream sent non-text content")
-    return content, finished
+    return content, finished, usage

@@ -29,6 +29,7 @@ class StreamRelay:
         "_last_delta",
         "_last_key",
         "_open_block",
+        "answer_chars",
         "chunks_relayed",
         "error",
         "finished",
@@ -51,6 +52,8 @@ class StreamRelay:
         self.outbox = outbox
         self.seq = 0
         self.chunks_relayed = 0
+        # Characters of what the model wrote (its text and code): a usage estimate's base.
+        self.answer_chars = 0
         self.first_content_at: float | None = None
         self.error: Chunk | None = None
         self.finished = False
@@ -107,8 +110,10 @@ class StreamRelay:
         if delta is not None:
             if self.first_content_at is None:
                 self.first_content_at = trio.current_time()
-            if self.transcript is not None and key[:2] == ("assistant", "message"):
-                self.transcript.append(delta)
+            if role == "assistant":
+                self.answer_chars += len(delta)
+                if self.transcript is not None and kind == "message":
+                    self.transcript.append(delta)
         if (
             delta is not None
             and last is not None

@@ -44,6 +44,7 @@ from aether.core.runtime.outlet import RequestOutlet
 from aether.core.runtime.relay import StreamRelay
 from aether.core.runtime.request import RequestRecord, RequestState, RequestTracker
 from aether.core.runtime.streaming import ChatStreamer
+from aether.core.usage import TurnUsage, Usage
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,10 @@ class ChatTurn:
         # What the terminal will say unless the turn completes or fails first.
         self._outcome: RequestState = "stopped"
         self._failure: Chunk | None = None
+        # The upstream's token counts, as the producer reports them.
+        self.usage = TurnUsage()
+        # The turn's usage as its terminal told it (set by ``seal``).
+        self.settled_usage: Usage | None = None
         record.on_stop = self.seal
 
     async def run(self) -> RequestRecord:
@@ -141,7 +146,7 @@ class ChatTurn:
         if recorder is not None:
             recorder.begin(self._start_failed)
         async with trio.open_nursery() as nursery:
-            send, receive = open_chunk_channel(CHUNK_BUFFER)
+            send, receive = open_chunk_channel(CHUNK_BUFFER, self.usage)
             nursery.start_soon(
                 self._services.streamer.stream_chat, self.request, self._provider, send
             )
@@ -152,7 +157,8 @@ class ChatTurn:
             # with storage_error) and is stored with it, in one step.
             error = self.relay.error
             status = ANSWER_STATUS["error" if error is not None else "completed"]
-            await recorder.await_start(status, (error or {}).get("code"))
+            usage = self.usage.settle(self.request, self.relay.answer_chars)
+            await recorder.await_start(status, (error or {}).get("code"), usage)
 
     def _start_failed(self, error: AetherError) -> None:
         """The history could not store the turn's start: end the turn with that error, as a
@@ -175,13 +181,19 @@ class ChatTurn:
             return
         if self._recorder is not None and self._services.history is not None:
             self._services.history.publish(self._recorder)
+        # What the model generated until now counts, however the turn ends.
+        usage = self.usage.settle(self.request, self.relay.answer_chars)
+        self.settled_usage = usage
+        terminal: Chunk
         if self._outcome == "completed":
-            self.relay.finish({"role": "server", "type": "completion"})
+            terminal = {"role": "server", "type": "completion"}
         elif self._outcome == "error":
-            self.relay.finish(self._failure or self.relay.error or {})
+            terminal = dict(self._failure or self.relay.error or {})
         else:
             reason = self.record.stop_reason or "disconnect"
-            self.relay.finish({"role": "server", "type": "stopped", "reason": reason})
+            terminal = {"role": "server", "type": "stopped", "reason": reason}
+        terminal["usage"] = usage.as_json()
+        self.relay.finish(terminal)
         # What the client was told; the record stays live until the turn's tasks end.
         self.record.state = self._outcome
 
@@ -191,7 +203,7 @@ class ChatTurn:
         recorder, history = self._recorder, self._services.history
         if recorder is not None and history is not None:
             error_code = (self._failure or self.relay.error or {}).get("code")
-            await recorder.finish(ANSWER_STATUS[record.state], error_code)
+            await recorder.finish(ANSWER_STATUS[record.state], error_code, self.settled_usage)
             history.release(recorder)
         self._services.tracker.end_request(record, record.state)
         self._services.control.release(

@@ -41,7 +41,7 @@ DEFAULT_PAGE = 20
 MAX_PAGE = 100
 
 
-def _store() -> HistoryStore | Response:
+def history_store() -> HistoryStore | Response:
     store = app_state().engine.history
     if store is None:
         return json_error(
@@ -56,7 +56,7 @@ def _store() -> HistoryStore | Response:
     responses={200: (ConversationPage, None), **errors(400, 404, 503)},
 )
 async def list_conversations() -> Response:
-    store = _store()
+    store = history_store()
     if isinstance(store, Response):
         return store
     try:
@@ -79,7 +79,7 @@ async def list_conversations() -> Response:
 @blueprint.get("/v1/chat/history")
 @document(querystring=HistoryQuery, responses={200: (HistoryPage, None), **errors(400, 404, 503)})
 async def chat_history() -> Response:
-    store = _store()
+    store = history_store()
     if isinstance(store, Response):
         return store
     try:
@@ -89,6 +89,8 @@ async def chat_history() -> Response:
     if not conversation_id:
         return json_error(400, "invalid_request", "conversation_id is required")
     try:
+        # A turn whose terminal the client has seen is read whole.
+        await app_state().engine.wait_saved(caller_identity(), conversation_id)
         messages = await store.messages(caller_identity(), conversation_id)
     except (UnknownConversation, StorageError) as exc:
         return error_response(exc)
@@ -102,7 +104,7 @@ async def chat_history() -> Response:
     request=RenameBody, responses={200: (ConversationOut, None), **errors(400, 404, 415, 503)}
 )
 async def rename_conversation(conversation_id: str) -> Response:
-    store = _store()
+    store = history_store()
     if isinstance(store, Response):
         return store
     body = await read_json_body(RenameBody)
@@ -122,7 +124,7 @@ async def rename_conversation(conversation_id: str) -> Response:
 @blueprint.delete("/v1/conversations/<conversation_id>")
 @document(responses={204: (NoContent, None), **errors(404, 503)})
 async def delete_conversation(conversation_id: str) -> Response:
-    store = _store()
+    store = history_store()
     if isinstance(store, Response):
         return store
     try:

@@ -59,6 +59,11 @@ class _Message(BaseModel):
         return "".join(part.text or "" for part in self.content if part.type == "text")
 
 
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
 class CompletionBody(BaseModel):
     """The fields of OpenAI's request that Aether uses; the others are accepted and ignored."""
 
@@ -75,6 +80,12 @@ class CompletionBody(BaseModel):
         },
     )
     stream: bool = False
+    # With include_usage, a streamed answer ends with a chunk of its token usage, as OpenAI's.
+    stream_options: _StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 NO_USER_MESSAGE = "messages must include a user message"
@@ -137,13 +148,17 @@ async def answer_completion(
     when it will not start the chat (REFUSED)."""
     text: list[str] = []
     errors: list[Chunk] = []
+    usage: dict[str, int] = {}
 
     def on_message(message: Chunk) -> None:
         content = _content(message)
         if content:
             text.append(content)
-        elif message.get("type") == "error" and message.get("id") is not None:
+            return
+        if message.get("type") == "error" and message.get("id") is not None:
             errors.append(message)
+        if message.get("type") in TERMINALS:
+            usage.update(openai_usage(message))
 
     await run_to_end(engine, chat, on_message)
     if errors:
@@ -161,7 +176,20 @@ async def answer_completion(
                 "finish_reason": "stop",
             }
         ],
+        "usage": usage,
     }
+
+
+def _usage_chunk(request_id: str, model: str, created: int, usage: dict[str, int]) -> bytes:
+    payload = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def _chunk(
@@ -175,6 +203,18 @@ def _chunk(
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+TERMINALS = ("completion", "stopped", "error")
+
+
+def openai_usage(terminal: Chunk) -> dict[str, int]:
+    """A terminal's usage in OpenAI's shape (its three counts; ``estimated`` is Aether's)."""
+    usage = terminal.get("usage") or {}
+    return {name: usage.get(name, 0) for name in USAGE_COUNTS}
+
+
+USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
 def _content(message: Chunk) -> str | None:
@@ -191,7 +231,9 @@ COMPLETION_STREAM_HEADERS = [
 ]
 
 
-async def completion_chunks(chat: DetachedChat, model: str) -> AsyncGenerator[bytes, None]:
+async def completion_chunks(
+    chat: DetachedChat, model: str, include_usage: bool = False
+) -> AsyncGenerator[bytes, None]:
     created = int(time.time())
     request_id = chat.request_id
     try:
@@ -207,6 +249,8 @@ async def completion_chunks(chat: DetachedChat, model: str) -> AsyncGenerator[by
                     parts.append(b"data: " + orjson.dumps({"error": error}) + b"\n\n")
                 elif message.get("type") in ("completion", "stopped"):
                     parts.append(_chunk(request_id, model, created, {}, "stop"))
+                if include_usage and message.get("type") in TERMINALS:
+                    parts.append(_usage_chunk(request_id, model, created, openai_usage(message)))
             if parts:
                 yield b"".join(parts)
         yield b"data: [DONE]\n\n"
@@ -261,7 +305,7 @@ async def chat_completions() -> Response:
         except REFUSED as exc:
             return error_response(exc)
         response = Response(
-            completion_chunks(detached, model),
+            completion_chunks(detached, model, parsed.include_usage),
             headers={name.decode(): value.decode() for name, value in COMPLETION_STREAM_HEADERS},
         )
         response.timeout = None
