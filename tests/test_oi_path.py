@@ -583,3 +583,29 @@ async def test_an_interpreter_follows_turns_taken_on_another_node(
     assert open_on_a == 0
     assert "remember" not in told(3)
     assert created_on_a == 2
+
+
+async def test_a_fence_the_upstream_sends_in_one_chunk_gives_the_code_as_written(
+    fake_llm: FakeLLM,
+) -> None:
+    # Servers that send several tokens per event cut a model's answer like this; the code also
+    # names its own language, which must stay in it.
+    batched = ("Let me compute that.\n\n", "```python\n", "print('python', 6*7)\n", "```\n")
+    fake_llm.script(Behaviour(reply=batched), Behaviour(reply="It is 42."))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+            confirmation = await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.answer(confirmation, approved=True)
+            messages = await client.finish("r1")
+    assert confirmation["content"]["content"] == "print('python', 6*7)\n"
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    console = "".join(
+        m.get("content", "") for m in messages if m["type"] == "console" and "content" in m
+    )
+    assert "python 42" in console
+    text = "".join(m.get("content", "") for m in messages if m["type"] == "message")
+    assert text.startswith("Let me compute that.")

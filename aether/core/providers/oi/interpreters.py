@@ -33,6 +33,7 @@ from aether.config import Settings
 from aether.core.errors import PathUnavailable
 from aether.core.files import ConversationFiles
 from aether.core.models import Upstream
+from aether.core.providers.oi import fences
 from aether.core.providers.oi.sandbox import WORKSPACE, Sandbox
 from aether.core.providers.oi.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
 from aether.core.providers.oi.web_search import web_search_code
@@ -109,7 +110,11 @@ class InterpreterManager:
 
             def load() -> Any:
                 from interpreter import OpenInterpreter
+                from interpreter.core.llm import llm
 
+                # Its reader of the model's code fences, with one that holds for any chunking
+                # (see ``fences``); every interpreter of this server uses it.
+                llm.run_text_llm = fences.run_text_llm
                 return OpenInterpreter
 
             try:
