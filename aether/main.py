@@ -219,6 +219,12 @@ def describe_security(settings: Settings) -> None:
 
 def describe_models(catalog: ModelCatalog) -> None:
     default = catalog.default
+    log.info(
+        "default: model %s on the %s path, because %s",
+        default.name,
+        default.default_path,
+        catalog.default_reason,
+    )
     if default.upstream is None:
         log.warning(
             "using the built-in echo model: answers repeat the message. To use a real model, set "

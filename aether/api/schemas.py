@@ -269,6 +269,9 @@ class ToolCatalog(BaseModel):
 
     paths: list[str]
     default_path: str
+    default_reason: str = Field(
+        description="Why the default path is the default, and how to change it."
+    )
     model: str | None = Field(
         description="The model the http and oi paths ask (null when only the echo model runs)."
     )

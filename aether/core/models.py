@@ -56,12 +56,15 @@ ECHO = ServedModel(ECHO_MODEL, ("echo",), None)
 
 
 class ModelCatalog:
-    def __init__(self, models: Sequence[ServedModel]) -> None:
-        """``models``: the default first."""
+    def __init__(self, models: Sequence[ServedModel], default_reason: str = "") -> None:
+        """``models``: the default first; ``default_reason``: why it is (for the startup log
+        and ``GET /v1/tools``: a user who installed the agentic extra for the tests should not
+        be surprised that code execution is on)."""
         if not models:
             raise ValueError("a catalog needs a model")
         self._models = {model.name: model for model in models}
         self.default = models[0]
+        self.default_reason = default_reason
 
     def __iter__(self) -> Iterator[ServedModel]:
         """Every model, the unlisted too."""
@@ -140,6 +143,7 @@ def catalog_from_settings(
         models.append(
             ServedModel(entry.name, (entry.path,), Upstream(entry.base_url, entry.model, key))
         )
+    reason = _default_reason(settings, agentic, shorthand=bool(models) and not settings.models)
     if settings.provider == "echo" or not models:
         models.insert(0, ECHO)
     else:
@@ -155,4 +159,23 @@ def catalog_from_settings(
                     first.name, (wanted, *(p for p in first.paths if p != wanted)), first.upstream
                 )
             models = [first, *(m for m in models if m.name != first.name)]
-    return ModelCatalog(models)
+    return ModelCatalog(models, reason)
+
+
+def _default_reason(settings: Settings, agentic: bool, shorthand: bool) -> str:
+    """Why the default model answers on its path, in a sentence that says how to change it."""
+    provider = settings.provider
+    if provider == "echo":
+        return "AETHER_PROVIDER=echo"
+    if settings.llm_model is None and not settings.models:
+        return "no model is configured (AETHER_LLM_BASE_URL and AETHER_LLM_MODEL name one)"
+    if provider in ("http", "oi"):
+        return f"AETHER_PROVIDER={provider}"
+    if settings.llm_model is None:
+        return "the first of models names its path"
+    if agentic:
+        return (
+            "AETHER_PROVIDER=auto and the open-interpreter extra is installed: the model's code "
+            "runs once approved (AETHER_PROVIDER=http for chat alone)"
+        )
+    return "AETHER_PROVIDER=auto without the open-interpreter extra"

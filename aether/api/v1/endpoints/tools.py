@@ -36,6 +36,7 @@ async def tools() -> Response:
         {
             "paths": paths,
             "default_path": streamer.default_path,
+            "default_reason": streamer.catalog.default_reason,
             "model": default.name if default.upstream is not None else None,
             "code_execution": {
                 "available": code,
