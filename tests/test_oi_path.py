@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -609,3 +610,70 @@ async def test_a_fence_the_upstream_sends_in_one_chunk_gives_the_code_as_written
     assert "python 42" in console
     text = "".join(m.get("content", "") for m in messages if m["type"] == "message")
     assert text.startswith("Let me compute that.")
+
+
+FAILURES = {
+    "refused": None,
+    "http 500": Behaviour(status=500),
+    "http 401": Behaviour(status=401),
+    "reset mid-answer": Behaviour(tokens=50, failure="reset", fail_after=3),
+    "not json": Behaviour(tokens=50, failure="malformed", fail_after=3),
+    "error event": Behaviour(tokens=50, failure="error_event", fail_after=3),
+    "no first token": Behaviour(tokens=3, first_token_delay_s=3),
+    "silent mid-answer": Behaviour(tokens=3, delay_s=3),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+async def test_an_upstream_failure_is_named_as_on_the_http_path(
+    fake_llm: FakeLLM,
+    failure: str,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    behaviour = FAILURES[failure]
+    base_url = fake_llm.base_url
+    if behaviour is None:
+        with socket.socket() as unused:  # a port nothing listens on
+            unused.bind(("127.0.0.1", 0))
+            base_url = f"http://127.0.0.1:{unused.getsockname()[1]}/v1"
+    answers = {}
+    timeouts = {"llm_read_timeout_s": 1.0, "llm_first_token_timeout_s": 1.0}
+    with trio.fail_after(DEADLINE_S), caplog.at_level("INFO"):
+        for path in ("http", "oi"):
+            if behaviour is not None:
+                fake_llm.script(behaviour)
+            settings = make_settings(
+                provider=path, llm_base_url=base_url, llm_model="fake-model", **timeouts
+            )
+            async with (
+                running_server(settings) as server,
+                httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE_S) as rest,
+            ):
+                answer = await rest.post("/v1/chat", json={"message": "hi", "id": f"r-{path}"})
+            answers[path] = (answer.status_code, answer.json()["error"])
+    assert answers["oi"] == answers["http"]
+    assert answers["oi"][1]["code"].startswith("upstream_")
+    # One line says what failed, with the request's id; no traceback.
+    said = [r for r in caplog.records if "r-oi" in r.getMessage() and r.levelname != "DEBUG"]
+    failed = [r for r in said if answers["oi"][1]["code"] in r.getMessage()]
+    assert len(failed) == 1, [r.getMessage() for r in said]
+    assert "Traceback" not in caplog.text
+    printed = capfd.readouterr()
+    for text in (caplog.text, printed.out, printed.err):
+        assert "\x1b[" not in text  # no terminal colours from LiteLLM
+        assert "Provider List" not in text
+
+
+async def test_the_openai_face_names_the_agentic_paths_model(fake_llm: FakeLLM) -> None:
+    fake_llm.script(Behaviour(reply="Hello."))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url, timeout=DEADLINE_S) as rest,
+        ):
+            body = {"model": "", "messages": [{"role": "user", "content": "hi"}]}
+            answer = await rest.post("/v1/chat/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "fake-model"
+    assert answer.json()["choices"][0]["message"]["content"].strip() == "Hello."

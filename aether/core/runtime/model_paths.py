@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import trio
 
 from aether.config import Settings
@@ -89,4 +90,5 @@ def _oi_provider(
 
     if settings.oi_auto_run:
         log.warning("AETHER_OI_AUTO_RUN is on: code the model writes runs WITHOUT asking anyone")
-    return OIProvider(interpreters, approval_for, files)
+    timeouts = httpx.Timeout(settings.llm_read_timeout_s, connect=settings.llm_connect_timeout_s)
+    return OIProvider(interpreters, approval_for, files, timeouts)

@@ -59,6 +59,22 @@ def agentic_path_enabled(settings: Settings) -> bool:
 
 
 Key = tuple[str, str]  # (owner, conversation id)
+# LiteLLM's loggers: each has a handler of its own, which writes coloured lines to stderr.
+LITELLM_LOGGERS = ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+
+
+def _quiet_litellm() -> None:
+    """LiteLLM's log lines go through Aether's logging (once, in its format, without terminal
+    colours), and its advice printed to stdout on every failure ("Give Feedback", "Provider
+    List") is not printed: the failure is logged as the HTTP path logs it."""
+    import litellm
+
+    litellm.suppress_debug_info = True
+    for name in LITELLM_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
 
 
 def _ask(instance: Any, upstream: Upstream) -> None:
@@ -111,6 +127,8 @@ class InterpreterManager:
             def load() -> Any:
                 from interpreter import OpenInterpreter
                 from interpreter.core.llm import llm
+
+                _quiet_litellm()
 
                 # Its reader of the model's code fences, with one that holds for any chunking
                 # (see ``fences``); every interpreter of this server uses it.

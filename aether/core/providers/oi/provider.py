@@ -28,6 +28,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import trio
 
 from aether.core.chat import ChatRequest, Chunk
@@ -39,6 +40,7 @@ from aether.core.providers.base import Provider
 from aether.core.providers.oi.approval import ApprovalGate
 from aether.core.providers.oi.interpreters import InterpreterManager
 from aether.core.providers.oi.kernel import interrupt_running_code, settle_kernels
+from aether.core.providers.oi.upstream_errors import upstream_error
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,13 @@ class OIProvider:
         manager: InterpreterManager,
         approval_for: Callable[[ChatRequest], ApprovalGate | None],
         files: ConversationFiles | None = None,
+        timeouts: httpx.Timeout | None = None,
     ) -> None:
         self._manager = manager
         self._approval_for = approval_for
         self._files = files
+        # The model calls' bounds, as the HTTP path's: connecting, and each silence.
+        self._timeouts = timeouts
         # Interpreters whose last turn was stopped: the next turn first lets the kernel settle.
         self._interrupted: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -143,16 +148,22 @@ class OIProvider:
             directory = self._manager.files_directory(request.owner, request.conversation_id)
             message = describe_files(stored, message, directory)
         model_stream = _ModelStream()
-        self._track_model_stream(instance, model_stream)
+        self._track_model_stream(instance, model_stream, self._timeouts)
         gate = self._approval_for(request)
+        failure: ProviderError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._stop_on_cancel, instance, model_stream)
             settle = instance in self._interrupted
             self._interrupted.discard(instance)
-            await trio.to_thread.run_sync(
-                self._run_turn, instance, message, send, gate, model_stream, settle
-            )
+            try:
+                await trio.to_thread.run_sync(
+                    self._run_turn, instance, message, send, gate, model_stream, settle
+                )
+            except ProviderError as exc:
+                failure = exc  # raised outside the nursery: not wrapped in an exception group
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
     async def _stop_on_cancel(self, instance: Any, model_stream: _ModelStream) -> None:
         """On a stop: close the model's stream and interrupt code the kernel may be running
@@ -168,9 +179,14 @@ class OIProvider:
                 log.debug("interrupting the interpreter's code raised", exc_info=True)
 
     @staticmethod
-    def _track_model_stream(instance: Any, model_stream: _ModelStream) -> None:
-        """Route the instance's model calls through one that remembers the open stream."""
+    def _track_model_stream(
+        instance: Any, model_stream: _ModelStream, timeouts: httpx.Timeout | None
+    ) -> None:
+        """Route the instance's model calls through one that remembers the open stream and
+        names its failures as the HTTP path does."""
         import litellm
+
+        read_timeout_s = (timeouts.read if timeouts is not None else None) or 0.0
 
         def completions(**params: Any) -> Any:
             if model_stream.closed:
@@ -178,14 +194,21 @@ class OIProvider:
                 raise UpstreamUnavailable("the turn was stopped")
             params["model"] = params["model"].replace(":latest", "")
             params["num_retries"] = 0
+            if timeouts is not None:
+                params["timeout"] = timeouts
             litellm.drop_params = True
+            answered = False
             try:
                 model_stream.stream = litellm.completion(**params)
+                if model_stream.closed:
+                    model_stream.close()
+                for chunk in model_stream.stream:
+                    answered = True
+                    yield chunk
             except Exception as exc:
-                raise UpstreamUnavailable(f"the model failed: {exc.__class__.__name__}") from exc
-            if model_stream.closed:
-                model_stream.close()
-            yield from model_stream.stream
+                if model_stream.closed:
+                    raise  # stopped: the turn ends as a stop, whatever the read said
+                raise upstream_error(exc, answered, read_timeout_s) from exc
 
         instance.llm.completions = completions
 
