@@ -10,6 +10,10 @@ Starts the fake upstream and ``python -m aether --provider oi`` as processes on 
 - ``memory``: ``--conversations`` conversations each get one text turn (an interpreter each, no
   code run) and then one approved ``print`` (a Python kernel each); reports the server's RSS
   growth per interpreter and the kernels' RSS (separate processes) per conversation;
+- ``first``: ``--fresh-starts`` times, a new server (its start timed to ``/ready``), then at
+  once a first chat on the agentic path and one on the HTTP path (the baseline): chat -> first
+  token for each, and the slowest ``GET /health`` (polled every 10 ms) while the agentic one
+  ran (the event loop's stalls);
 - ``sandbox``: with ``AETHER_OI_SANDBOX=bwrap`` and then ``none``, the first turn of
   ``--conversations`` new conversations: chat -> first token, and approve -> the code's first
   output (the conversation's kernel starts then), as p50/max, after one warm-up conversation.
@@ -221,13 +225,106 @@ async def measure_sandbox(aether: Process, conversations: int) -> dict[str, floa
     }
 
 
+async def wait_ready(port: int) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        with trio.fail_after(60):
+            # Another process's state: there is no event to wait on, only its answer.
+            while (await client.get("/ready")).status_code != 200:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+
+async def first_token_ms(ws: Any, request_id: str, path: str) -> float:
+    """A new conversation's first chat on ``path``: chat -> its first token, in ms."""
+    chat = {"type": "chat", "id": request_id, "message": "hello", "path": path}
+    sent = time.monotonic()
+    await ws.send_message(json.dumps(chat))
+    first: float | None = None
+    while True:
+        reply = json.loads(await ws.get_message())
+        if reply.get("id") != request_id:
+            continue
+        if first is None and reply.get("type") == "message" and reply.get("content"):
+            first = (time.monotonic() - sent) * 1000
+        if reply.get("type") in ("completion", "stopped", "error"):
+            if first is None:
+                raise RuntimeError(f"{request_id}: no answer: {reply}")
+            return first
+
+
+async def watch_health(port: int, done: trio.Event, slowest: list[float]) -> None:
+    """Append the slowest ``GET /health`` while ``done`` is not set (polled every 10 ms)."""
+    worst = 0.0
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        while not done.is_set():
+            sent = time.monotonic()
+            await client.get("/health")
+            worst = max(worst, (time.monotonic() - sent) * 1000)
+            await trio.sleep(0.01)
+    slowest.append(worst)
+
+
+async def measure_first(upstream_url: str, starts: int) -> dict[str, float]:
+    rows: dict[str, list[float]] = {"ready_s": [], "oi": [], "http": [], "health": []}
+    for index in range(starts):
+        started = time.monotonic()
+        aether = await start_aether(upstream_url, "none")
+        try:
+            await wait_ready(aether.port)
+            rows["ready_s"].append(time.monotonic() - started)
+            async with open_websocket_url(f"ws://127.0.0.1:{aether.port}/ws") as ws:
+                await ws.get_message()
+                done = trio.Event()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_health, aether.port, done, rows["health"])
+                    rows["oi"].append(await first_token_ms(ws, f"first-oi-{index}", "oi"))
+                    done.set()
+                rows["http"].append(await first_token_ms(ws, f"first-http-{index}", "http"))
+        finally:
+            await aether.stop()
+    return {
+        "ready_s_p50": statistics.median(rows["ready_s"]),
+        "oi_first_token_p50_ms": statistics.median(rows["oi"]),
+        "oi_first_token_max_ms": max(rows["oi"]),
+        "http_first_token_p50_ms": statistics.median(rows["http"]),
+        "http_first_token_max_ms": max(rows["http"]),
+        "health_max_ms": max(rows["health"]),
+    }
+
+
 async def start_upstream(*extra: str) -> Process:
     port = free_port()
     argv = [PY, "-m", "aether.testing.fake_llm", "--port", str(port), *extra]
     return await start_process("upstream", argv, port, {})
 
 
+async def first_turns(starts: int) -> dict[str, float]:
+    upstream = await start_upstream("--tokens", "5", "--delay-ms", "5")
+    try:
+        print(f"first    {starts} fresh starts", file=sys.stderr)
+        return await measure_first(f"http://127.0.0.1:{upstream.port}/v1", starts)
+    finally:
+        await upstream.stop()
+
+
+def print_first(first: dict[str, float], starts: int) -> None:
+    ready = first["ready_s_p50"]
+    print(f"\nfirst turn after a fresh start ({starts} starts; ready in {ready:.1f} s p50)\n")
+    print("| path | first token p50 ms | max ms | slowest GET /health during it, ms |")
+    print("|---|---|---|---|")
+    print(
+        f"| oi | {first['oi_first_token_p50_ms']:.1f} | {first['oi_first_token_max_ms']:.1f} | "
+        f"{first['health_max_ms']:.1f} |"
+    )
+    print(
+        f"| http | {first['http_first_token_p50_ms']:.1f} | "
+        f"{first['http_first_token_max_ms']:.1f} | |"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.only_first:
+        print_first(await first_turns(args.fresh_starts), args.fresh_starts)
+        return
     # Stops: a long, slow answer. Memory: every answer proposes code (see ``chat``).
     upstream = await start_upstream("--tokens", "2000", "--delay-ms", "20")
     try:
@@ -238,6 +335,7 @@ async def main(args: argparse.Namespace) -> None:
             await aether.stop()
     finally:
         await upstream.stop()
+    first = await first_turns(args.fresh_starts)
     upstream = await start_upstream(*(f"--reply-piece={piece}" for piece in CODE_REPLY))
     try:
         aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1")
@@ -270,6 +368,7 @@ async def main(args: argparse.Namespace) -> None:
         f"{memory['server_kib_per_interpreter_with_kernel']:,.0f} KiB once each ran code; "
         f"{memory['kernels_started']} Python kernels, {memory['kernel_mib_each']:.1f} MiB each"
     )
+    print_first(first, args.fresh_starts)
     print("\n| sandbox | first token p50 ms | max | approve -> first output p50 ms | max |")
     print("|---|---|---|---|---|")
     for sandbox, row in sandboxes.items():
@@ -279,7 +378,9 @@ async def main(args: argparse.Namespace) -> None:
         )
     if args.json:
         await trio.Path(args.json).write_text(
-            json.dumps({"stops": stops, "memory": memory, "sandbox": sandboxes}, indent=2)
+            json.dumps(
+                {"stops": stops, "memory": memory, "first": first, "sandbox": sandboxes}, indent=2
+            )
         )
 
 
@@ -287,6 +388,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stops", type=int, default=10)
     parser.add_argument("--conversations", type=int, default=5)
+    parser.add_argument("--fresh-starts", type=int, default=3)
+    parser.add_argument(
+        "--only-first", action="store_true", help="measure only the first turns after a start"
+    )
     parser.add_argument("--json", help="also write the figures as JSON to this file")
     return parser.parse_args(argv)
 

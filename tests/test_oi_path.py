@@ -677,3 +677,20 @@ async def test_the_openai_face_names_the_agentic_paths_model(fake_llm: FakeLLM) 
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == "fake-model"
     assert answer.json()["choices"][0]["message"]["content"].strip() == "Hello."
+
+
+async def test_the_agentic_path_is_imported_and_warmed_before_the_server_is_ready(
+    fake_llm: FakeLLM, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(DEADLINE_S), caplog.at_level("INFO"):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            ready = await rest.get("/ready")
+            prepared = interpreters_of(server).prepared
+            asked = fake_llm.requests_seen
+    assert ready.status_code == 200
+    assert prepared  # before the first chat: it waits for no import
+    assert asked == 0  # the warm-up asked no model
+    assert "agentic path ready in" in caplog.text

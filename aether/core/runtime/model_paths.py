@@ -54,6 +54,7 @@ async def open_model_paths(
         oi: OIProvider | None = None
         if agentic_path_enabled(settings):
             interpreters = InterpreterManager(settings, files, await _sandbox(settings))
+            await interpreters.prepare()  # before the server says it is ready
             oi = _oi_provider(settings, interpreters, tracker, files if history else None)
         catalog = catalog_from_settings(settings, os.environ, oi_installed())
         async with upstream_client(settings) as client:
