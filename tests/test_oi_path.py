@@ -694,3 +694,26 @@ async def test_the_agentic_path_is_imported_and_warmed_before_the_server_is_read
     assert prepared  # before the first chat: it waits for no import
     assert asked == 0  # the warm-up asked no model
     assert "agentic path ready in" in caplog.text
+
+
+async def test_a_stop_before_the_models_headers_closes_the_connection_at_once(
+    fake_llm: FakeLLM,
+) -> None:
+    # The upstream would send its headers only after the test's deadline: a stop that waited
+    # for them (as Open Interpreter's call does) fails it.
+    fake_llm.script(Behaviour(tokens=3, headers_delay_s=120))
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake_llm)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "hi"})
+            upstream = await fake_llm.wait_for_stream(0)
+            await client.send({"type": "stop", "id": "r1"})
+            messages = await client.finish("r1")
+            await upstream.closed.wait()
+            # The turn's thread ends too: the request stops being live.
+            await server.state.engine.tracker.wait_until_idle()
+    assert assert_stream_invariants(messages)["type"] == "stopped"
+    assert upstream.outcome == "client_closed"
+    assert upstream.tokens_sent == 0

@@ -61,6 +61,8 @@ class Behaviour:
     tokens: int = 20
     delay_s: float = 0.0
     first_token_delay_s: float = 0.0
+    # Before the response's headers (a server still queueing the request).
+    headers_delay_s: float = 0.0
     status: int = 200
     failure: Failure | None = None
     fail_after: int = 0
@@ -397,6 +399,7 @@ class FakeLLM:
         record: StreamRecord,
         behaviour: Behaviour,
     ) -> bool:
+        await trio.sleep(behaviour.headers_delay_s)
         headers = [("content-type", "text/event-stream"), ("cache-control", "no-cache")]
         await self._send(connection, stream, h11.Response(status_code=200, headers=headers))
         await trio.sleep(behaviour.first_token_delay_s)

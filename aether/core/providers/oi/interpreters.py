@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import trio
 
 from aether.config import Settings
@@ -38,6 +37,7 @@ from aether.core.files import ConversationFiles
 from aether.core.models import Upstream
 from aether.core.providers.oi import fences
 from aether.core.providers.oi.sandbox import WORKSPACE, Sandbox
+from aether.core.providers.oi.watched_sockets import watched_client
 from aether.core.providers.oi.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
 from aether.core.providers.oi.web_search import web_search_code
 from aether.core.providers.upstream_client import upstream_ssl_context
@@ -107,10 +107,9 @@ def _warm_up(cls: Any, settings: Settings) -> None:
 
     # One HTTP client for every model call (LiteLLM made one per model and base URL on its
     # first call, about 30 ms: mostly its TLS context), trusting what the HTTP path trusts
-    # (llm_ca_file) and honouring the proxy variables.
-    litellm.client_session = httpx.Client(
-        verify=upstream_ssl_context(settings), trust_env=True, follow_redirects=True
-    )
+    # (llm_ca_file) and honouring the proxy variables; its sockets can be shut down by a stop
+    # before the model answered (``watched_sockets``).
+    litellm.client_session = watched_client(upstream_ssl_context(settings))
     instance = _configured(cls(), settings)
     instance.auto_run = False
     _ask(instance, Upstream("http://127.0.0.1:9/v1", "warm-up"))

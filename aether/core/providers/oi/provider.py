@@ -41,6 +41,7 @@ from aether.core.providers.oi.approval import ApprovalGate
 from aether.core.providers.oi.interpreters import InterpreterManager
 from aether.core.providers.oi.kernel import interrupt_running_code, settle_kernels
 from aether.core.providers.oi.upstream_errors import upstream_error
+from aether.core.providers.oi.watched_sockets import reading_for, shut_down
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,22 @@ def describe_files(files: list[StoredFile], message: str, directory: str) -> str
 
 
 class _ModelStream:
-    """The model's current HTTP stream, so that a stop can close it from the Trio side."""
+    """The model's current HTTP stream, so that a stop can close it from the Trio side: the
+    stream LiteLLM returned, or before it returns (no headers yet) the socket its call reads."""
 
     def __init__(self) -> None:
         self.stream: Any = None
         self.closed = False
+        self._socket: socket.socket | None = None
+
+    def watch(self, sock: socket.socket) -> None:
+        self._socket = sock
+        if self.closed:  # a stop came as the read began
+            shut_down(sock)
 
     def close(self) -> None:
         self.closed = True
+        shut_down(self._socket)
         stream = getattr(self.stream, "completion_stream", None)
         response = getattr(stream, "response", None)
         _shut_down_socket(response)
@@ -199,10 +208,17 @@ class OIProvider:
             litellm.drop_params = True
             answered = False
             try:
-                model_stream.stream = litellm.completion(**params)
+                with reading_for(model_stream):
+                    model_stream.stream = litellm.completion(**params)
                 if model_stream.closed:
                     model_stream.close()
-                for chunk in model_stream.stream:
+                with reading_for(model_stream):
+                    stream = iter(model_stream.stream)
+                while True:
+                    with reading_for(model_stream):
+                        chunk = next(stream, None)
+                    if chunk is None:
+                        break
                     answered = True
                     yield chunk
             except Exception as exc:
