@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import trio
 
 from aether.config import Settings
@@ -109,7 +110,9 @@ def _warm_up(cls: Any, settings: Settings) -> None:
     # first call, about 30 ms: mostly its TLS context), trusting what the HTTP path trusts
     # (llm_ca_file) and honouring the proxy variables; its sockets can be shut down by a stop
     # before the model answered (``watched_sockets``).
-    litellm.client_session = watched_client(upstream_ssl_context(settings))
+    client = watched_client(upstream_ssl_context(settings))
+    # The warm-up's own calls go nowhere else (a proxy in the environment is not asked).
+    litellm.client_session = httpx.Client(trust_env=False)
     instance = _configured(cls(), settings)
     instance.auto_run = False
     _ask(instance, Upstream("http://127.0.0.1:9/v1", "warm-up"))
@@ -137,6 +140,8 @@ def _warm_up(cls: Any, settings: Settings) -> None:
                 pass
         except Exception:  # refused, as meant
             log.debug("warm-up call refused, as meant")
+    litellm.client_session.close()
+    litellm.client_session = client
 
 
 def _ask(instance: Any, upstream: Upstream) -> None:
