@@ -192,6 +192,12 @@ class Settings(BaseModel):
         description="Agentic path: let sandboxed code use the network (on anyway with "
         "search_url, for web search).",
     )
+    oi_profile: Path | None = Field(
+        None,
+        description="Agentic path: an Open Interpreter profile (.yaml, .yml, .json or .py) "
+        "applied to every interpreter; the server's policy (approval, offline, sandbox, model) "
+        "is applied after it.",
+    )
     search_url: str | None = Field(
         None,
         description="Agentic path: a SearxNG-style search API (GET ?q=...&format=json) that "
@@ -503,6 +509,8 @@ class Settings(BaseModel):
         for name, path in (("tls_certfile", self.tls_certfile), ("tls_keyfile", self.tls_keyfile)):
             if path is not None and not path.is_file():
                 raise ValueError(f"{name} {path} is not a readable file")
+        if self.oi_profile is not None and not self.oi_profile.is_file():
+            raise ValueError(f"oi_profile {self.oi_profile} is not a readable file")
         if self.llm_ca_file is not None and not self.llm_ca_file.is_file():
             raise ValueError(f"llm_ca_file {self.llm_ca_file} is not a readable file")
         if self.api_keys_file is not None and not self.api_keys_file.is_file():

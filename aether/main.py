@@ -46,6 +46,7 @@ from aether.core.history.choice import generated_node_id
 from aether.core.history.sqlite import prepare_database
 from aether.core.models import ModelCatalog, catalog_from_settings
 from aether.core.providers.oi.interpreters import agentic_path_enabled, oi_installed
+from aether.core.providers.oi.profiles import load_profile
 from aether.core.providers.oi.sandbox import require_sandbox
 from aether.core.runtime.engine import RuntimeEngine
 from aether.logs import configure_logging
@@ -343,6 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalog_from_settings(settings, os.environ, oi_installed())  # each model servable
         if agentic_path_enabled(settings):
             require_sandbox(settings)
+            if settings.oi_profile is not None:
+                load_profile(settings.oi_profile)  # read and checked before anything starts
     except ConfigError as exc:
         print(f"aether: invalid configuration: {exc}", file=sys.stderr)
         return 2

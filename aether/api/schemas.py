@@ -256,6 +256,9 @@ class Capability(BaseModel):
 class CodeExecution(BaseModel):
     available: bool
     requires_approval: bool
+    profile: str | None = Field(
+        None, description="The Open Interpreter profile in use (oi_profile)."
+    )
 
 
 class FileChatCapability(Capability):

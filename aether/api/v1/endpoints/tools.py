@@ -28,6 +28,7 @@ async def tools() -> Response:
     streamer = state.engine.streamer
     paths = streamer.available_paths
     default = streamer.catalog.default
+    profile = streamer.oi.interpreters.profile if streamer.oi is not None else None
     code = "oi" in paths
     settings = state.settings
     file_reason = state.engine.file_chat.unavailable_reason
@@ -41,6 +42,7 @@ async def tools() -> Response:
             "code_execution": {
                 "available": code,
                 "requires_approval": code and not state.settings.oi_auto_run,
+                "profile": profile.name if profile is not None else None,
             },
             "web_search": {"available": search_reason is None, "reason": search_reason},
             "file_chat": {

@@ -37,6 +37,7 @@ from aether.core.errors import PathUnavailable
 from aether.core.files import ConversationFiles
 from aether.core.models import Upstream
 from aether.core.providers.oi import fences
+from aether.core.providers.oi.profiles import OIProfile, load_profile
 from aether.core.providers.oi.sandbox import WORKSPACE, Sandbox
 from aether.core.providers.oi.watched_sockets import watched_client
 from aether.core.providers.oi.web_search import INSTRUCTIONS as SEARCH_INSTRUCTIONS
@@ -98,7 +99,14 @@ def _configured(instance: Any, s: Settings) -> Any:
     return instance
 
 
-def _warm_up(cls: Any, settings: Settings) -> None:
+def _new_interpreter(cls: Any, settings: Settings, profile: OIProfile | None) -> Any:
+    instance = cls()
+    if profile is not None:
+        profile.apply(instance)
+    return _configured(instance, settings)
+
+
+def _warm_up(cls: Any, settings: Settings, profile: OIProfile | None) -> None:
     """One text turn of a throwaway interpreter against LiteLLM's mock answer (Open
     Interpreter's and LiteLLM's first-call imports), then one model call to a closed loopback
     port (the OpenAI client's: its modules, its HTTP client). No model is asked, no kernel
@@ -113,7 +121,8 @@ def _warm_up(cls: Any, settings: Settings) -> None:
     client = watched_client(upstream_ssl_context(settings))
     # The warm-up's own calls go nowhere else (a proxy in the environment is not asked).
     litellm.client_session = httpx.Client(trust_env=False)
-    instance = _configured(cls(), settings)
+    # With the profile: one that fails to apply stops the start, not the first turn.
+    instance = _new_interpreter(cls, settings, profile)
     instance.auto_run = False
     _ask(instance, Upstream("http://127.0.0.1:9/v1", "warm-up"))
 
@@ -170,6 +179,7 @@ class InterpreterManager:
         self._sandbox = sandbox
         self._instances: OrderedDict[Key, Any] = OrderedDict()
         self._class: Any = None
+        self.profile = load_profile(settings.oi_profile) if settings.oi_profile else None
         self.prepared = False  # Open Interpreter imported and its first call warmed
         self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
         # Deleted conversations whose interpreter a turn was using: closed when that turn ends.
@@ -196,7 +206,7 @@ class InterpreterManager:
         (an import holds the GIL): ``/health`` waited up to 150 ms."""
         started = time.perf_counter()
         cls = await self._interpreter_class()
-        await trio.to_thread.run_sync(_warm_up, cls, self._settings)
+        await trio.to_thread.run_sync(_warm_up, cls, self._settings, self.profile)
         self.prepared = True
         log.info("agentic path ready in %.1f s", time.perf_counter() - started)
 
@@ -322,9 +332,13 @@ class InterpreterManager:
                 await trio.to_thread.run_sync(self._close, other, self._instances.pop(other))
         return created
 
+    def _new(self, cls: Any) -> Any:
+        """An interpreter: the operator's profile, then the server's policy over it."""
+        return _new_interpreter(cls, self._settings, self.profile)
+
     def _create(self, cls: Any, key: Key) -> Any:
         s = self._settings
-        instance = _configured(cls(), s)
+        instance = self._new(cls)
         if self._sandbox is not None:
             from aether.core.providers.oi.kernel_sandbox import confine
 
