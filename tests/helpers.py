@@ -8,6 +8,8 @@ import os
 import re
 import shutil
 import ssl
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections import defaultdict
@@ -497,3 +499,20 @@ def tls_certificate(directory: Path) -> tuple[Path, Path, ssl.SSLContext]:
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
     return certfile, keyfile, client_context
+
+
+def client_env() -> dict[str, str]:
+    """The environment of ``python -m aether chat``: the test's, without Aether's settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
+
+
+async def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """``python -m aether chat`` with ``args``, run to its end."""
+    return await trio.run_process(
+        [sys.executable, "-m", "aether", "chat", *args],
+        stdin=stdin,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=client_env(),
+    )

@@ -4,9 +4,6 @@ its ``model`` on every transport, and ``GET /v1/models`` listing them."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from tests.helpers import (
     make_settings,
     needs_oi,
     oi_settings,
+    run_client,
     running_server,
     ws_client,
 )
@@ -332,43 +330,3 @@ async def test_the_terminal_client_takes_a_model(fake_llm: FakeLLM, second_llm: 
     assert interactive.stdout.decode() == "tok0 tok1 \ntok0 tok1 tok2 \n"
     assert [s.request["model"] for s in second_llm.streams] == ["up-2", "up-2"]
     assert [s.request["model"] for s in fake_llm.streams] == ["first"]
-
-
-async def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
-    return await trio.run_process(
-        [sys.executable, "-m", "aether", "chat", *args],
-        stdin=stdin,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=env,
-    )
-
-
-def test_the_default_path_says_why() -> None:
-    shorthand = make_settings(llm_base_url="http://127.0.0.1:9/v1", llm_model="m")
-    agentic = catalog_from_settings(shorthand, {}, agentic=True)
-    assert (agentic.default.default_path, agentic.default_reason) == (
-        "oi",
-        "AETHER_PROVIDER=auto and the open-interpreter extra is installed: the model's code "
-        "runs once approved (AETHER_PROVIDER=http for chat alone)",
-    )
-    plain = catalog_from_settings(shorthand, {}, agentic=False)
-    assert plain.default_reason == "AETHER_PROVIDER=auto without the open-interpreter extra"
-    echo = catalog_from_settings(make_settings(), {}, agentic=True)
-    assert "no model is configured" in echo.default_reason
-
-
-async def test_tools_and_the_startup_log_say_why_the_default_path(
-    fake_llm: FakeLLM, caplog: pytest.LogCaptureFixture
-) -> None:
-    settings = make_settings(provider="http", llm_base_url=fake_llm.base_url, llm_model="m")
-    with trio.fail_after(DEADLINE_S), caplog.at_level("INFO"):
-        async with (
-            running_server(settings) as server,
-            httpx.AsyncClient(base_url=server.base_url) as rest,
-        ):
-            tools = (await rest.get("/v1/tools")).json()
-    assert (tools["default_path"], tools["default_reason"]) == ("http", "AETHER_PROVIDER=http")
-    assert "default: model m on the http path, because AETHER_PROVIDER=http" in caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,24 +10,16 @@ from typing import Any
 import trio
 
 from aether.testing.fake_llm import Behaviour, FakeLLM
-from tests.helpers import make_settings, needs_oi, oi_settings, running_server
+from tests.helpers import (
+    client_env,
+    make_settings,
+    needs_oi,
+    oi_settings,
+    run_client,
+    running_server,
+)
 
 DEADLINE_S = 20
-
-
-def client_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("AETHER_")}
-
-
-async def run_client(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "aether", "chat", *args],
-        stdin=stdin,
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-        env=client_env(),
-    )
 
 
 async def test_one_shot_answer_and_exit_code() -> None:
