@@ -33,7 +33,9 @@ def today() -> str:
 async def test_a_turn_reports_the_upstreams_counts_and_they_add_up_per_day_and_model(
     fake_llm: FakeLLM, history_backend: HistoryBackend
 ) -> None:
-    fake_llm.script(Behaviour(tokens=3, delay_s=0), Behaviour(tokens=5, delay_s=0))
+    fake_llm.script(
+        Behaviour(tokens=3, delay_s=0), Behaviour(tokens=5, delay_s=0), Behaviour(tokens=7)
+    )
     settings = usage_settings(fake_llm, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
         async with (
@@ -44,6 +46,7 @@ async def test_a_turn_reports_the_upstreams_counts_and_they_add_up_per_day_and_m
             first = await client.chat("hi there", id="u1", conversation_id="c1")
             second = await client.chat("and again", id="u2", conversation_id="c1")
             deleted = await rest.delete("/v1/conversations/c1")
+            await client.chat("hi there", id="u3", conversation_id="c2")
             usage = (await rest.get("/v1/usage")).json()
     assert fake_llm.streams[0].request["stream_options"] == {"include_usage": True}
     # The fake counts a word of the prompt as a token: no estimate would say 2.
@@ -58,19 +61,20 @@ async def test_a_turn_reports_the_upstreams_counts_and_they_add_up_per_day_and_m
         7,
         5,
     )
-    assert deleted.status_code == 204  # the usage stays
+    assert deleted.status_code == 204
+    # The deleted conversation's two turns still count, beside the third's.
     assert usage["usage"] == [
         {
             "day": today(),
             "model": "fake-model",
-            "turns": 2,
-            "prompt_tokens": 9,
-            "completion_tokens": 8,
-            "total_tokens": 17,
+            "turns": 3,
+            "prompt_tokens": 11,
+            "completion_tokens": 15,
+            "total_tokens": 26,
             "estimated_turns": 0,
         }
     ]
-    assert usage["total"]["total_tokens"] == 17
+    assert usage["total"]["total_tokens"] == 26
     assert usage["since"] <= today()
 
 

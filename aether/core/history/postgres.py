@@ -51,10 +51,6 @@ from aether.core.files import ArchivedFile, FileArchive
 from aether.core.history.store import (
     CONVERSATION_COLUMNS,
     MESSAGE_COLUMNS,
-    USAGE_ADDED,
-    USAGE_INSERT,
-    USAGE_SELECT,
-    USAGE_UPSERT,
     AnswerWrite,
     Conversation,
     MessageStatus,
@@ -62,9 +58,11 @@ from aether.core.history.store import (
     TurnStart,
     UsageTotal,
     conversation_from_row,
+    day_start,
     message_from_row,
     storable,
     usage_day,
+    usage_sql,
 )
 from aether.core.postgres.batching import ReadBatcher
 from aether.core.postgres.connection import PgConnection, Row, Statement
@@ -164,13 +162,17 @@ _INSERT_ANSWER = (
     "VALUES ($1, $2, 'assistant', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING id"
 )
 _SAVE_ANSWER = "UPDATE messages SET content = $1, status = $2, error_code = $3 WHERE id = $4"
-# A turn's usage is counted once: by the first final save that carries it.
-_SAVE_USAGE = (
-    "WITH counted AS (UPDATE messages SET prompt_tokens = $3, completion_tokens = $4, "
-    "usage_estimated = $5 WHERE id = $1 AND prompt_tokens IS NULL RETURNING owner, model) "
-    + USAGE_INSERT
-    + "SELECT owner, $2, model, 1, $3, $4, CASE WHEN $5 THEN 1 ELSE 0 END FROM counted "
-    "WHERE model IS NOT NULL" + USAGE_ADDED
+_SAVE_ANSWER_USAGE = (
+    "UPDATE messages SET content = $1, status = $2, error_code = $3, prompt_tokens = $5, "
+    "completion_tokens = $6, usage_estimated = $7 WHERE id = $4"
+)
+_USAGE_FOLD, _USAGE_SELECT = usage_sql(
+    "to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+)
+# Deleting a conversation folds its answers' usage into the totals first, in one statement.
+_DELETE_CONVERSATION = (
+    f"WITH folded AS ({_USAGE_FOLD}) "
+    "DELETE FROM conversations WHERE owner = $1 AND id = $2 RETURNING 1"
 )
 _SWEEP = (
     "UPDATE messages SET status = 'interrupted' WHERE status = 'streaming' AND NOT EXISTS "
@@ -280,25 +282,19 @@ def _statements(write: AnswerWrite, writer: str, now: float) -> list[Statement]:
     if write.start is None:
         assert write.message_id is not None
         saved = (content, write.status, write.error_code, write.message_id)
-        statements = [Statement(_SAVE_ANSWER, saved)]
-        if usage is not None:
-            counts = (usage.prompt_tokens, usage.completion_tokens, usage.estimated)
-            statements.append(Statement(_SAVE_USAGE, (write.message_id, usage_day(now), *counts)))
-        return statements
+        if usage is None:
+            return [Statement(_SAVE_ANSWER, saved)]
+        counts = (usage.prompt_tokens, usage.completion_tokens, usage.estimated)
+        return [Statement(_SAVE_ANSWER_USAGE, (*saved, *counts))]
     start: TurnStart = write.start
     prompt = completion = estimated = None
-    counted: list[Statement] = []
     if usage is not None:
         prompt, completion, estimated = (
             usage.prompt_tokens,
             usage.completion_tokens,
             usage.estimated,
         )
-        if start.model is not None:
-            totals = (start.owner, usage_day(now), start.model, prompt, completion, int(estimated))
-            counted.append(Statement(USAGE_UPSERT, totals))
     return [
-        *counted,
         Statement(_CLAIM, (start.owner, start.conversation_id, storable(start.title), now)),
         Statement(
             _INSERT_USER,
@@ -651,13 +647,10 @@ class PostgresHistoryStore:
         return conversation_from_row(rows[0]) if rows else None
 
     async def usage(self, owner: str, since: float) -> list[UsageTotal]:
-        rows = await self._execute(USAGE_SELECT, owner, usage_day(since))
+        first_day = usage_day(since)
+        rows = await self._execute(_USAGE_SELECT, owner, first_day, day_start(first_day))
         return [UsageTotal(*row) for row in rows]
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
-        rows = await self._execute(
-            "DELETE FROM conversations WHERE owner = $1 AND id = $2 RETURNING 1",
-            owner,
-            conversation_id,
-        )
+        rows = await self._execute(_DELETE_CONVERSATION, owner, conversation_id)
         return bool(rows)

@@ -52,8 +52,6 @@ from aether.core.errors import StorageError, UnknownConversation
 from aether.core.history.store import (
     CONVERSATION_COLUMNS,
     MESSAGE_COLUMNS,
-    USAGE_SELECT,
-    USAGE_UPSERT,
     AnswerWrite,
     Conversation,
     MessageStatus,
@@ -61,9 +59,11 @@ from aether.core.history.store import (
     TurnStart,
     UsageTotal,
     conversation_from_row,
+    day_start,
     message_from_row,
     storable,
     usage_day,
+    usage_sql,
 )
 from aether.core.usage import Usage
 
@@ -93,6 +93,10 @@ USAGE_MIGRATION = """
         PRIMARY KEY (owner, day, model)
     )
 """
+
+_USAGE_FOLD, _USAGE_SELECT = (
+    sql.replace("$", "?") for sql in usage_sql("strftime('%Y-%m-%d', created_at, 'unixepoch')")
+)
 
 # Each migration runs once, in order, in one transaction; the schema's version is their count.
 MIGRATIONS: tuple[str, ...] = (
@@ -297,8 +301,6 @@ def _begin_turn(
     )
     message_id = cursor.lastrowid
     assert message_id is not None
-    if usage is not None and start.model is not None:
-        _count_usage(db, start.owner, start.model, usage, now)
     return message_id
 
 
@@ -306,21 +308,6 @@ def _usage_columns(usage: Usage | None) -> tuple[int | None, int | None, bool | 
     if usage is None:
         return None, None, None
     return usage.prompt_tokens, usage.completion_tokens, usage.estimated
-
-
-def _count_usage(db: sqlite3.Connection, owner: str, model: str, usage: Usage, now: float) -> None:
-    """Add a turn's usage to its caller's total of the day (UTC) and model."""
-    db.execute(
-        USAGE_UPSERT.replace("$", "?"),
-        (
-            owner,
-            usage_day(now),
-            model,
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            int(usage.estimated),
-        ),
-    )
 
 
 def _save_answer(
@@ -331,20 +318,17 @@ def _save_answer(
     error_code: str | None,
     usage: Usage | None = None,
 ) -> None:
-    db.execute(
-        "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
-        (storable(content), status, error_code, message_id),
-    )
     if usage is None:
-        return
-    # A turn's usage is counted once: the first final save that carries it.
-    counted = db.execute(
-        "UPDATE messages SET prompt_tokens = ?, completion_tokens = ?, usage_estimated = ? "
-        "WHERE id = ? AND prompt_tokens IS NULL RETURNING owner, model",
-        (*_usage_columns(usage), message_id),
-    ).fetchall()
-    if counted and counted[0][1] is not None:
-        _count_usage(db, counted[0][0], counted[0][1], usage, time.time())
+        db.execute(
+            "UPDATE messages SET content = ?, status = ?, error_code = ? WHERE id = ?",
+            (storable(content), status, error_code, message_id),
+        )
+    else:
+        db.execute(
+            "UPDATE messages SET content = ?, status = ?, error_code = ?, prompt_tokens = ?, "
+            "completion_tokens = ?, usage_estimated = ? WHERE id = ?",
+            (storable(content), status, error_code, *_usage_columns(usage), message_id),
+        )
 
 
 def _write_answer(writer: str | None, write: AnswerWrite, db: sqlite3.Connection) -> int:
@@ -804,14 +788,17 @@ class SQLiteHistoryStore:
         return await self._write(run)
 
     async def usage(self, owner: str, since: float) -> list[UsageTotal]:
+        first_day = usage_day(since)
+
         def run() -> list[UsageTotal]:
-            rows = _read(self._r(), USAGE_SELECT.replace("$", "?"), (owner, usage_day(since)))
+            rows = _read(self._r(), _USAGE_SELECT, (owner, first_day, day_start(first_day)))
             return [UsageTotal(*row) for row in rows]
 
         return await self._run(run)
 
     async def delete_conversation(self, owner: str, conversation_id: str) -> bool:
         def run(db: sqlite3.Connection) -> bool:
+            db.execute(_USAGE_FOLD, (owner, conversation_id))  # its usage stays counted
             cursor = db.execute(
                 "DELETE FROM conversations WHERE owner = ? AND id = ?", (owner, conversation_id)
             )

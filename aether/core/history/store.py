@@ -12,6 +12,7 @@ jobs: [schema_definition, history_management]
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,22 +85,44 @@ class UsageTotal:
     estimated_turns: int  # of ``turns``, those whose counts are estimated
 
 
-# The usage totals both stores keep ($n placeholders; SQLite reads them as ?n).
-USAGE_INSERT = (
-    "INSERT INTO usage (owner, day, model, turns, prompt_tokens, completion_tokens, "
-    "estimated_turns) "
-)
-USAGE_ADDED = (
-    " ON CONFLICT (owner, day, model) DO UPDATE SET turns = usage.turns + 1, "
-    "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
-    "estimated_turns = usage.estimated_turns + excluded.estimated_turns"
-)
-USAGE_UPSERT = USAGE_INSERT + "VALUES ($1, $2, $3, 1, $4, $5, $6)" + USAGE_ADDED
-USAGE_SELECT = (
-    "SELECT day, model, turns, prompt_tokens, completion_tokens, estimated_turns FROM usage "
-    "WHERE owner = $1 AND day >= $2 ORDER BY day, model"
-)
+def usage_sql(day_of: str) -> tuple[str, str]:
+    """The two statements of token usage, for a store whose SQL names the UTC day of an answer
+    as ``day_of`` (an expression over ``created_at``); $n placeholders (SQLite reads ?n).
+
+    Each answer holds its own usage (its model and counts, in the row the final save writes:
+    no other write per turn). A conversation's answers fold their usage into ``usage``, the
+    totals by caller, day and model, when the conversation is deleted (the first statement,
+    ``$1`` the owner, ``$2`` the conversation), so that deleting it leaves them. The caller's
+    usage (the second, ``$1`` the owner, ``$2`` the first day, ``$3`` that day's start as a
+    time) is both, added up."""
+    fold = (
+        "INSERT INTO usage (owner, day, model, turns, prompt_tokens, completion_tokens, "
+        f"estimated_turns) SELECT owner, {day_of}, model, count(*), sum(prompt_tokens), "
+        "sum(completion_tokens), sum(CASE WHEN usage_estimated THEN 1 ELSE 0 END) FROM messages "
+        "WHERE owner = $1 AND conversation_id = $2 AND prompt_tokens IS NOT NULL "
+        f"AND model IS NOT NULL GROUP BY owner, {day_of}, model "
+        "ON CONFLICT (owner, day, model) DO UPDATE SET turns = usage.turns + excluded.turns, "
+        "prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens, "
+        "completion_tokens = usage.completion_tokens + excluded.completion_tokens, "
+        "estimated_turns = usage.estimated_turns + excluded.estimated_turns"
+    )
+    select = (
+        "SELECT day, model, CAST(sum(turns) AS BIGINT), CAST(sum(prompt_tokens) AS BIGINT), "
+        "CAST(sum(completion_tokens) AS BIGINT), CAST(sum(estimated_turns) AS BIGINT) FROM ("
+        "SELECT day, model, turns, prompt_tokens, completion_tokens, estimated_turns "
+        "FROM usage WHERE owner = $1 AND day >= $2 "
+        f"UNION ALL SELECT {day_of}, model, 1, prompt_tokens, completion_tokens, "
+        "CASE WHEN usage_estimated THEN 1 ELSE 0 END FROM messages WHERE owner = $1 "
+        "AND role = 'assistant' AND prompt_tokens IS NOT NULL AND model IS NOT NULL "
+        "AND created_at >= $3"
+        ") AS turns GROUP BY day, model ORDER BY day, model"
+    )
+    return fold, select
+
+
+def day_start(day: str) -> float:
+    """The time a UTC day (``YYYY-MM-DD``) starts."""
+    return calendar.timegm(time.strptime(day, "%Y-%m-%d"))
 
 
 def usage_day(when: float) -> str:
@@ -174,8 +197,8 @@ class HistoryStore(Protocol):
         activity); the conversation as stored, or None if the owner has none of that id."""
 
     async def usage(self, owner: str, since: float) -> list[UsageTotal]:
-        """The owner's token usage since ``since`` (a time), by day (UTC) and model, oldest
-        day first; turns of deleted conversations are not counted."""
+        """The owner's token usage from the day (UTC) of ``since`` (a time) on, by day and
+        model, oldest day first; deleted conversations' turns included."""
 
 
 # The columns both stores select, in the order the row functions below read them.
