@@ -208,7 +208,11 @@ async def test_tool_catalog_says_what_the_server_offers(fake_llm: FakeLLM) -> No
             plain = (await rest.get("/v1/tools")).json()
     assert catalog["paths"] == ["auto", "echo", "http", "oi"]
     assert catalog["default_path"] == "oi"
-    assert catalog["code_execution"] == {"available": True, "requires_approval": True}
+    assert catalog["code_execution"] == {
+        "available": True,
+        "requires_approval": True,
+        "profile": None,
+    }
     assert catalog["web_search"]["available"] is False
     assert "AETHER_SEARCH_URL" in catalog["web_search"]["reason"]
     assert catalog["file_chat"]["available"] is True

@@ -143,7 +143,7 @@ def catalog_from_settings(
         models.append(
             ServedModel(entry.name, (entry.path,), Upstream(entry.base_url, entry.model, key))
         )
-    reason = _default_reason(settings, agentic, shorthand=bool(models) and not settings.models)
+    reason = _default_reason(settings, agentic)
     if settings.provider == "echo" or not models:
         models.insert(0, ECHO)
     else:
@@ -162,7 +162,7 @@ def catalog_from_settings(
     return ModelCatalog(models, reason)
 
 
-def _default_reason(settings: Settings, agentic: bool, shorthand: bool) -> str:
+def _default_reason(settings: Settings, agentic: bool) -> str:
     """Why the default model answers on its path, in a sentence that says how to change it."""
     provider = settings.provider
     if provider == "echo":
