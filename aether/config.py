@@ -176,6 +176,11 @@ class Settings(BaseModel):
     )
     oi_context_window: int = Field(8000, ge=1000, description="Agentic path: model context size.")
     oi_max_tokens: int = Field(1000, ge=16, description="Agentic path: longest model answer.")
+    oi_function_calling: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Agentic path: the model proposes code as OpenAI tool calls (on), as "
+        "markdown code fences (off), or tool calls until its upstream refuses them (auto).",
+    )
     oi_max_interpreters: int = Field(
         16,
         ge=1,

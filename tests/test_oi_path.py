@@ -133,13 +133,14 @@ async def test_stop_closes_the_model_stream_and_the_loop_stays_responsive(
     assert probe_s < 0.5
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])  # code as a tool call, or in fences
 async def test_stop_while_waiting_for_approval_ends_the_turn_without_running_code(
-    fake_llm: FakeLLM,
+    fake_llm: FakeLLM, mode: str
 ) -> None:
     fake_llm.script(Behaviour(reply=CODE_REPLY))
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(oi_settings(fake_llm)) as server,
+            running_server(oi_settings(fake_llm, oi_function_calling=mode)) as server,
             ws_client(server.ws_url) as client,
         ):
             await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
@@ -599,7 +600,7 @@ async def test_a_fence_the_upstream_sends_in_one_chunk_gives_the_code_as_written
     fake_llm.script(Behaviour(reply=batched), Behaviour(reply="It is 42."))
     with trio.fail_after(DEADLINE_S):
         async with (
-            running_server(oi_settings(fake_llm)) as server,
+            running_server(oi_settings(fake_llm, oi_function_calling="off")) as server,
             ws_client(server.ws_url) as client,
         ):
             await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
@@ -721,3 +722,63 @@ async def test_a_stop_before_the_models_headers_closes_the_connection_at_once(
     assert assert_stream_invariants(messages)["type"] == "stopped"
     assert upstream.outcome == "client_closed"
     assert upstream.tokens_sent == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "upstream_tools", "asked_with_tools"),
+    [
+        ("auto", "supported", [True, True]),
+        ("on", "supported", [True, True]),
+        ("off", "supported", [False, False]),
+        ("auto", "refused", [True, False, False]),  # refused once, then fences
+    ],
+)
+async def test_code_comes_as_a_tool_call_or_in_fences_as_the_mode_and_upstream_say(
+    mode: str,
+    upstream_tools: Any,
+    asked_with_tools: list[bool],
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeLLM(tools=upstream_tools)
+    await nursery.start(fake.serve)
+    proposal = Behaviour(reply="Let me compute it.\n", code=("python", "print(6*7)"))
+    fake.script(*([proposal] * (2 if upstream_tools == "refused" else 1)))
+    fake.script(Behaviour(reply="It is 42."))
+    with trio.fail_after(DEADLINE_S), caplog.at_level("INFO"):
+        async with (
+            running_server(oi_settings(fake, oi_function_calling=mode)) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            await client.send({"type": "chat", "id": "r1", "message": "what is 6*7?"})
+            confirmation = await client.wait_for("r1", lambda m: m["type"] == "confirmation")
+            await client.answer(confirmation, approved=True)
+            messages = await client.finish("r1")
+    assert confirmation["content"]["content"].strip() == "print(6*7)"
+    assert assert_stream_invariants(messages)["type"] == "completion"
+    console = "".join(m.get("content", "") for m in messages if m["type"] == "console")
+    assert "42" in console
+    text = "".join(m.get("content", "") for m in messages if m["type"] == "message")
+    assert text.startswith("Let me compute it.")  # said once, the refused attempt relayed nothing
+    assert text.count("Let me compute it.") == 1
+    requests = [bool(s.request.get("tools")) for s in fake.streams]
+    if upstream_tools == "refused":
+        requests = [True, *requests]  # the refused request never streamed
+    assert requests == asked_with_tools
+    refusals = [r for r in caplog.records if "refused tool calls" in r.getMessage()]
+    assert len(refusals) == (1 if upstream_tools == "refused" else 0)
+
+
+async def test_tool_calls_on_an_upstream_that_refuses_them_is_an_error(
+    nursery: trio.Nursery,
+) -> None:
+    fake = FakeLLM(tools="refused")
+    await nursery.start(fake.serve)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(oi_settings(fake, oi_function_calling="on")) as server,
+            ws_client(server.ws_url) as client,
+        ):
+            messages = await client.chat("hi", id="r1")
+    terminal = assert_stream_invariants(messages)
+    assert (terminal["type"], terminal["code"]) == ("error", "upstream_http_error")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import socket
 import ssl
 import struct
@@ -70,6 +71,10 @@ class Behaviour:
     # or a tuple of the exact pieces (as a model's tokens would split it).
     reply: str | tuple[str, ...] | None = None
     piece_chars: int = 8
+    # Code the model proposes after ``reply``: (language, code). Asked with ``tools``, as an
+    # OpenAI tool call of ``execute`` (its arguments streamed in pieces); without, as a fenced
+    # block in the text.
+    code: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.reply, str):
@@ -80,6 +85,9 @@ class Behaviour:
             object.__setattr__(self, "reply", pieces)
         if self.reply is not None:
             object.__setattr__(self, "tokens", len(self.reply))
+        elif self.code is not None:
+            object.__setattr__(self, "reply", ())
+            object.__setattr__(self, "tokens", 0)
 
     def token(self, index: int) -> str:
         if self.reply is not None:
@@ -123,6 +131,24 @@ class StreamRecord:
 
 
 StreamUsage = Literal["sent", "ignored", "refused"]
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def _fenced_code(reply: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, str]] | None:
+    """A reply's first fenced block as (language, code), and the reply's pieces before it."""
+    text = "".join(reply)
+    match = _FENCE.search(text)
+    if match is None:
+        return None
+    before: list[str] = []
+    length = 0
+    for piece in reply:
+        if length + len(piece) >= match.start():
+            before.append(piece[: match.start() - length])
+            break
+        before.append(piece)
+        length += len(piece)
+    return tuple(p for p in before if p), (match.group(1) or "python", match.group(2))
 
 
 class _ClientGone(Exception):
@@ -137,12 +163,15 @@ class FakeLLM:
         model: str = "fake-model",
         ssl_context: ssl.SSLContext | None = None,
         stream_usage: StreamUsage = "sent",
+        tools: Literal["supported", "refused"] = "supported",
     ) -> None:
         self.default = default or Behaviour()
         # What it does with ``stream_options.include_usage``: sends the stream's token counts
         # in a last chunk (as OpenAI), ignores the field, or refuses it with a 400 (as some
         # older servers do with a field they do not know).
         self.stream_usage = stream_usage
+        # Whether it takes OpenAI's ``tools`` (a server without function calling answers 400).
+        self.tools = tools
         # With a server context, it speaks HTTPS (an upstream with a certificate of its own).
         self.ssl_context = ssl_context
         self.model = model
@@ -288,6 +317,10 @@ class FakeLLM:
             error = {"error": {"message": "messages is required", "type": "invalid_request"}}
             await self._send_json(connection, stream, 400, error)
             return True
+        if "tools" in payload and self.tools == "refused":
+            error = {"error": {"message": "tools are not supported", "type": "invalid"}}
+            await self._send_json(connection, stream, 400, error)
+            return True
         if "stream_options" in payload and self.stream_usage == "refused":
             error = {"error": {"message": "unknown field stream_options", "type": "invalid"}}
             await self._send_json(connection, stream, 400, error)
@@ -318,6 +351,31 @@ class FakeLLM:
                 }
             ],
         }
+
+    async def _send_code(
+        self,
+        connection: h11.Connection,
+        stream: trio.SocketStream,
+        record: StreamRecord,
+        code: tuple[str, str],
+    ) -> str:
+        """Propose ``code``: a tool call when the request offers tools, else a fenced block.
+        Returns the finish reason."""
+        language, source = code
+        if not record.request.get("tools"):
+            fenced = f"```{language}\n{source}\n```\n"
+            await self._send(connection, stream, h11.Data(data=self._chunk({"content": fenced})))
+            return "stop"
+        call = {"index": 0, "id": "call_1", "type": "function"}
+        opened = {"tool_calls": [{**call, "function": {"name": "execute", "arguments": ""}}]}
+        await self._send(connection, stream, h11.Data(data=self._chunk(opened)))
+        arguments = orjson.dumps({"language": language, "code": source}).decode()
+        for start in range(0, len(arguments), 8):
+            piece = {"index": 0, "function": {"arguments": arguments[start : start + 8]}}
+            await self._send(
+                connection, stream, h11.Data(data=self._chunk({"tool_calls": [piece]}))
+            )
+        return "tool_calls"
 
     def _usage_chunk(self, record: StreamRecord) -> bytes:
         """OpenAI's last chunk when asked for usage: no choices, the stream's token counts (the
@@ -404,16 +462,31 @@ class FakeLLM:
         await self._send(connection, stream, h11.Response(status_code=200, headers=headers))
         await trio.sleep(behaviour.first_token_delay_s)
         await self._send(connection, stream, h11.Data(data=self._chunk({"role": "assistant"})))
-        for index in range(behaviour.tokens):
+        token, tokens, code = behaviour.token, behaviour.tokens, behaviour.code
+        if record.request.get("tools") and code is None and isinstance(behaviour.reply, tuple):
+            # Offered tools, a model proposes the code of its answer as a tool call: the text
+            # before the fence streams as it is, the call ends its answer.
+            split = _fenced_code(behaviour.reply)
+            if split is not None:
+                before, code = split
+                tokens = len(before)
+
+                def token(index: int) -> str:
+                    return before[index]
+
+        for index in range(tokens):
             if behaviour.failure is not None and index == behaviour.fail_after:
                 await self._fail(connection, stream, record, behaviour.failure)
                 return behaviour.failure in ("no_done", "unterminated")
             if index:
                 await trio.sleep(behaviour.delay_s)
-            chunk = self._chunk({"content": behaviour.token(index)})
+            chunk = self._chunk({"content": token(index)})
             await self._send(connection, stream, h11.Data(data=chunk))
             record.tokens_sent += 1
-        await self._send(connection, stream, h11.Data(data=self._chunk({}, "stop")))
+        finish = "stop"
+        if code is not None:
+            finish = await self._send_code(connection, stream, record, code)
+        await self._send(connection, stream, h11.Data(data=self._chunk({}, finish)))
         options = record.request.get("stream_options")
         if (
             self.stream_usage == "sent"

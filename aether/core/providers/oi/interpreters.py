@@ -180,6 +180,9 @@ class InterpreterManager:
         self._instances: OrderedDict[Key, Any] = OrderedDict()
         self._class: Any = None
         self.profile = load_profile(settings.oi_profile) if settings.oi_profile else None
+        self.function_calling = settings.oi_function_calling
+        # Upstream models (base URL, name) that refused a call offering tools (``auto``).
+        self._fences_only: set[tuple[str, str]] = set()
         self.prepared = False  # Open Interpreter imported and its first call warmed
         self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
         # Deleted conversations whose interpreter a turn was using: closed when that turn ends.
@@ -198,6 +201,25 @@ class InterpreterManager:
         if self._sandbox is not None:
             return WORKSPACE
         return str(self._files.directory(owner, conversation_id))
+
+    def uses_tools(self, upstream: Upstream) -> bool:
+        """Whether turns ask ``upstream``'s model for code as tool calls (else as fences)."""
+        if self.function_calling == "auto":
+            return (upstream.base_url, upstream.model) not in self._fences_only
+        return self.function_calling == "on"
+
+    def tools_refused(self, upstream: Upstream) -> None:
+        """``upstream`` answered a call offering tools with a 400 or 422 (``auto``): its model
+        is asked for code fences from now on."""
+        key = (upstream.base_url, upstream.model)
+        if key not in self._fences_only:
+            self._fences_only.add(key)
+            log.warning(
+                "model %s at %s refused tool calls: the agentic path asks it for code in "
+                "markdown fences from now on (AETHER_OI_FUNCTION_CALLING=auto)",
+                upstream.model,
+                upstream.base_url,
+            )
 
     async def prepare(self) -> None:
         """Import Open Interpreter and LiteLLM and warm their first call, before the server
@@ -263,6 +285,7 @@ class InterpreterManager:
                     await self._follow_history(key, history, history_turns)
                 instance = await self._get_or_create(key, history)
                 _ask(instance, upstream)
+                instance.llm.supports_functions = self.uses_tools(upstream)
                 if history_turns is not None:
                     self._known.setdefault(key, set()).update(history_turns)
                 if request_id is not None:

@@ -33,7 +33,7 @@ import trio
 
 from aether.core.chat import ChatRequest, Chunk
 from aether.core.chunk_channel import ChunkSender
-from aether.core.errors import ProviderError, UpstreamUnavailable
+from aether.core.errors import ProviderError, UpstreamHTTPError, UpstreamUnavailable
 from aether.core.files import ConversationFiles, StoredFile
 from aether.core.models import Upstream
 from aether.core.providers.base import Provider
@@ -148,16 +148,26 @@ class OIProvider:
             request.history_turns,
             request.id,
         ) as instance:
-            await self._turn(instance, request, send)
+            await self._turn(instance, request, send, upstream)
 
-    async def _turn(self, instance: Any, request: ChatRequest, send: ChunkSender) -> None:
+    async def _turn(
+        self, instance: Any, request: ChatRequest, send: ChunkSender, upstream: Upstream
+    ) -> None:
         message = request.message
         if self._files is not None and request.conversation_id is not None:
             stored = await self._files.materialise(request.owner, request.conversation_id)
             directory = self._manager.files_directory(request.owner, request.conversation_id)
             message = describe_files(stored, message, directory)
         model_stream = _ModelStream()
-        self._track_model_stream(instance, model_stream, self._timeouts)
+        manager = self._manager
+        refusable = manager.function_calling == "auto"
+
+        def tools_refused() -> None:
+            manager.tools_refused(upstream)
+
+        self._track_model_stream(
+            instance, model_stream, self._timeouts, tools_refused if refusable else None
+        )
         gate = self._approval_for(request)
         failure: ProviderError | None = None
         async with trio.open_nursery() as nursery:
@@ -189,10 +199,15 @@ class OIProvider:
 
     @staticmethod
     def _track_model_stream(
-        instance: Any, model_stream: _ModelStream, timeouts: httpx.Timeout | None
+        instance: Any,
+        model_stream: _ModelStream,
+        timeouts: httpx.Timeout | None,
+        tools_refused: Callable[[], None] | None = None,
     ) -> None:
         """Route the instance's model calls through one that remembers the open stream and
-        names its failures as the HTTP path does."""
+        names its failures as the HTTP path does. With ``tools_refused``, an upstream that
+        answers a call offering tools with 400 or 422 is told to it, and the turn starts
+        again without them (``_ToolsRefused``)."""
         import litellm
 
         read_timeout_s = (timeouts.read if timeouts is not None else None) or 0.0
@@ -224,7 +239,12 @@ class OIProvider:
             except Exception as exc:
                 if model_stream.closed:
                     raise  # stopped: the turn ends as a stop, whatever the read said
-                raise upstream_error(exc, answered, read_timeout_s) from exc
+                error = upstream_error(exc, answered, read_timeout_s)
+                refused = isinstance(error, UpstreamHTTPError) and error.status in (400, 422)
+                if refused and tools_refused is not None and params.get("tools") and not answered:
+                    tools_refused()
+                    raise _ToolsRefused from exc
+                raise error from exc
 
         instance.llm.completions = completions
 
@@ -239,6 +259,23 @@ class OIProvider:
     ) -> None:
         if settle:
             settle_kernels(instance)
+        before = list(instance.messages)
+        try:
+            OIProvider._relay_turn(instance, message, send, gate, model_stream)
+        except _ToolsRefused:
+            # Nothing was relayed: the turn starts again, the model asked for code fences.
+            instance.messages = before
+            instance.llm.supports_functions = False
+            OIProvider._relay_turn(instance, message, send, gate, model_stream)
+
+    @staticmethod
+    def _relay_turn(
+        instance: Any,
+        message: str,
+        send: ChunkSender,
+        gate: ApprovalGate | None,
+        model_stream: _ModelStream,
+    ) -> None:
         turn = instance.chat(message, stream=True, display=False)
         try:
             for chunk in turn:
@@ -253,7 +290,7 @@ class OIProvider:
                 approved = trio.from_thread.run(gate.ask, out, send.send)
                 if not approved:
                     return  # closing the generator below skips the code
-        except ProviderError:
+        except (ProviderError, _ToolsRefused):
             raise
         except Exception as exc:
             if model_stream.closed:
@@ -261,6 +298,10 @@ class OIProvider:
             raise UpstreamUnavailable(f"the agentic turn failed: {exc.__class__.__name__}") from exc
         finally:
             turn.close()
+
+
+class _ToolsRefused(Exception):
+    """The upstream refused a model call offering tools: the turn is to start again without."""
 
 
 class _ServingModel:
