@@ -1324,7 +1324,8 @@ def chat_body(message: str) -> dict[str, str]:
 
 
 def completions_body(message: str) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": message}]}
+    # The server's default model ("" names it on the OpenAI face).
+    return {"model": "", "messages": [{"role": "user", "content": message}]}
 
 
 ROUTES = {
