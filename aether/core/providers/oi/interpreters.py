@@ -106,7 +106,7 @@ def _new_interpreter(cls: Any, settings: Settings, profile: OIProfile | None) ->
     return _configured(instance, settings)
 
 
-def _warm_up(cls: Any, settings: Settings, profile: OIProfile | None) -> None:
+def _warm_up(cls: Any, settings: Settings, profile: OIProfile | None) -> httpx.Client:
     """One text turn of a throwaway interpreter against LiteLLM's mock answer (Open
     Interpreter's and LiteLLM's first-call imports), then one model call to a closed loopback
     port (the OpenAI client's: its modules, its HTTP client). No model is asked, no kernel
@@ -151,6 +151,18 @@ def _warm_up(cls: Any, settings: Settings, profile: OIProfile | None) -> None:
             log.debug("warm-up call refused, as meant")
     litellm.client_session.close()
     litellm.client_session = client
+    return client
+
+
+def _release_client(client: httpx.Client) -> None:
+    """Close the model calls' HTTP client (its pooled connections) and have LiteLLM forget
+    it, and the OpenAI clients it built on it."""
+    import litellm
+
+    if litellm.client_session is client:
+        litellm.client_session = None
+    litellm.in_memory_llm_clients_cache.flush_cache()  # type: ignore[no-untyped-call]
+    client.close()
 
 
 def _ask(instance: Any, upstream: Upstream) -> None:
@@ -184,6 +196,7 @@ class InterpreterManager:
         # Upstream models (base URL, name) that refused a call offering tools (``auto``).
         self._fences_only: set[tuple[str, str]] = set()
         self.prepared = False  # Open Interpreter imported and its first call warmed
+        self._client: httpx.Client | None = None  # the model calls' (set by ``prepare``)
         self._turns: dict[Key, trio.Lock] = {}  # held by the turn running in a conversation
         # Deleted conversations whose interpreter a turn was using: closed when that turn ends.
         self._forgotten: set[Key] = set()
@@ -228,7 +241,7 @@ class InterpreterManager:
         (an import holds the GIL): ``/health`` waited up to 150 ms."""
         started = time.perf_counter()
         cls = await self._interpreter_class()
-        await trio.to_thread.run_sync(_warm_up, cls, self._settings, self.profile)
+        self._client = await trio.to_thread.run_sync(_warm_up, cls, self._settings, self.profile)
         self.prepared = True
         log.info("agentic path ready in %.1f s", time.perf_counter() - started)
 
@@ -385,3 +398,6 @@ class InterpreterManager:
             while self._instances:
                 key, instance = self._instances.popitem()
                 await trio.to_thread.run_sync(self._close, key, instance)
+            if self._client is not None:
+                await trio.to_thread.run_sync(_release_client, self._client)
+                self._client = None
