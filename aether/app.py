@@ -35,6 +35,7 @@ from aether.api.v1.router import register_v1
 from aether.api.web import PAGE_FILES_PREFIX, PAGE_PATHS
 from aether.asgi import ASGIApp, Receive, Scope, Send
 from aether.config import Settings
+from aether.core.collection_pacing import FULL_COLLECTIONS
 from aether.core.control.choice import control_plane_for
 from aether.core.control.plane import ControlPlane
 from aether.core.history.choice import history_store_for
@@ -106,6 +107,7 @@ def create_app(settings: Settings, worker_id: str | None = None) -> QuartTrio:
         # The app opens the model paths and hands them to the engine, which runs chats on them.
         paths = open_model_paths(settings, engine.tracker, engine.file_chat.files, settings.history)
         await engine.start(app.nursery, paths)
+        FULL_COLLECTIONS.freeze_started()
 
     @app.after_serving
     async def stop_engine() -> None:

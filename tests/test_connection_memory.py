@@ -124,6 +124,23 @@ async def test_vanished_deflate_websockets_are_collected_every_so_many_closes() 
                 assert 0 < server_compression_states() <= 10
 
 
+async def test_what_the_server_made_as_it_started_is_frozen_out_of_full_collections() -> None:
+    """``python -m aether`` freezes its modules before it starts; what starting makes (the app's
+    engine, the agentic path's libraries once its warm-up loaded them) is frozen once it has
+    started, so full collections do not scan it again and again."""
+    settings = make_settings(history=False)
+    try:
+        with trio.fail_after(DEADLINE_S), full_collections_paced(min_closes=100):
+            async with running_server(settings) as server:
+                engine = server.state.engine
+                scanned = {id(obj) for obj in gc.get_objects()}
+                frozen = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    assert id(engine) not in scanned
+    assert frozen > 0
+
+
 def test_full_collections_come_once_as_many_connections_closed_as_are_open() -> None:
     collected_at: list[int] = []
     closes = 0

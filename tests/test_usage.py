@@ -155,6 +155,47 @@ async def test_an_upstream_without_counts_gets_an_estimate(
         assert asked == [False, False]
 
 
+async def test_the_history_shows_each_answers_model_and_usage(
+    fake_llm: FakeLLM, history_backend: HistoryBackend
+) -> None:
+    fake_llm.script(
+        Behaviour(tokens=3, delay_s=0),
+        Behaviour(tokens=10_000, delay_s=0.01),
+        Behaviour(tokens=50, delay_s=0, failure="reset", fail_after=2),
+    )
+    settings = usage_settings(fake_llm, **history_backend.settings)
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            running_server(settings) as server,
+            ws_client(server.ws_url) as client,
+            httpx.AsyncClient(base_url=server.base_url) as rest,
+        ):
+            done = await client.chat("hi there", id="h1", conversation_id="c")
+            await client.send({"type": "chat", "id": "h2", "message": "go", "conversation_id": "c"})
+            await client.wait_for("h2", lambda m: m.get("seq", 0) >= 3)
+            await client.send({"type": "stop", "id": "h2"})
+            stopped = await client.finish("h2")
+            failed = await client.chat("again", id="h3", conversation_id="c")
+            page = (await rest.get("/v1/chat/history", params={"conversation_id": "c"})).json()
+            await client.send({"type": "history", "conversation_id": "c"})
+            answer = await client.receive_control()
+    terminals = [assert_stream_invariants(turn) for turn in (done, stopped, failed)]
+    assert [t["type"] for t in terminals] == ["completion", "stopped", "error"]
+    messages = page["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3
+    # An answer names its model and shows its turn's usage as its terminal told it; a user's
+    # message has neither.
+    for user, answer_row, terminal in zip(messages[::2], messages[1::2], terminals, strict=True):
+        assert user.keys().isdisjoint({"model", "usage"})
+        assert answer_row["model"] == "fake-model"
+        assert answer_row["usage"] == terminal["usage"]
+    assert messages[1]["usage"]["estimated"] is False
+    assert messages[3]["usage"]["estimated"] is True
+    # The WebSocket's history answer shows the same.
+    assert answer["type"] == "history"
+    assert answer["messages"] == messages
+
+
 async def test_usage_is_per_caller_and_checks_its_query(fake_llm: FakeLLM) -> None:
     fake_llm.default = Behaviour(tokens=2, delay_s=0)
     settings = usage_settings(fake_llm, api_keys=f"{ALICE},{BOB}")

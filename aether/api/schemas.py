@@ -20,6 +20,7 @@ from quart_schema.openapi import OpenAPIProvider
 from quart_schema.pydantic import File
 
 from aether import __version__
+from aether.protocol.server_messages import TokenUsage
 
 
 class ErrorDetail(BaseModel):
@@ -146,6 +147,10 @@ class StoredMessageOut(BaseModel):
     request_id: str | None
     created_at: float
     error_code: str | None = None
+    model: str | None = Field(None, description="An answer's: the model that gave it.")
+    usage: TokenUsage | None = Field(
+        None, description="An answer's, once it ended: its turn's tokens, as its terminal said."
+    )
 
 
 class HistoryPage(BaseModel):

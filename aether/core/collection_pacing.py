@@ -55,6 +55,23 @@ class FullCollectionPacer:
     def disable(self) -> None:
         self._min_closes = None
 
+    def freeze_started(self) -> None:
+        """The application has started: collect what starting it left, then freeze what is
+        alive out of every later collection's scan. What ``python -m aether`` froze before
+        starting was its modules; starting loads more (the agentic path's warm-up imports Open
+        Interpreter and LiteLLM: about 300,000 objects, which a full collection took 0.2 s to
+        scan, a pause every stream saw). Only when enabled: a test process is left as it is."""
+        if self._min_closes is None:
+            return
+        started = time.perf_counter()
+        self._collect()
+        gc.freeze()
+        log.debug(
+            "%d objects frozen at start in %.1f ms",
+            gc.get_freeze_count(),
+            (time.perf_counter() - started) * 1000,
+        )
+
     def connection_closed(self, still_open: int) -> None:
         """Called once per closed connection, with the number still open."""
         if self._min_closes is None:

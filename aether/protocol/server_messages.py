@@ -81,7 +81,7 @@ class HistoryAnswer(_ServerMessage):
     conversation_id: str
     messages: list[dict[str, Any]] = Field(
         description="As `GET /v1/chat/history` gives them: id, role, content, status, "
-        "request_id, created_at, error_code."
+        "request_id, created_at, error_code; an answer's model and usage."
     )
 
 

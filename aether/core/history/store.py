@@ -44,6 +44,9 @@ class StoredMessage:
     request_id: str | None
     created_at: float
     error_code: str | None = None
+    # An answer's model and its turn's token usage, once its final status is stored.
+    model: str | None = None
+    usage: Usage | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +205,10 @@ class HistoryStore(Protocol):
 
 
 # The columns both stores select, in the order the row functions below read them.
-MESSAGE_COLUMNS = "id, conversation_id, role, content, status, request_id, created_at, error_code"
+MESSAGE_COLUMNS = (
+    "id, conversation_id, role, content, status, request_id, created_at, error_code, model, "
+    "prompt_tokens, completion_tokens, usage_estimated"
+)
 CONVERSATION_COLUMNS = "id, owner, title, created_at, updated_at"
 
 
@@ -220,6 +226,8 @@ def message_from_row(row: Sequence[Any]) -> StoredMessage:
         request_id=row[5],
         created_at=row[6],
         error_code=row[7],
+        model=row[8],
+        usage=None if row[9] is None else Usage(row[9], row[10], bool(row[11])),
     )
 
 
@@ -235,6 +243,10 @@ def message_json(message: StoredMessage) -> dict[str, object]:
     }
     if message.error_code is not None:
         shown["error_code"] = message.error_code
+    if message.model is not None:
+        shown["model"] = message.model
+    if message.usage is not None:
+        shown["usage"] = message.usage.as_json()
     return shown
 
 
