@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from aether.core.chat import block_delta, block_end, block_start
-from aether.core.runtime.outbox import Outbox
+from aether.core.runtime.outbox import LEAD_ROUNDS, Outbox
 from aether.core.runtime.relay import StreamRelay
 from tests.helpers import assert_stream_invariants, content_of
 
@@ -69,6 +69,48 @@ async def test_chunks_ready_together_reach_an_eager_writer_as_one_frame() -> Non
             send.send_nowait(block_delta(token))
         send.close()
     assert [[m.get("content") for m in batch] for batch in frames] == [[None], ["abcd"]]
+
+
+async def test_a_streams_accepted_waits_a_little_for_what_follows_it() -> None:
+    # ``accepted`` alone is not worth a socket write: it waits up to LEAD_ROUNDS scheduling
+    # rounds for the stream's next messages, and leaves with them.
+    outbox = Outbox(max_bytes=1 << 20)
+    relay = StreamRelay("r1", outbox)
+    batches: list[list[str]] = []
+
+    async def writer() -> None:
+        batches.append([m["type"] for m in await outbox.get_batch()])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        await relay.announce({"path": "echo"})
+        for _ in range(LEAD_ROUNDS):
+            await trio.lowlevel.checkpoint()
+        await relay.relay_chunk(block_start())
+    assert batches == [["accepted", "message"]]
+
+
+async def test_other_messages_and_a_lone_accepted_are_not_held() -> None:
+    outbox = Outbox(max_bytes=1 << 20)
+    batches: list[list[str]] = []
+
+    async def writer(count: int) -> None:
+        for _ in range(count):
+            batches.append([m["type"] for m in await outbox.get_batch()])
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer, 2)
+            await trio.testing.wait_all_tasks_blocked()
+            outbox.put_control({"role": "server", "type": "pong"})  # taken as the writer runs
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            outbox.put_control({"role": "server", "type": "pong"})
+        # Nothing follows this ``accepted``: it leaves after the rounds, alone.
+        await StreamRelay("r1", outbox).announce({"path": "echo"})
+        await writer(1)
+    assert batches == [["pong"], ["pong"], ["accepted"]]
 
 
 async def test_a_delta_already_taken_is_not_extended() -> None:

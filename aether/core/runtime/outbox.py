@@ -14,6 +14,10 @@ three ways the streaming contract needs:
 - **Terminals never wait.** ``put_final`` appends at once, even over the limit and even while
   the caller is being cancelled: every request ends with its terminal message queued. Their
   number is bounded by the requests a client may run at once.
+- **A stream's lead waits for company.** A batch holding nothing but streams' first messages
+  (``accepted``: ``lead``) is taken after up to ``LEAD_ROUNDS`` scheduling rounds, not at once:
+  a quick answer's first chunks, or all of it, then leave in the same write. Every other
+  message is taken as soon as the writer runs.
 
 Resource handling: the writer owns the read side and calls ``close()`` when it stops; after
 that, ``put``/``extend`` raise ``trio.BrokenResourceError`` and terminals are dropped.
@@ -37,19 +41,27 @@ from aether.core.chat import Chunk
 MESSAGE_OVERHEAD_BYTES = 64
 # Coalesced deltas kept as separate strings before they are joined into one.
 MAX_PARTS = 64
+# Scheduling rounds a batch of leads alone waits for what follows them. A socket write costs
+# far more than a round; an echo chat over a WebSocket took 2.5 writes without the wait and
+# 1.7 with two rounds (3.1 and 2.0 with history).
+LEAD_ROUNDS = 2
 
 
 class OutboxEntry:
     """One queued message. ``parts`` collects coalesced content until the writer takes it."""
 
-    __slots__ = ("control", "message", "parts", "queued_in", "size", "taken")
+    __slots__ = ("control", "lead", "message", "parts", "queued_in", "size", "taken")
 
-    def __init__(self, message: Chunk, size: int, *, control: bool = False) -> None:
+    def __init__(
+        self, message: Chunk, size: int, *, control: bool = False, lead: bool = False
+    ) -> None:
         self.message = message
         self.parts: list[str] | None = None
         self.size = size
         self.taken = False
         self.control = control
+        # A stream's first message: it may wait a little for the stream's next ones.
+        self.lead = lead
         # The outbox holding it until its writer takes it.
         self.queued_in: Outbox | None = None
 
@@ -113,10 +125,13 @@ class Outbox:
         self._bytes += entry.size
         self._readable.unpark_all()
 
-    def put_nowait(self, message: Chunk, content_size: int = 0) -> OutboxEntry:
-        """Queue a stream message. Call ``wait_for_room`` first: this does not check the budget,
-        so that a message is numbered and queued in one step, never lost to a cancellation."""
-        entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES)
+    def put_nowait(
+        self, message: Chunk, content_size: int = 0, *, lead: bool = False
+    ) -> OutboxEntry:
+        """Queue a stream message (``lead``: the stream's first). Call ``wait_for_room`` first:
+        this does not check the budget, so that a message is numbered and queued in one step,
+        never lost to a cancellation."""
+        entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES, lead=lead)
         self._append(entry)
         return entry
 
@@ -190,11 +205,19 @@ class Outbox:
             self.reader_attached.set()
         if self._entries:
             await trio.lowlevel.checkpoint()  # a writer that always finds work still yields
-        while not self._entries:
-            if self._closed:
-                raise trio.EndOfChannel
-            await self._readable.park()
-        return self.take_all()
+        rounds = LEAD_ROUNDS
+        while True:
+            while not self._entries:
+                if self._closed:
+                    raise trio.EndOfChannel
+                await self._readable.park()
+            if not rounds or not self._leads_only():
+                return self.take_all()
+            rounds -= 1
+            await trio.lowlevel.checkpoint()
+
+    def _leads_only(self) -> bool:
+        return all(entry.lead for entry in self._entries)
 
     def take_all(self) -> list[Chunk]:
         """Take every queued message now (none if there is none)."""

@@ -133,8 +133,11 @@ class RequestOutlet:
             if self._target is target:
                 self.detach()
 
-    def put_nowait(self, message: Chunk, content_size: int = 0) -> OutboxEntry:
-        entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES)
+    def put_nowait(
+        self, message: Chunk, content_size: int = 0, *, lead: bool = False
+    ) -> OutboxEntry:
+        """Queue a stream message (``lead``: the stream's first, see ``Outbox``)."""
+        entry = OutboxEntry(message, content_size + MESSAGE_OVERHEAD_BYTES, lead=lead)
         self._record(entry)
         if self._target is not None:
             self._target.put_entry(entry)

@@ -71,7 +71,8 @@ class StreamRelay:
         """Send the request's first message: ``accepted``, with the fields the client needs."""
         await self.outbox.wait_for_room()
         if not self.finished:
-            self.outbox.put_nowait(self._frame({"role": "server", "type": "accepted", **fields}))
+            accepted = self._frame({"role": "server", "type": "accepted", **fields})
+            self.outbox.put_nowait(accepted, lead=True)
 
     async def relay_stream(self, chunks: trio.MemoryReceiveChannel[Chunk]) -> None:
         """Relay until the producer closes its channel. An error chunk is kept for ``finish``."""
