@@ -46,6 +46,8 @@ from trio_websocket import open_websocket_url
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_stream import DB_DIR, PY, Process, free_port, start_process
 
+# The longest one workload may take on one server (a turn that never ends fails the run).
+WORKLOAD_TIMEOUT_S = 300
 # As a model's tokens split it: OI needs the fences as tokens of their own.
 CODE_REPLY = ("Here.\n", "```", "python\n", "print('ok')\n", "```", "\n")
 
@@ -118,6 +120,14 @@ def kernels_rss(process: psutil.Process) -> tuple[int, int]:
     return len(children), sum(c.memory_info().rss for c in children)
 
 
+def refused_or(reply: dict[str, Any]) -> dict[str, Any]:
+    """``reply``, unless it says the server refused a frame of ours (an error of no request):
+    then the turn that frame was for would wait for ever."""
+    if reply.get("type") == "error" and reply.get("id") is None:
+        raise RuntimeError(f"the server refused a frame: {reply}")
+    return reply
+
+
 async def chat(ws: Any, conversation: str, message: str, run_code: bool) -> None:
     """One turn. The fake model proposes code every time: the first proposal is approved when
     ``run_code`` (its output goes back to the model, which proposes again), the rest denied."""
@@ -135,7 +145,7 @@ async def chat(ws: Any, conversation: str, message: str, run_code: bool) -> None
     )
     approve = run_code
     while True:
-        reply = json.loads(await ws.get_message())
+        reply = refused_or(json.loads(await ws.get_message()))
         if reply.get("id") != request_id:
             continue
         if reply.get("type") == "confirmation":
@@ -188,16 +198,20 @@ async def first_turn(ws: Any, conversation: str) -> tuple[float, float]:
     first_token = approved = output = None
     answered = False
     while True:
-        reply = json.loads(await ws.get_message())
+        reply = refused_or(json.loads(await ws.get_message()))
         if reply.get("id") != request_id:
             continue
         if first_token is None and reply.get("type") == "message" and reply.get("content"):
             first_token = time.monotonic()
         if reply.get("type") == "confirmation":
             # The fake model proposes code after every output: only the first one runs.
-            await ws.send_message(
-                json.dumps({"type": "approve", "id": request_id, "approved": not answered})
-            )
+            answer = {
+                "type": "approve",
+                "id": request_id,
+                "confirmation_id": reply["confirmation_id"],
+                "approved": not answered,
+            }
+            await ws.send_message(json.dumps(answer))
             approved, answered = approved or time.monotonic(), True
         if output is None and reply.get("type") == "console" and reply.get("content"):
             output = time.monotonic()
@@ -340,7 +354,8 @@ async def main(args: argparse.Namespace) -> None:
     try:
         aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1")
         try:
-            memory = await measure_memory(aether, args.conversations)
+            with trio.fail_after(WORKLOAD_TIMEOUT_S):
+                memory = await measure_memory(aether, args.conversations)
         finally:
             await aether.stop()
         sandboxes = {}
@@ -348,7 +363,8 @@ async def main(args: argparse.Namespace) -> None:
             print(f"sandbox  {sandbox}: {args.conversations} first turns", file=sys.stderr)
             aether = await start_aether(f"http://127.0.0.1:{upstream.port}/v1", sandbox)
             try:
-                sandboxes[sandbox] = await measure_sandbox(aether, args.conversations)
+                with trio.fail_after(WORKLOAD_TIMEOUT_S):
+                    sandboxes[sandbox] = await measure_sandbox(aether, args.conversations)
             finally:
                 await aether.stop()
     finally:
