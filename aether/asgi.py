@@ -44,15 +44,19 @@ DISCONNECT_SIGNAL = "aether.http.disconnect_signal"
 # sets its ``on_message``, every message received (text or bytes) is handed to it in the
 # connection's reading task, instead of going through the receive channel to the application's
 # task (a task hop and a scheduling round per frame); connect and disconnect still come from
-# ``receive``.
+# ``receive``. Its ``writable_now(size)``, when the server sets it, says whether a write of
+# ``size`` bytes sent now from the calling task would leave at once, whole (nothing else being
+# sent on the connection, room for it in the kernel's send queue): the reading task may then
+# send a reply itself instead of waking the connection's writer for it.
 RECEIVE_INLINE = "aether.websocket.receive_inline"
 
 
 class InlineReceiver:
-    __slots__ = ("on_message",)
+    __slots__ = ("on_message", "writable_now")
 
-    def __init__(self) -> None:
+    def __init__(self, writable_now: Callable[[int], bool] | None = None) -> None:
         self.on_message: Callable[[Message], Awaitable[None]] | None = None
+        self.writable_now = writable_now
 
 
 class DisconnectSignal:

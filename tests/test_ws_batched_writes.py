@@ -7,6 +7,7 @@ round first."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from hypercorn.events import Event, RawData
 from hypercorn.trio.worker_context import WorkerContext
 from wsproto.events import TextMessage
 
-from aether.server.worker import AetherTCPServer
+from aether.server.worker import AetherTCPServer, takes_at_once
 from aether.testing.fake_llm import Behaviour, FakeLLM
 from aether.ws.hub import MAX_WRITE_CHARS, encode, writes
 from tests.helpers import (
@@ -253,3 +254,86 @@ async def test_a_write_waits_while_another_holds_the_send_lock(nursery: trio.Nur
         sent.append(b"first")  # what the holder sends
     await trio.testing.wait_all_tasks_blocked()
     assert sent == [b"first", b"second"]
+
+
+async def test_a_stops_reply_leaves_from_the_task_that_read_the_stop(
+    fake_llm: FakeLLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The writer would send ``stopped`` a scheduling round later, among every task a burst of
+    # stops woke; the reading task sends it itself when the socket takes it at once.
+    writers: list[tuple[bytes, str]] = []
+    protocol_send = AetherTCPServer.protocol_send
+
+    async def recording(self: AetherTCPServer, event: Event) -> None:
+        if isinstance(event, RawData):
+            writers.append((event.data, trio.lowlevel.current_task().name))
+        await protocol_send(self, event)
+
+    monkeypatch.setattr(AetherTCPServer, "protocol_send", recording)
+    fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(http_settings(fake_llm)) as server:
+            client = await RawWebSocket.connect(server.ws_url)
+            async with client.stream:
+                reader = FrameReader(client)
+                await reader.texts(1)  # hello
+                await client.send({"type": "chat", "id": "r1", "message": "go"})
+                first = await reader.texts(1)
+                while "content" not in json.loads(first[0]):
+                    first = await reader.texts(1)
+                await client.send({"type": "stop", "id": "r1"})
+                messages = await reader.messages_until_terminal("r1")
+    assert messages[-1]["type"] == "stopped"
+    [stopped_by] = [task for data, task in writers if b'"type":"stopped"' in data]
+    [hello_by] = [task for data, task in writers if b'"type":"hello"' in data]
+    assert hello_by.endswith("WebSocketEndpoint._write")  # the connection's writer
+    assert stopped_by != hello_by
+
+
+async def test_stops_from_a_client_that_stopped_reading_are_each_handled(
+    fake_llm: FakeLLM,
+) -> None:
+    # While its writer waits on the full socket, the reading task leaves the replies to it: a
+    # reply sent from the reading task would hold the next frame up behind the client.
+    fake_llm.default = Behaviour(tokens=1_000_000)
+    settings = http_settings(fake_llm, outbox_max_bytes=4096)
+    with trio.fail_after(DEADLINE_S):
+        async with running_server(settings) as server:
+            client = await RawWebSocket.connect(server.ws_url, receive_buffer=4096)
+            try:
+                for request_id in ("r1", "r2"):
+                    await client.send({"type": "chat", "id": request_id, "message": "go"})
+                    await fake_llm.wait_for_stream(int(request_id[1]) - 1)
+                connection = next(iter(server.hub))
+                await connection.outbox.stalled.wait_value(True)
+                for request_id in ("r1", "r2"):
+                    await client.send({"type": "stop", "id": request_id})
+                await server.state.engine.tracker.wait_until_idle()
+            finally:
+                await client.aclose()
+    states = [server.state.engine.tracker.get(r, "anonymous") for r in ("r1", "r2")]
+    assert [(s.state, s.stop_reason) for s in states if s is not None] == [
+        ("stopped", "stop"),
+        ("stopped", "stop"),
+    ]
+
+
+async def test_a_socket_takes_a_small_write_at_once_until_its_peer_stops_reading() -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    async with listener:
+        port = listener.socket.getsockname()[1]
+        peer = await trio.open_tcp_stream("127.0.0.1", port)
+        async with peer, await listener.accept() as stream:
+            server = AetherTCPServer(None, Config(), WorkerContext(None), {}, stream)  # type: ignore[arg-type]
+            assert server.writable_now(300)
+            async with server.send_lock:
+                assert not server.writable_now(300)  # another task is sending
+            # The peer reads nothing: fill what the kernel takes (bounded: its buffers).
+            sent = 0
+            while server.writable_now(300) and sent < 64 << 20:
+                try:
+                    sent += os.write(stream.socket.fileno(), b"x" * 65536)
+                except BlockingIOError:
+                    break
+            assert sent > 0
+            assert not takes_at_once(stream.socket, 300)

@@ -123,6 +123,8 @@ class HardenedWSStream(WSStream):
     close code wsproto names, and the application can send several frames in one write."""
 
     _scope: WebsocketScope
+    # The connection's: whether a write of that size would leave at once (set by the protocol).
+    writable_now: Callable[[int], bool] | None = None
 
     @property
     def scope(self) -> WebsocketScope:
@@ -133,7 +135,7 @@ class HardenedWSStream(WSStream):
         # Hypercorn builds the scope and starts the application in one method: the extension
         # is added as the scope is assigned, before the application can see it.
         scope["extensions"][SEND_BATCH] = {}
-        self._inline = InlineReceiver()
+        self._inline = InlineReceiver(self.writable_now)
         scope["extensions"][RECEIVE_INLINE] = self._inline  # type: ignore[assignment]
         self._scope = scope
 
@@ -213,6 +215,8 @@ class HardenedH11Protocol(H11Protocol):
     _stream: HTTPStream | WSStream | None
     # The head of a response of declared length, until its body (or its end) goes with it.
     _held_head = b""
+    # The connection's, handed to its WebSocket stream (see ``HardenedWSStream``).
+    writable_now: Callable[[int], bool] | None = None
 
     async def _send_h11_event(self, event: H11SendableEvent) -> None:
         try:
@@ -253,6 +257,8 @@ class HardenedH11Protocol(H11Protocol):
         # The subclass adds behaviour and no state of its own until then.
         if type(stream) is WSStream:
             stream.__class__ = HardenedWSStream
+            assert isinstance(stream, HardenedWSStream)
+            stream.writable_now = self.writable_now
         elif type(stream) is HTTPStream:
             stream.__class__ = SignallingHTTPStream
         self._stream = stream
@@ -305,6 +311,7 @@ class HTTP1Connection:
         client: tuple[str, int] | None,
         server: tuple[str, int] | None,
         send: Callable[[Event], Awaitable[None]],
+        writable_now: Callable[[int], bool] | None = None,
     ) -> None:
         self._send = send
         self._client = client
@@ -315,6 +322,7 @@ class HTTP1Connection:
         self.protocol = HardenedH11Protocol(
             app, config, context, task_group, state, ssl, client, server, send
         )
+        self.protocol.writable_now = writable_now
 
     async def initiate(self) -> None:
         await self.protocol.initiate()

@@ -20,11 +20,15 @@ jobs: [server_startup, connection_management, exception_catching]
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
+import struct
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
+from socket import SO_SNDBUF, SOL_SOCKET
 from typing import Any
 
 import trio
@@ -42,7 +46,37 @@ from hypercorn.utils import wrap_app as hypercorn_wrap_app
 from aether.server.listener import BatchedSocketListener
 from aether.server.protocol import HTTP1Connection
 
+# The ioctls that give the bytes a TCP socket has not had acknowledged yet (SIOCOUTQ) and, of
+# them, those not sent yet (SIOCOUTQNSD, linux/sockios.h): Linux's.
+SIOCOUTQ: int | None = None
+SIOCOUTQNSD = 0x894B
+if sys.platform == "linux":
+    import termios
+
+    SIOCOUTQ = termios.TIOCOUTQ
+
 log = logging.getLogger(__name__)
+
+
+def takes_at_once(socket: trio.socket.SocketType, size: int) -> bool:
+    """Whether the kernel takes a write of ``size`` bytes on TCP ``socket`` whole, at once:
+    nothing written waits for the peer's window (a peer that stops reading closes it), and what
+    is unacknowledged and the write fit in half the send buffer (the kernel counts more than
+    the payload against it). Linux only (the queues are asked with ``SIOCOUTQ`` and
+    ``SIOCOUTQNSD``); elsewhere, never."""
+    if SIOCOUTQ is None:
+        return False
+    try:
+        fd = socket.fileno()
+        unsent = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0"))[0]
+        if unsent:
+            return False
+        queued = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQ, b"\0\0\0\0"))[0]
+        buffer = socket.getsockopt(SOL_SOCKET, SO_SNDBUF)
+    except OSError:
+        return False
+    return bool(queued + size <= buffer // 2)
+
 
 Listener = trio.SSLListener[trio.SocketStream] | BatchedSocketListener
 
@@ -114,6 +148,14 @@ class AetherTCPServer(TCPServer):
         finally:
             lock.release()
 
+    def writable_now(self, size: int) -> bool:
+        """Whether ``size`` bytes sent now would leave at once, whole: nothing is being sent on
+        this connection, and its socket takes them (``takes_at_once``). Never over TLS."""
+        stream: trio.abc.Stream = self.stream
+        if self.send_lock.locked() or not isinstance(stream, trio.SocketStream):
+            return False
+        return takes_at_once(stream.socket, size)
+
     def _write_now(self, data: bytes) -> bytes | memoryview:
         """Write what the kernel takes at once; return the rest, for ``send_all`` to wait with.
 
@@ -174,6 +216,7 @@ class AetherTCPServer(TCPServer):
                     client,
                     server,
                     self.protocol_send,
+                    self.writable_now,
                 )
                 await self.protocol.initiate()
                 task_group.spawn(self._watch_idle)

@@ -10,7 +10,9 @@ the socket handles each frame itself (``InlineDispatch``); under another, this t
     client connection (nursery + scope)
       ├─ reader (the server's reading task, or this one): frame -> MessageHandler
       ├─ this task: waits for the disconnect
-      ├─ writer: Outbox -> websocket.send, or the server's batch send   (the only task that sends)
+      ├─ writer: Outbox -> websocket.send, or the server's batch send
+      │    (the reader sends what a frame queued itself when the writer is idle and the
+      │    socket takes it at once: ``hub.send_outbox_now``)
       └─ one task per chat: RuntimeEngine.run_chat (own nursery + scope)
 
 Resource handling: when the client leaves, its chats are stopped with reason ``disconnect`` and
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 
 import orjson
 import trio
@@ -48,7 +51,13 @@ from aether.core.runtime.engine import RuntimeEngine
 from aether.core.runtime.outbox import Outbox
 from aether.protocol.messages import hello_message, select_subprotocol
 from aether.ws.handlers import MessageHandler
-from aether.ws.hub import CLOSE_TRY_AGAIN_LATER, ClientConnection, ClientHub, write_outbox
+from aether.ws.hub import (
+    CLOSE_TRY_AGAIN_LATER,
+    ClientConnection,
+    ClientHub,
+    send_outbox_now,
+    write_outbox,
+)
 from aether.ws.inline_dispatch import InlineDispatch
 
 log = logging.getLogger(__name__)
@@ -114,21 +123,25 @@ class WebSocketEndpoint:
             async with trio.open_nursery() as nursery:
                 client.cancel_scope = nursery.cancel_scope
                 # After the accept, frames go straight to the server (no middleware needs them).
-                nursery.start_soon(
-                    self._write,
-                    client,
-                    scope.get(RAW_SEND_KEY, send),
-                    SEND_BATCH in (scope.get("extensions") or {}),
-                )
+                raw_send = scope.get(RAW_SEND_KEY, send)
+                batches = SEND_BATCH in (scope.get("extensions") or {})
+                nursery.start_soon(self._write, client, raw_send, batches)
                 nursery.start_soon(self._watch_for_stall, client)
                 nursery.start_soon(self._keep_alive, client)
                 client.outbox.put_control(hello_message(client.id, __version__))
                 handler = MessageHandler(client, self._engine, nursery, self._settings)
                 if inline is not None:
                     # Frames are handled in the server's reading task from now on (no hop
-                    # through the receive channel); what they queue still goes out through
-                    # the writer alone.
-                    dispatch = self._inline_dispatch(client, handler, nursery.cancel_scope)
+                    # through the receive channel); what they queue goes out through the
+                    # writer, or from that task when the socket takes it at once.
+                    reply_now = None
+                    if batches and inline.writable_now is not None:
+                        reply_now = partial(
+                            send_outbox_now, client, batch_sender(raw_send), inline.writable_now
+                        )
+                    dispatch = self._inline_dispatch(
+                        client, handler, nursery.cancel_scope, reply_now
+                    )
                     nursery.start_soon(dispatch.guard)
                     inline.on_message = dispatch
                 await self._read(receive, client, handler)
@@ -145,11 +158,17 @@ class WebSocketEndpoint:
             self._hub.unregister(client)
 
     def _inline_dispatch(
-        self, client: ClientConnection, handler: MessageHandler, scope: trio.CancelScope
+        self,
+        client: ClientConnection,
+        handler: MessageHandler,
+        scope: trio.CancelScope,
+        reply_now: Callable[[], Awaitable[None]] | None,
     ) -> InlineDispatch:
         async def handle(event: Message) -> None:
             if not client.closing:
                 await self._dispatch(event, handler)
+                if reply_now is not None:
+                    await reply_now()
 
         return InlineDispatch(handle, scope)
 
@@ -217,12 +236,18 @@ class WebSocketEndpoint:
         async def send_text(text: str) -> None:
             await send({"type": "websocket.send", "text": text})
 
-        async def send_texts(texts: Sequence[str]) -> None:
-            await send({"type": SEND_BATCH, "texts": texts})
-
-        await write_outbox(client, send_text, send_texts if batches else None)
+        await write_outbox(client, send_text, batch_sender(send) if batches else None)
         # The outbox was finished by a server-side close: say goodbye, then end the connection.
         await send(
             {"type": "websocket.close", "code": client.close_code, "reason": client.close_reason}
         )
         client.cancel_scope.cancel()
+
+
+def batch_sender(send: Send) -> Callable[[Sequence[str]], Awaitable[None]]:
+    """Several text frames in one write, through the server's ``SEND_BATCH``."""
+
+    async def send_texts(texts: Sequence[str]) -> None:
+        await send({"type": SEND_BATCH, "texts": texts})
+
+    return send_texts

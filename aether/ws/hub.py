@@ -51,6 +51,8 @@ class ClientConnection:
     ip: str
     remote: str
     last_sent_at: float = field(default_factory=trio.current_time)
+    # True while a task sends what it took from the outbox (its order on the wire is kept).
+    sending: bool = False
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_code: int = CLOSE_NORMAL
     close_reason: str = ""
@@ -169,11 +171,45 @@ async def write_outbox(
             batch = await outbox.get_batch()
         except trio.EndOfChannel:
             return
-        if send_texts is None or len(batch) == 1:
-            for message in batch:
-                await send_text(encode(message))
-                client.last_sent_at = trio.current_time()
-        else:
-            for texts in writes(batch):
-                await send_texts(texts)
-                client.last_sent_at = trio.current_time()
+        client.sending = True
+        try:
+            if send_texts is None or len(batch) == 1:
+                for message in batch:
+                    await send_text(encode(message))
+                    client.last_sent_at = trio.current_time()
+            else:
+                for texts in writes(batch):
+                    await send_texts(texts)
+                    client.last_sent_at = trio.current_time()
+        finally:
+            client.sending = False
+
+
+# What a queued message's frame adds to its size in the outbox's count (its JSON fields, the
+# frame's header), for the estimate ``send_outbox_now`` asks the socket about.
+FRAME_OVERHEAD_BYTES = 256
+
+
+async def send_outbox_now(
+    client: ClientConnection,
+    send_texts: Callable[[Sequence[str]], Awaitable[None]],
+    writable_now: Callable[[int], bool],
+) -> None:
+    """Send what the client's outbox holds from the calling task (the one that read a frame),
+    if the writer is not sending and the socket takes it at once (``writable_now``): a stop's
+    ``stopped`` then leaves in the step that read the stop, not a scheduling round later, when
+    the writer runs among every task the burst woke. Otherwise the writer sends it as usual."""
+    outbox = client.outbox
+    queued = outbox.pending_messages
+    if not queued or client.sending or client.closing:
+        return
+    if not writable_now(outbox.pending_bytes + queued * FRAME_OVERHEAD_BYTES):
+        return
+    batch = outbox.take_all()
+    client.sending = True
+    try:
+        for texts in writes(batch):
+            await send_texts(texts)
+            client.last_sent_at = trio.current_time()
+    finally:
+        client.sending = False

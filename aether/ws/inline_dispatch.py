@@ -13,8 +13,10 @@ not to the connection's nursery, so this object gives the handling what the nurs
 - an exception a handler raises ends the connection and is raised by the endpoint, as it was
   when frames were handled in the endpoint's task.
 
-A handler never waits on the client's socket (it queues replies in the outbox), so handling in
-the reading task cannot hold up the reading of a ``stop`` behind a client that does not read.
+A handler never waits on the client's socket (it queues replies in the outbox; the endpoint
+sends them from the reading task only when the socket takes them at once, and leaves them to the
+writer otherwise), so handling in the reading task cannot hold up the reading of a ``stop``
+behind a client that does not read.
 
 @.architecture
 role: WebSocket inline dispatch
