@@ -145,22 +145,27 @@ async def test_a_streamed_chat_arrives_intact_with_and_without_compression(
     assert len(server_writes) <= len(messages)
 
 
+async def stop_after_first_token(ws_url: str) -> list[dict[str, Any]]:
+    """Over a raw WebSocket: a chat, stopped once its first token came; its messages."""
+    client = await RawWebSocket.connect(ws_url)
+    async with client.stream:
+        reader = FrameReader(client)
+        await reader.texts(1)  # hello
+        await client.send({"type": "chat", "id": "r1", "message": "go"})
+        first = await reader.texts(1)
+        while "content" not in json.loads(first[0]):
+            first = await reader.texts(1)
+        await client.send({"type": "stop", "id": "r1"})
+        return await reader.messages_until_terminal("r1")
+
+
 async def test_a_stop_sends_the_block_end_and_stopped_in_one_write(
     fake_llm: FakeLLM, server_writes: list[bytes]
 ) -> None:
     fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
     with trio.fail_after(DEADLINE_S):
         async with running_server(http_settings(fake_llm)) as server:
-            client = await RawWebSocket.connect(server.ws_url)
-            async with client.stream:
-                reader = FrameReader(client)
-                await reader.texts(1)  # hello
-                await client.send({"type": "chat", "id": "r1", "message": "go"})
-                first = await reader.texts(1)
-                while "content" not in json.loads(first[0]):
-                    first = await reader.texts(1)
-                await client.send({"type": "stop", "id": "r1"})
-                messages = await reader.messages_until_terminal("r1")
+            messages = await stop_after_first_token(server.ws_url)
     end, stopped = messages[-2:]
     assert (end["type"], end.get("end"), stopped["type"]) == ("message", True, "stopped")
     [last_write] = [data for data in server_writes if b'"type":"stopped"' in data]
@@ -273,16 +278,7 @@ async def test_a_stops_reply_leaves_from_the_task_that_read_the_stop(
     fake_llm.script(Behaviour(tokens=1000, delay_s=0.01))
     with trio.fail_after(DEADLINE_S):
         async with running_server(http_settings(fake_llm)) as server:
-            client = await RawWebSocket.connect(server.ws_url)
-            async with client.stream:
-                reader = FrameReader(client)
-                await reader.texts(1)  # hello
-                await client.send({"type": "chat", "id": "r1", "message": "go"})
-                first = await reader.texts(1)
-                while "content" not in json.loads(first[0]):
-                    first = await reader.texts(1)
-                await client.send({"type": "stop", "id": "r1"})
-                messages = await reader.messages_until_terminal("r1")
+            messages = await stop_after_first_token(server.ws_url)
     assert messages[-1]["type"] == "stopped"
     [stopped_by] = [task for data, task in writers if b'"type":"stopped"' in data]
     [hello_by] = [task for data, task in writers if b'"type":"hello"' in data]

@@ -171,18 +171,33 @@ async def write_outbox(
             batch = await outbox.get_batch()
         except trio.EndOfChannel:
             return
-        client.sending = True
-        try:
-            if send_texts is None or len(batch) == 1:
-                for message in batch:
-                    await send_text(encode(message))
-                    client.last_sent_at = trio.current_time()
-            else:
-                for texts in writes(batch):
-                    await send_texts(texts)
-                    client.last_sent_at = trio.current_time()
-        finally:
-            client.sending = False
+        if send_texts is None or len(batch) == 1:
+            await send_batch(client, batch, send_text=send_text)
+        else:
+            await send_batch(client, batch, send_texts=send_texts)
+
+
+async def send_batch(
+    client: ClientConnection,
+    batch: list[Chunk],
+    *,
+    send_text: Callable[[str], Awaitable[None]] | None = None,
+    send_texts: Callable[[Sequence[str]], Awaitable[None]] | None = None,
+) -> None:
+    """Send ``batch`` in order: a frame a send with ``send_text``, else in as few writes as
+    ``writes`` makes with ``send_texts``. The client counts as sending meanwhile."""
+    client.sending = True
+    try:
+        if send_text is not None:
+            for message in batch:
+                await send_text(encode(message))
+                client.last_sent_at = trio.current_time()
+        elif send_texts is not None:
+            for texts in writes(batch):
+                await send_texts(texts)
+                client.last_sent_at = trio.current_time()
+    finally:
+        client.sending = False
 
 
 # What a queued message's frame adds to its size in the outbox's count (its JSON fields, the
@@ -205,11 +220,4 @@ async def send_outbox_now(
         return
     if not writable_now(outbox.pending_bytes + queued * FRAME_OVERHEAD_BYTES):
         return
-    batch = outbox.take_all()
-    client.sending = True
-    try:
-        for texts in writes(batch):
-            await send_texts(texts)
-            client.last_sent_at = trio.current_time()
-    finally:
-        client.sending = False
+    await send_batch(client, outbox.take_all(), send_texts=send_texts)
