@@ -1,9 +1,11 @@
 """The hub of connected WebSocket clients, and the one writer task each of them has.
 
 Every message to a client goes through that client's ``Outbox``; the writer (``write_outbox``)
-is the only task that sends on its socket. A client that has to be closed by the server is
-closed by its writer too, after what was queued before the close. Where the server takes several
-frames in one write, the writer sends what it took from the outbox in as few writes as
+sends it, or, for what a frame queued while the writer was idle, the task that read the frame
+(``send_outbox_now``), when the socket takes it at once; ``sending`` keeps them from sending at
+the same time, so the order on the wire is the outbox's. A client that has to be closed by the
+server is closed by its writer, after what was queued before the close. Where the server takes
+several frames in one write, what was taken from the outbox goes in as few writes as
 ``MAX_WRITE_CHARS`` allows: per frame, the server's send path costs more than the frame.
 
 @.architecture
