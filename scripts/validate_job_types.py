@@ -42,7 +42,8 @@ client frame -> server/worker.py (Hypercorn, HTTP/1.1) -> ws/endpoint.py (reader
   -> core/runtime/turn.py ChatTurn: open, relay, seal, close (own nursery + CancelScope)
        producer: core/runtime/streaming.py ChatStreamer -> core/providers/{echo,http,oi}
        relay:    core/runtime/relay.py StreamRelay -> core/runtime/outbox.py Outbox
-  -> ws/hub.py write_outbox (the client's only writer) -> client
+  -> ws/hub.py write_outbox (the client's writer; a frame's reply may leave from the reader,
+     send_outbox_now, when the writer is idle and the socket takes it at once) -> client
 ```
 
 REST / SSE:
