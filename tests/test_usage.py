@@ -4,6 +4,8 @@ turns included, in the terminal message, the history, the OpenAI face and ``GET 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -30,6 +32,28 @@ def today() -> str:
     return usage_day(time.time())
 
 
+@asynccontextmanager
+async def serving(settings: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A server, a WebSocket client and a REST client of it."""
+    async with (
+        running_server(settings) as server,
+        ws_client(server.ws_url) as client,
+        httpx.AsyncClient(base_url=server.base_url) as rest,
+    ):
+        yield client, rest
+
+
+async def stopped_at_seq(client: Any, request_id: str, seq: int) -> list[dict[str, Any]]:
+    """A chat in conversation ``c``, stopped once its stream reached ``seq``; its messages."""
+    await client.send(
+        {"type": "chat", "id": request_id, "message": "go on", "conversation_id": "c"}
+    )
+    await client.wait_for(request_id, lambda m: len(m.get("content", "")) > 0)
+    await client.wait_for(request_id, lambda m: m.get("seq", 0) >= seq)
+    await client.send({"type": "stop", "id": request_id})
+    return await client.finish(request_id)
+
+
 async def test_a_turn_reports_the_upstreams_counts_and_they_add_up_per_day_and_model(
     fake_llm: FakeLLM, history_backend: HistoryBackend
 ) -> None:
@@ -38,11 +62,7 @@ async def test_a_turn_reports_the_upstreams_counts_and_they_add_up_per_day_and_m
     )
     settings = usage_settings(fake_llm, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            running_server(settings) as server,
-            ws_client(server.ws_url) as client,
-            httpx.AsyncClient(base_url=server.base_url) as rest,
-        ):
+        async with serving(settings) as (client, rest):
             first = await client.chat("hi there", id="u1", conversation_id="c1")
             second = await client.chat("and again", id="u2", conversation_id="c1")
             deleted = await rest.delete("/v1/conversations/c1")
@@ -87,18 +107,8 @@ async def test_stopped_and_failed_turns_count_what_the_model_generated(
     )
     settings = usage_settings(fake_llm, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            running_server(settings) as server,
-            ws_client(server.ws_url) as client,
-            httpx.AsyncClient(base_url=server.base_url) as rest,
-        ):
-            await client.send(
-                {"type": "chat", "id": "s1", "message": "go on", "conversation_id": "c"}
-            )
-            await client.wait_for("s1", lambda m: len(m.get("content", "")) > 0)
-            await client.wait_for("s1", lambda m: m.get("seq", 0) >= 5)
-            await client.send({"type": "stop", "id": "s1"})
-            stopped = await client.finish("s1")
+        async with serving(settings) as (client, rest):
+            stopped = await stopped_at_seq(client, "s1", 5)
             failed = await client.chat("again", id="f1", conversation_id="c")
             history = (await rest.get("/v1/chat/history", params={"conversation_id": "c"})).json()
             usage = (await rest.get("/v1/usage")).json()
@@ -165,16 +175,9 @@ async def test_the_history_shows_each_answers_model_and_usage(
     )
     settings = usage_settings(fake_llm, **history_backend.settings)
     with trio.fail_after(DEADLINE_S):
-        async with (
-            running_server(settings) as server,
-            ws_client(server.ws_url) as client,
-            httpx.AsyncClient(base_url=server.base_url) as rest,
-        ):
+        async with serving(settings) as (client, rest):
             done = await client.chat("hi there", id="h1", conversation_id="c")
-            await client.send({"type": "chat", "id": "h2", "message": "go", "conversation_id": "c"})
-            await client.wait_for("h2", lambda m: m.get("seq", 0) >= 3)
-            await client.send({"type": "stop", "id": "h2"})
-            stopped = await client.finish("h2")
+            stopped = await stopped_at_seq(client, "h2", 3)
             failed = await client.chat("again", id="h3", conversation_id="c")
             page = (await rest.get("/v1/chat/history", params={"conversation_id": "c"})).json()
             await client.send({"type": "history", "conversation_id": "c"})
